@@ -1,0 +1,138 @@
+"""The contract every SAE variant implements. One trainer (sae_cli/trainer.py) calls these hooks for every
+variant and every sweep member; a variant file holds its parameters, its encode rule, its sparsity loss and
+its aux loss, and nothing else.
+
+Weights use the [d_sae, d_in] layout for encoder and decoder (`W_enc_FD`, `W_dec_FD`), `b_enc_F`, `b_dec_D`.
+During training an SAE sees activations scaled by one scalar c (TrainConfig.normalize); the
+saved SAE takes raw activations because `fold_scale` folds the normalisation into the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What defines an SAE's shape and rule; saved as cfg.json beside the weights."""
+
+    variant: str
+    """Registry name of the variant, e.g. "topk"."""
+    d_in: int
+    """Width of the activations the SAE reads."""
+    d_sae: int
+    """Number of latents."""
+    l0_target: float
+    """Target mean number of active latents per token (k for TopK-like variants; the steering target otherwise)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Variant-specific hyper-parameters; validated against the variant's `Options` dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "options": dict(self.options)}
+
+
+@dataclass
+class StepState:
+    """What the trainer tells a variant at each step (read-only for the variant)."""
+
+    step: int
+    total_steps: int
+    sparsity_coef: float
+    """Current sparsity coefficient lambda (warm-up and L0 steering applied by the trainer)."""
+    dead_F: Tensor | None = None
+    """Bool [d_sae]: latents that have not fired for the dead-latent window (AuxK uses it)."""
+    freq_F: Tensor | None = None
+    """Float [d_sae]: running firing frequency per latent (aux_zipf_loss uses it)."""
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    """Scalar total loss to back-propagate."""
+    x_hat_BD: Tensor
+    """Reconstruction (training rule)."""
+    parts: dict[str, Tensor]
+    """Named detached scalars for logging: at least "mse"; e.g. "sparsity", "aux"."""
+    l0: Tensor
+    """Detached scalar: mean active latents per token under the training rule."""
+    fired_F: Tensor
+    """Detached int/float [d_sae]: how many tokens of the batch each latent fired on."""
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses set `name`, `steered`, an `Options` frozen dataclass, and implement
+    `encode_pre`/`encode`/`training_loss`; decode and the decoder-norm hooks have defaults."""
+
+    name: ClassVar[str] = ""
+    steered: ClassVar[bool] = False
+    """True when the trainer must steer `sparsity_coef` to reach `l0_target` (ReLU, Gated, JumpReLU); False when
+    the rule itself fixes the L0 (TopK, BatchTopK, the choice variants, Matryoshka)."""
+    unit_norm_decoder: ClassVar[bool] = True
+    """True: decoder rows kept at unit norm (gradient projected, rows renormalised after each step)."""
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        try:
+            self.opts = self.Options(**dict(cfg.options))
+        except TypeError as e:
+            known = ", ".join(f.name for f in dataclasses.fields(self.Options)) or "none"
+            raise ValueError(f"bad option for SAE variant {cfg.variant!r}: {e}; known options: {known}") from None
+        d, f = cfg.d_in, cfg.d_sae
+        self.W_dec_FD = nn.Parameter(torch.empty(f, d))
+        self.W_enc_FD = nn.Parameter(torch.empty(f, d))
+        self.b_enc_F = nn.Parameter(torch.zeros(f))
+        self.b_dec_D = nn.Parameter(torch.zeros(d))
+
+    # ---- the rule -------------------------------------------------------------------------------------------
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Inference rule: dense [B, d_sae] latent activations, independent of the rest of the batch."""
+        raise NotImplementedError
+
+    def decode(self, acts_BF: Tensor) -> Tensor:
+        return acts_BF @ self.W_dec_FD + self.b_dec_D
+
+    def forward(self, x_BD: Tensor) -> Tensor:
+        return self.decode(self.encode(x_BD))
+
+    def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
+        raise NotImplementedError
+
+    # ---- hooks the trainer calls ------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        """Tied init (W_enc = W_dec), random unit decoder rows; subclasses may set b_dec from the data."""
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(self.W_dec_FD.shape, generator=gen)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec_FD.copy_(w)
+        self.W_enc_FD.copy_(w)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each decoder row (unit-norm decoders)."""
+        if self.unit_norm_decoder and self.W_dec_FD.grad is not None:
+            w, g = self.W_dec_FD, self.W_dec_FD.grad
+            g -= (g * w).sum(dim=1, keepdim=True) * w / w.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec_FD /= self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_scale(self, c: float) -> None:
+        """The SAE was trained on c*x; rewrite it to take x. Encoder weights absorb c, decoder outputs divide by c
+        (pre-activations, thresholds and latents are unchanged). Variants with more parameters extend this."""
+        self.W_enc_FD *= c
+        self.W_dec_FD /= c
+        self.b_dec_D /= c
