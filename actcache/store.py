@@ -1,0 +1,540 @@
+"""The on-disk activation store (spec: docs/store-format.md): create, resume, append shards, commit, open, stats.
+
+Layout: a zarr v3 group; `acts/{site}/{layer}` [tokens, d_model] per (layer, site) plus per-token arrays
+`token_ids`, `doc_ids`, `positions`, `flags` at the root. All arrays are chunked along tokens and sharded (one file
+per shard per array), every inner chunk carries a crc32c. The commit record `commit.json` (tokens committed +
+running statistics) is replaced atomically after the shards it covers are durable; readers only ever look below
+the committed token count, so a kill -9 mid-write can only damage data that nobody reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from actcache.codecs import META_CODEC, STORED_DTYPE, canonical_dtype, get_codec, to_stored
+from actcache.stats import RunningStats
+
+log = logging.getLogger(__name__)
+
+SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+FLAG_BOS, FLAG_PAD = 1, 2
+FORMAT_NAME = "actcache-store"
+FORMAT_VERSION = 1
+COMMIT_FILE = "commit.json"
+TOKEN_ARRAYS: dict[str, np.dtype] = {
+    "token_ids": np.dtype(np.int32),
+    "doc_ids": np.dtype(np.int64),
+    "positions": np.dtype(np.int32),
+    "flags": np.dtype(np.uint8),
+}
+# Chunk sizing (see plan_chunks): ~1 MiB decoded per inner chunk is large enough that per-chunk overhead
+# (file seek, index lookup, codec call) is small next to decode time and small enough that the reader's
+# chunk-order shuffle has many units to permute. The shard size is bounded by the harvest's shard buffers:
+# it holds one shard per array in memory before writing (42 layers x 4 sites on Gemma-2-9b = 168 arrays).
+TARGET_CHUNK_BYTES = 1 << 20
+SHARD_BUFFER_BUDGET = 1 << 30
+MIN_CHUNKS_PER_SHARD, MAX_CHUNKS_PER_SHARD = 8, 64
+
+
+class StoreError(Exception):
+    """Bad store input or state; the message names the problem and the fix (the CLI exits with code 2)."""
+
+
+def acts_key(layer: int, site: str) -> str:
+    """Array key of one (layer, site): 'acts/resid_post/15'."""
+    return f"acts/{site}/{int(layer)}"
+
+
+def parse_acts_key(key: str) -> tuple[int, str]:
+    _, site, layer = key.split("/")
+    return int(layer), site
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that defines a store; a resume requires an equal spec."""
+
+    model: str
+    """Model id (HF id, local folder or embedded name) the activations come from."""
+    revision: str | None
+    """Model revision (commit hash or tag), None for local models."""
+    dtype: str
+    """Logical activation dtype: bfloat16 | float16 | float32 (bf16 is stored as its uint16 bit pattern)."""
+    layers: tuple[int, ...]
+    """Harvested layer indices."""
+    sites: tuple[str, ...]
+    """Harvested sites, a subset of SITES."""
+    d_model: int
+    """Width of every activation row."""
+    context: int
+    """Tokens per context window; windows are stored contiguously, window w at rows [w*context, (w+1)*context)."""
+    corpus: str
+    """Corpus description (path / dataset id + split + text field)."""
+    tokenizer: str
+    """Tokenizer id (normally the model's)."""
+    tokens_target: int
+    """Planned token count; the arrays are created with this many rows (committed_tokens may end below it)."""
+    chunk_tokens: int
+    """Rows per inner chunk (the unit of compression, checksum and random access)."""
+    shard_tokens: int
+    """Rows per shard file (a multiple of chunk_tokens and of context); the unit of writing and of commit."""
+    codec: str
+    """Name of the activation codec pipeline (actcache.codecs.CODECS)."""
+    harvest_config: dict = field(default_factory=dict)
+    """The full resolved harvest configuration (JSON-serialisable)."""
+
+    def __post_init__(self) -> None:
+        # Normalise so that a spec built from the CLI equals the one read back from JSON.
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "sites", tuple(str(s) for s in self.sites))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        object.__setattr__(self, "harvest_config", json.loads(json.dumps(self.harvest_config)))
+
+    def validate(self) -> None:
+        """Raise StoreError naming the first inconsistent field."""
+        bad = [s for s in self.sites if s not in SITES]
+        if bad:
+            raise StoreError(f"unknown site(s) {bad}; choose from {', '.join(SITES)}")
+        if not self.layers or not self.sites:
+            raise StoreError("a store needs at least one layer and one site")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise StoreError(f"layers must be distinct non-negative integers, got {self.layers}")
+        for name in ("d_model", "context", "tokens_target", "chunk_tokens", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise StoreError(f"StoreSpec.{name} must be positive, got {getattr(self, name)}")
+        if self.shard_tokens % self.chunk_tokens or self.shard_tokens % self.context:
+            raise StoreError(
+                f"shard_tokens {self.shard_tokens} must be a multiple of chunk_tokens {self.chunk_tokens} "
+                f"and of context {self.context}; use plan_chunks() for defaults"
+            )
+        try:
+            get_codec(self.codec)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+
+    @property
+    def acts_keys(self) -> list[str]:
+        return [acts_key(layer, site) for layer in self.layers for site in self.sites]
+
+    @property
+    def array_keys(self) -> list[str]:
+        return [*self.acts_keys, *TOKEN_ARRAYS]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"], d["sites"] = list(self.layers), list(self.sites)
+        return d
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StoreSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def diff(self, other: StoreSpec) -> list[str]:
+        """Names of the fields that differ, each with both values."""
+        a, b = self.to_json(), other.to_json()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def plan_chunks(d_model: int, context: int, dtype: str = "bfloat16", n_arrays: int = 1) -> tuple[int, int]:
+    """Default (chunk_tokens, shard_tokens) for activations of width d_model.
+
+    chunk: ~TARGET_CHUNK_BYTES decoded, a multiple of the context when a window is smaller than that, else a
+    divisor of it; shard: 8..64 chunks, fewer when many arrays share the harvest's shard buffer budget, and a
+    multiple of the context so that a shard holds whole windows.
+    """
+    row_bytes = d_model * STORED_DTYPE[canonical_dtype(dtype)].itemsize
+    target = max(1, TARGET_CHUNK_BYTES // row_bytes)
+    if target >= context:
+        chunk = context * max(1, round(target / context))
+    else:
+        chunk = max(d for d in range(1, context + 1) if context % d == 0 and d <= target)
+    n_chunks = SHARD_BUFFER_BUDGET // max(1, n_arrays * chunk * row_bytes)
+    n_chunks = min(MAX_CHUNKS_PER_SHARD, max(MIN_CHUNKS_PER_SHARD, n_chunks))
+    unit = math.lcm(chunk, context)
+    shard = unit * max(1, (chunk * n_chunks) // unit)
+    return chunk, shard
+
+
+def plan_bytes(spec: StoreSpec) -> int:
+    """Estimated bytes on disk of the finished store (for the harvest's disk check and --dry-run)."""
+    itemsize = STORED_DTYPE[spec.dtype].itemsize
+    ratio = get_codec(spec.codec).bf16_ratio if spec.dtype == "bfloat16" else 1.0
+    acts = spec.tokens_target * spec.d_model * itemsize * len(spec.acts_keys) * ratio
+    # Per-token arrays: 17 raw bytes per token, which compress to well under half.
+    per_token = spec.tokens_target * sum(d.itemsize for d in TOKEN_ARRAYS.values()) * 0.5
+    # crc32c (4 B) per inner chunk + 16 B index entry per chunk; metadata files.
+    n_chunks = math.ceil(spec.tokens_target / spec.chunk_tokens) * len(spec.array_keys)
+    return int(acts * 1.02 + per_token + n_chunks * 20 + 4096 * (len(spec.array_keys) + 4))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see the old or the new file, never a torn one (tmp + fsync + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_root_attrs(path: Path) -> dict[str, Any]:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(
+            f"{path} is not an actcache store (no zarr.json); harvest one with `actcache harvest`"
+        )
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {}).get("actcache")
+    except (json.JSONDecodeError, OSError) as e:
+        raise StoreError(f"cannot read {meta}: {e}; the store's metadata is damaged") from None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is a zarr group but not an actcache store (no actcache attributes)")
+    version = attrs.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer actcache (format {version} > {FORMAT_VERSION}); upgrade actcache"
+        )
+    return attrs
+
+
+def _read_commit(path: Path) -> dict[str, Any]:
+    commit_path = path / COMMIT_FILE
+    if not commit_path.exists():
+        return {"committed_tokens": 0, "stats": {}, "complete": False}
+    try:
+        return json.loads(commit_path.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise StoreError(f"cannot read {commit_path}: {e}; the commit record is damaged") from None
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    try:
+        _read_root_attrs(Path(path))
+        return True
+    except StoreError:
+        return False
+
+
+class Store:
+    """A read-only view of a store up to its committed token count."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self.format_version: int = attrs["format_version"]
+        self.spec = StoreSpec.from_json(attrs["spec"])
+        self.d_model = self.spec.d_model
+        self._arrays: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.refresh()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Store:
+        """Open a store; StoreError if it is missing, not a store, or written by a newer format version."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(
+                f"store {path} does not exist; harvest one with `actcache harvest ... --out {path}`"
+            )
+        return cls(path, _read_root_attrs(path))
+
+    def refresh(self) -> None:
+        """Re-read the commit record (a store that is still being harvested grows)."""
+        commit = _read_commit(self.path)
+        self.committed_tokens: int = int(commit["committed_tokens"])
+        self.complete: bool = bool(commit.get("complete", False))
+        self._stats: dict[str, Any] = commit.get("stats", {})
+
+    @property
+    def keys(self) -> list[tuple[int, str]]:
+        """(layer, site) pairs held by the store."""
+        return [(layer, site) for layer in self.spec.layers for site in self.spec.sites]
+
+    def array(self, key: str) -> Any:
+        """The zarr array of a key ('acts/resid_post/3', 'token_ids', ...)."""
+        with self._lock:
+            if key not in self._arrays:
+                if key not in self.spec.array_keys:
+                    raise StoreError(f"{self.path} has no array {key!r}")
+                self._arrays[key] = zarr.open_array(str(self.path / key), mode="r")
+            return self._arrays[key]
+
+    def _check_key(self, layer: int, site: str) -> str:
+        if layer not in self.spec.layers or site not in self.spec.sites:
+            raise StoreError(
+                f"{self.path} has no activations for layer {layer} site {site!r}; it holds layers "
+                f"{list(self.spec.layers)} and sites {list(self.spec.sites)}"
+            )
+        return acts_key(layer, site)
+
+    def acts(self, layer: int, site: str) -> Any:
+        """The zarr array [tokens_target, d_model] (stored dtype); rows >= committed_tokens are not data."""
+        return self.array(self._check_key(layer, site))
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.committed_tokens:
+            raise StoreError(
+                f"token range [{start}, {stop}) outside the {self.committed_tokens} committed tokens"
+            )
+
+    def read_raw(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of an array in the stored dtype (bf16 as uint16 bits)."""
+        self._check_range(start, stop)
+        return self.array(key)[start:stop]
+
+    def read_acts(self, layer: int, site: str, start: int, stop: int, dtype: str = "float32") -> np.ndarray:
+        """Rows [start, stop) decoded to float32 (default) or left in the stored dtype (dtype='stored')."""
+        raw = self.read_raw(self._check_key(layer, site), start, stop)
+        if dtype == "stored":
+            return raw
+        if self.spec.dtype == "bfloat16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(dtype)
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a per-token array (token_ids, doc_ids, positions, flags)."""
+        if name not in TOKEN_ARRAYS:
+            raise StoreError(f"unknown per-token array {name!r}; choose from {', '.join(TOKEN_ARRAYS)}")
+        return self.read_raw(name, start, stop)
+
+    def stats(self, layer: int, site: str) -> dict[str, Any]:
+        """{"mean": [d] float64, "mean_sq_norm": float, "count": int} over the committed tokens."""
+        s = self.running_stats(layer, site)
+        return {"mean": s.mean, "mean_sq_norm": s.mean_sq_norm, "count": s.count}
+
+    def running_stats(self, layer: int, site: str) -> RunningStats:
+        key = self._check_key(layer, site)
+        data = self._stats.get(key)
+        return RunningStats.from_json(data) if data else RunningStats(self.d_model)
+
+    def shard_path(self, key: str, shard_index: int) -> Path:
+        """File of one shard of an array (zarr v3 default chunk key encoding 'c/i/0')."""
+        coords = (shard_index, 0) if key.startswith("acts/") else (shard_index,)
+        return self.path / key / "c" / "/".join(str(c) for c in coords)
+
+
+class StoreWriter:
+    """Appends whole shards and commits them; see the module docstring for the crash-safety argument."""
+
+    def __init__(self, path: Path, spec: StoreSpec, commit: dict[str, Any]) -> None:
+        self.path = path
+        self.spec = spec
+        self.committed_tokens: int = int(commit["committed_tokens"])
+        self.complete: bool = bool(commit.get("complete", False))
+        self.stats: dict[str, RunningStats] = {
+            k: RunningStats.from_json(v) for k, v in commit.get("stats", {}).items()
+        }
+        self._store = Store(path, _read_root_attrs(path))
+        self._written: dict[str, dict[int, int]] = {k: {} for k in spec.array_keys}  # key -> shard -> rows
+        self._arrays: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create_or_resume(
+        cls, path: str | os.PathLike, spec: StoreSpec, overwrite: bool = False
+    ) -> StoreWriter:
+        """A new store, or the existing one if its spec is equal (resume from committed_tokens)."""
+        path = Path(path)
+        spec.validate()
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            if not is_store(path) and not (path / "zarr.json").exists():
+                raise StoreError(
+                    f"{path} exists and is not an actcache store; choose another --out or remove it"
+                )
+            attrs = _read_root_attrs(path)  # raises on newer format versions, even with overwrite
+            if overwrite:
+                log.info("removing existing store %s (--overwrite)", path)
+                shutil.rmtree(path)
+            else:
+                old = StoreSpec.from_json(attrs["spec"])
+                if old != spec:
+                    raise StoreError(
+                        f"{path} holds a store with a different spec ({'; '.join(old.diff(spec))}); rerun the "
+                        "same command to resume, or pass --overwrite to replace it"
+                    )
+                writer = cls(path, spec, _read_commit(path))
+                log.info("resuming store %s at %d committed tokens", path, writer.committed_tokens)
+                return writer
+        _create(path, spec)
+        return cls(path, spec, _read_commit(path))
+
+    def _array(self, key: str) -> Any:
+        with self._lock:
+            if key not in self._arrays:
+                self._arrays[key] = zarr.open_array(str(self.path / key), mode="r+")
+            return self._arrays[key]
+
+    def write_shard(self, start: int, arrays: Mapping[str, Any]) -> None:
+        """Write one whole shard (rows [start, start + n), n <= shard_tokens) of some or all array keys.
+
+        Thread-safe for distinct shards. Activations may be torch tensors or numpy (bf16: uint16 bits or floats).
+        The data stays invisible to readers until commit() covers it.
+        """
+        spec = self.spec
+        if start % spec.shard_tokens or start < self.committed_tokens or self.complete:
+            raise StoreError(
+                f"write_shard(start={start}) must start a shard (multiple of {spec.shard_tokens}) at or after the "
+                f"{self.committed_tokens} committed tokens of a store that is not complete; committed shards are "
+                "never rewritten"
+            )
+        rows = {k: len(v) for k, v in arrays.items()}
+        unknown = [k for k in arrays if k not in self._written]
+        if unknown or not arrays or len(set(rows.values())) != 1:
+            raise StoreError(f"write_shard: unknown keys {unknown} or unequal row counts {rows}")
+        n = next(iter(rows.values()))
+        if not 0 < n <= spec.shard_tokens or start + n > spec.tokens_target:
+            raise StoreError(f"write_shard: {n} rows at {start} exceed the shard or tokens_target")
+        shard = start // spec.shard_tokens
+        for key, data in arrays.items():
+            if key in TOKEN_ARRAYS:
+                stored = np.asarray(data.cpu().numpy() if hasattr(data, "cpu") else data).astype(
+                    TOKEN_ARRAYS[key]
+                )
+            else:
+                stored = to_stored(data, spec.dtype)
+                if stored.shape != (n, spec.d_model):
+                    raise StoreError(
+                        f"write_shard: {key} has shape {stored.shape}, expected {(n, spec.d_model)}"
+                    )
+            # A torn shard from a killed run may sit here; remove it so zarr never reads it back.
+            self._store.shard_path(key, shard).unlink(missing_ok=True)
+            self._array(key)[start : start + n] = stored
+            with self._lock:
+                self._written[key][shard] = n
+
+    def commit(self, tokens: int, stats_update: Mapping[Any, RunningStats] | None = None) -> None:
+        """Make rows [0, tokens) durable and visible; stats_update holds the statistics of the NEW rows only
+        (keys 'acts/{site}/{layer}' or (layer, site)), merged into the stored running statistics."""
+        spec = self.spec
+        if tokens < self.committed_tokens:
+            raise StoreError(f"commit({tokens}) is below the {self.committed_tokens} committed tokens")
+        first, last = self.committed_tokens // spec.shard_tokens, math.ceil(tokens / spec.shard_tokens)
+        for key, written in self._written.items():
+            for shard in range(first, last):
+                need = min(spec.shard_tokens, tokens - shard * spec.shard_tokens)
+                if written.get(shard, 0) < need:
+                    raise StoreError(f"commit({tokens}): shard {shard} of {key} was not written")
+        ends_short = tokens % spec.shard_tokens != 0
+        if ends_short and any(
+            w.get(last - 1) != tokens - (last - 1) * spec.shard_tokens for w in self._written.values()
+        ):
+            # A committed shard is never rewritten, so a commit may only end inside a shard at its last row.
+            raise StoreError(f"commit({tokens}) ends inside a shard that holds more rows")
+        for shard_files in self._files_between(first, last):
+            with open(shard_files, "rb") as f:
+                os.fsync(f.fileno())
+        merged = {k: v.copy() for k, v in self.stats.items()}
+        for key, update in (stats_update or {}).items():
+            key = acts_key(*key) if isinstance(key, tuple) else key
+            merged.setdefault(key, RunningStats(spec.d_model)).merge(update)
+        complete = ends_short or tokens >= spec.tokens_target
+        write_json_atomic(
+            self.path / COMMIT_FILE,
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "committed_tokens": int(tokens),
+                "complete": complete,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "stats": {k: v.to_json() for k, v in merged.items()},
+            },
+        )
+        self.committed_tokens, self.stats, self.complete = int(tokens), merged, complete
+
+    def _files_between(self, first: int, last: int) -> list[Path]:
+        return [
+            p
+            for key in self.spec.array_keys
+            for shard in range(first, last)
+            if (p := self._store.shard_path(key, shard)).exists()
+        ]
+
+    def finish(self) -> None:
+        """Mirror the commit record into the root group's attributes (for plain zarr users); atomic."""
+        meta_path = self.path / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        attrs = meta["attributes"]["actcache"]
+        attrs["committed_tokens"] = self.committed_tokens
+        attrs["stats"] = {k: v.to_json() for k, v in self.stats.items()}
+        write_json_atomic(meta_path, meta)
+        log.info("store %s finished at %d tokens", self.path, self.committed_tokens)
+
+
+def _create(path: Path, spec: StoreSpec) -> None:
+    """Create the group and every array in a temporary folder, then rename it into place (atomic)."""
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if path.exists():
+        path.rmdir()  # an empty folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attrs = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_json(),
+        "commit_file": COMMIT_FILE,
+    }
+    group = zarr.open_group(str(tmp), mode="w", attributes={"actcache": attrs})
+    codec = get_codec(spec.codec)
+    stored = STORED_DTYPE[spec.dtype]
+    common = dict(fill_value=0, config={"write_empty_chunks": True})
+    for key in spec.acts_keys:
+        layer, site = parse_acts_key(key)
+        group.create_array(
+            key,
+            shape=(spec.tokens_target, spec.d_model),
+            dtype=stored,
+            chunks=(spec.chunk_tokens, spec.d_model),
+            shards=(spec.shard_tokens, spec.d_model),
+            compressors=codec.chunk_codecs(stored.itemsize),
+            dimension_names=("token", "d_model"),
+            attributes={"dtype": spec.dtype, "layer": layer, "site": site},
+            **common,
+        )
+    meta_codec = get_codec(META_CODEC)
+    for key, dtype in TOKEN_ARRAYS.items():
+        group.create_array(
+            key,
+            shape=(spec.tokens_target,),
+            dtype=dtype,
+            chunks=(spec.chunk_tokens,),
+            shards=(spec.shard_tokens,),
+            compressors=meta_codec.chunk_codecs(dtype.itemsize),
+            dimension_names=("token",),
+            **common,
+        )
+    write_json_atomic(
+        tmp / COMMIT_FILE,
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "committed_tokens": 0,
+            "complete": False,
+            "stats": {},
+        },
+    )
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    log.info("created store %s (%d arrays)", path, len(spec.array_keys))
