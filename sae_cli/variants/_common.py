@@ -1,0 +1,101 @@
+"""Pieces several variants share: the auxiliary reconstruction of the residual (AuxK and aux_zipf), the
+decoder-bias init from data, and the running threshold that gives batch-level rules a batch-independent
+inference rule. No variant is registered here."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+
+
+@torch.no_grad()
+def geometric_median(x_BD: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm; OpenAI (arXiv 2406.04093, sec. A.1) initialise b_dec to the geometric median."""
+    x_BD = x_BD.float()
+    m_D = x_BD.mean(0)
+    for _ in range(iters):
+        w_B = 1.0 / (x_BD - m_D).norm(dim=1).clamp_min(1e-8)
+        new_D = (w_B[:, None] * x_BD).sum(0) / w_B.sum()
+        done = (new_D - m_D).norm() <= tol * m_D.norm().clamp_min(1e-8)
+        m_D = new_D
+        if done:
+            break
+    return m_D
+
+
+@torch.no_grad()
+def init_b_dec(b_dec_D: Tensor, x_BD: Tensor, how: str) -> None:
+    """Set the decoder bias from a data sample: "median" (geometric), "mean" or "zero"."""
+    if how == "median":
+        b_dec_D.copy_(geometric_median(x_BD))
+    elif how == "mean":
+        b_dec_D.copy_(x_BD.float().mean(0))
+    elif how == "zero":
+        b_dec_D.zero_()
+    else:
+        raise ValueError(f"b_dec_init must be 'median', 'mean' or 'zero', got {how!r}")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """One-line error for an option outside its set of values."""
+    if value not in allowed:
+        raise ValueError(f"option {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def aux_residual_loss(
+    x_in_BD: Tensor,
+    W_enc_FD: Tensor,
+    b_enc_F: Tensor,
+    W_dec_FD: Tensor,
+    eligible_F: Tensor | None,
+    residual_BD: Tensor,
+    k_aux: int,
+) -> Tensor:
+    """Auxiliary reconstruction of the detached residual e = x - x_hat by the eligible latents only
+    (AuxK, arXiv 2406.04093 sec. 2.4; aux_zipf generalises "dead" to "under-used").
+
+    e_hat = TopK_{k_aux}(ReLU(pre-activations of eligible latents)) @ W_dec (no bias);
+    loss = sum_B ||e - e_hat||^2 / sum_B ||e - mean_B(e)||^2 (the FVU of the residual, as sparsify and OpenAI's
+    normalised MSE), so alpha = 1/32 has the paper's meaning. Only the eligible latents' encoder rows, encoder
+    biases and decoder rows (and the pre-encoder bias folded into `x_in_BD`) receive gradient: the encoder
+    matmul runs over the eligible rows alone.
+    """
+    if eligible_F is None or k_aux <= 0:
+        return x_in_BD.new_zeros(())
+    idx_E = eligible_F.nonzero().squeeze(-1)
+    if idx_E.numel() == 0:
+        return x_in_BD.new_zeros(())
+    pre_BE = torch.relu(x_in_BD @ W_enc_FD[idx_E].T + b_enc_F[idx_E])
+    vals_BK, local_BK = pre_BE.topk(min(k_aux, idx_E.numel()), dim=-1, sorted=False)
+    e_hat_BD = kernels.topk_decode(idx_E[local_BK], vals_BK, W_dec_FD)
+    residual_BD = residual_BD.detach()
+    total = (residual_BD - residual_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (e_hat_BD - residual_BD).pow(2).sum() / total
+
+
+def mse(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
+    """||x - x_hat||^2 summed over d_in, mean over tokens (methods.md, shared ground)."""
+    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+
+
+def fired_from_dense(acts_BF: Tensor) -> Tensor:
+    return (acts_BF != 0).sum(0).detach()
+
+
+def fired_from_topk(idx_BK: Tensor, vals_BK: Tensor, d_sae: int) -> Tensor:
+    return torch.bincount(idx_BK[vals_BK > 0].flatten(), minlength=d_sae).detach()
+
+
+def dense_from_topk(idx_BK: Tensor, vals_BK: Tensor, d_sae: int) -> Tensor:
+    return vals_BK.new_zeros(vals_BK.shape[0], d_sae).scatter_(1, idx_BK, vals_BK)
+
+
+@torch.no_grad()
+def update_running(est: Tensor, count: Tensor, value: Tensor, decay: float) -> None:
+    """est <- est + rate * (value - est) with rate = max(1 / (count + 1), 1 - decay): a plain running mean
+    for the first 1 / (1 - decay) updates (no bias towards the initial value), an EMA with `decay` after."""
+    rate = max(1.0 / (float(count) + 1.0), 1.0 - decay)
+    est.add_(rate * (value.to(est.dtype) - est))
+    count.add_(1)

@@ -1,0 +1,77 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.05147).
+
+pi = W_enc x + b_enc, f = pi * H(pi - theta) with theta > 0 learned per latent, x_hat = f W_dec + b_dec.
+L = ||x - x_hat||^2 + lambda * sum_i H(pi_i - theta_i), lambda = state.sparsity_coef (steered by the trainer).
+theta gets gradient through the rectangle-kernel straight-through estimators (sae_cli.kernels.jumprelu/step).
+theta is a plain fp32 parameter, not log theta: with Adam, log theta barely moves and L0 never falls
+(SAELens issues #494, #382, fixed in #718). The defaults assume the trainer passes unit-mean-squared-norm data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from ..registry import register
+from . import _common as C
+from .base import SAE, LossOutput, SAEConfig, StepState
+
+
+@register
+class JumpReLUSAE(SAE):
+    name = "jumprelu"
+    steered = True
+    # The L0 penalty does not depend on the decoder norms, so the norm is a free gauge; fixing it at 1 (as
+    # dictionary_learning's JumpReLU trainer does) keeps the encoder scale, and so theta, meaningful.
+    unit_norm_decoder = True
+
+    @dataclass(frozen=True)
+    class Options:
+        bandwidth: float = 0.001
+        """epsilon of the rectangle kernel K(u) = 1[|u| < 1/2] (paper, on E||x||^2 = 1 data)."""
+        theta_init: float = 0.001
+        """Initial threshold of every latent (paper, on E||x||^2 = 1 data)."""
+        b_dec_init: str = "zero"
+        """Decoder bias init from the first batch: "zero" (Gemma Scope), "mean" or "median"."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        C.check_choice("b_dec_init", self.opts.b_dec_init, ("median", "mean", "zero"))
+        if self.opts.bandwidth <= 0 or self.opts.theta_init < 0:
+            raise ValueError("option bandwidth must be > 0 and theta_init >= 0")
+        self.theta_F = nn.Parameter(
+            torch.full((cfg.d_sae,), float(self.opts.theta_init), dtype=torch.float32)
+        )
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        return x_BD @ self.W_enc_FD.T + self.b_enc_F
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pre_BF = self.pre_acts(x_BD)
+        return pre_BF * (pre_BF > self.theta_F)
+
+    def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
+        pre_BF = self.pre_acts(x_BD)
+        bw = self.opts.bandwidth
+        acts_BF = kernels.jumprelu(pre_BF, self.theta_F, bw)
+        x_hat_BD = self.decode(acts_BF)
+        mse = C.mse(x_hat_BD, x_BD)
+        l0_penalty = kernels.step(pre_BF, self.theta_F, bw).sum(-1).mean()
+        loss = mse + state.sparsity_coef * l0_penalty
+        fired_F = C.fired_from_dense(acts_BF)
+        l0 = fired_F.sum().float() / x_BD.shape[0]
+        return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": l0_penalty.detach()}, l0, fired_F)
+
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        super().init_from_data(x_BD)
+        C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        # theta < 0 would let negative pre-activations through; theta = 0 is exactly ReLU.
+        self.theta_F.clamp_(min=0.0)
