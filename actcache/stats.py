@@ -18,7 +18,7 @@ import numpy as np
 def _as_float64(x: Any) -> np.ndarray:
     """A [N, d] float64 numpy view of a numpy array or a torch tensor (any float dtype, any device)."""
     if hasattr(x, "detach"):  # torch.Tensor without importing torch here
-        x = x.detach().float().cpu().numpy()
+        x = x.detach().cpu().double().numpy()
     x_ND = np.asarray(x, dtype=np.float64)
     if x_ND.ndim != 2:
         raise ValueError(f"RunningStats.update expects [tokens, d_model], got shape {x_ND.shape}")

