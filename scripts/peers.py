@@ -1,0 +1,300 @@
+"""Adapters that train peer SAEs with the peers' own code, for side-by-side benchmarks (bench_train.py,
+bench_quality.py). Needs the second virtualenv `.venv-peers` (sae-lens 6.x, eai-sparsify 1.x; see
+`make peers`): import this module only from there.
+
+What each adapter runs per step is the part of the peer's trainer that costs time, called through the
+peer's own classes:
+
+- SAELens (sae_lens 6.x): its `SAETrainer.step(batch)` -- activation scaler, `TrainingSAE.training_forward_pass`
+  (their loss: MSE + the variant's aux/sparsity terms), the dead-latent bookkeeping, backward, grad-norm
+  clipping at 1, torch Adam, lr and coefficient schedulers. Left out: wandb logging, evals, checkpoints, the
+  progress bar (none runs per step by default). Variants: topk, jumprelu, batchtopk, standard (= our "relu"),
+  gated.
+- sparsify (eai-sparsify 1.x): `SparseCoder` -- fused TopK encoder (its own autograd function) + sparse
+  (embedding_bag) decoder; its forward returns the FVU and AuxK losses. The step mirrors its `Trainer.fit`:
+  decoder rows renormalised before the forward, b_dec = batch mean on the first step, dead-latent mask for
+  AuxK, remove the decoder-parallel gradient, optimiser + linear-warm-up scheduler, fired bookkeeping.
+  sparsify defaults to SignSGD + schedule-free; we use its `optimizer="adam"` branch (torch Adam, lr
+  2e-4 / sqrt(d_sae / 2^14)) so that every library runs the same optimiser.
+
+`SPARSIFY_DISABLE_TRITON=1` is set before sparsify is imported: with triton installed on a machine with no
+GPU, sparsify's Triton decoder crashes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
+SAELENS_VARIANTS = ("topk", "jumprelu", "batchtopk", "relu", "gated")
+SPARSIFY_VARIANTS = ("topk",)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One peer SAE and how to train it. Defaults are the peers' own defaults unless noted."""
+
+    d_in: int
+    """Width of the activations."""
+    d_sae: int
+    """Number of latents."""
+    k: int
+    """k of TopK / BatchTopK; the L0 target of JumpReLU's "quadratic" mode."""
+    total_steps: int
+    """Number of training steps (sets the schedulers)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float | None = None
+    """Adam learning rate; None = 2e-4 / sqrt(d_sae / 2^14) (OpenAI / sparsify TopK heuristic)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas (SAELens and sparsify defaults)."""
+    lr_warmup_steps: int = 0
+    """Linear lr warm-up steps."""
+    lr_decay_steps: int = 0
+    """Linear lr decay to 0 over the last steps (SAELens only; sparsify's schedule decays over the whole run)."""
+    sparsity_coef: float = 1.0
+    """SAELens `l0_coefficient` (jumprelu) or `l1_coefficient` (standard, gated)."""
+    sparsity_warmup_steps: int = 0
+    """SAELens `l0_warm_up_steps` / `l1_warm_up_steps`."""
+    jumprelu_mode: str = "step"
+    """SAELens `jumprelu_sparsity_loss_mode`: "step" (DeepMind L0), "quadratic" (Gemma Scope 2, needs k), "tanh"."""
+    jumprelu_bandwidth: float = 0.05
+    """SAELens `jumprelu_bandwidth` (their default 0.05)."""
+    jumprelu_init_threshold: float = 0.01
+    """SAELens `jumprelu_init_threshold` (their default 0.01)."""
+    dead_window_steps: int = 1000
+    """Steps without firing after which a latent is dead (SAELens `dead_feature_window`; sparsify gets the same
+    window in tokens)."""
+    aux_coef: float = 1 / 32
+    """sparsify `auxk_alpha` (its default is 0 = AuxK off; 1/32 is the paper's value, which ours uses)."""
+    topk_sparse: bool = False
+    """SAELens `use_sparse_activations` for topk/batchtopk (COO latents + torch.sparse.mm decode)."""
+    normalize: bool = True
+    """SAELens: `normalize_activations="expected_average_only_in"` with the scaling factor given to `make_peer`
+    (their ActivationScaler; folded into the weights at `finish`). sparsify has no input normalisation."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for the SAELens training-SAE config."""
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)
+
+
+class Peer(Protocol):
+    label: str
+
+    def step(self, x_BD: Tensor) -> None:
+        """One training step on a raw activation batch [B, d_in] float32."""
+
+    def finish(self) -> None:
+        """End of training: fold normalisation, switch to the inference rule."""
+
+    def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference rule on raw activations: (x_hat_BD, active latents per token [B])."""
+
+
+# ---- SAELens ------------------------------------------------------------------------------------------------
+
+
+def _saelens_classes(variant: str) -> tuple[type, type]:
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    return {
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+        "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+        "relu": (StandardTrainingSAE, StandardTrainingSAEConfig),
+        "gated": (GatedTrainingSAE, GatedTrainingSAEConfig),
+    }[variant]
+
+
+def _saelens_variant_kwargs(variant: str, cfg: PeerConfig) -> dict[str, Any]:
+    if variant == "topk":
+        return {"k": cfg.k, "use_sparse_activations": cfg.topk_sparse}
+    if variant == "batchtopk":
+        return {"k": float(cfg.k)}
+    if variant == "jumprelu":
+        kw: dict[str, Any] = {
+            "l0_coefficient": cfg.sparsity_coef,
+            "l0_warm_up_steps": cfg.sparsity_warmup_steps,
+            "jumprelu_sparsity_loss_mode": cfg.jumprelu_mode,
+            "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
+            "jumprelu_init_threshold": cfg.jumprelu_init_threshold,
+        }
+        if cfg.jumprelu_mode == "quadratic":
+            kw["target_l0"] = float(cfg.k)
+        return kw
+    # standard (ReLU + L1 weighted by decoder norms) and gated
+    return {"l1_coefficient": cfg.sparsity_coef, "l1_warm_up_steps": cfg.sparsity_warmup_steps}
+
+
+class SAELensPeer:
+    """A SAELens 6.x training SAE driven by SAELens's own `SAETrainer.step`."""
+
+    def __init__(self, variant: str, cfg: PeerConfig, scaling_factor: float | None, seed: int = 0) -> None:
+        from sae_lens.config import LoggingConfig, SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        if variant not in SAELENS_VARIANTS:
+            raise ValueError(f"SAELens adapter has no variant {variant!r}; choose from {SAELENS_VARIANTS}")
+        self.label = f"SAELens {variant}"
+        self.variant = variant
+        torch.manual_seed(seed)
+        sae_cls, cfg_cls = _saelens_classes(variant)
+        normalize = cfg.normalize and scaling_factor is not None
+        sae_cfg = cfg_cls(
+            d_in=cfg.d_in,
+            d_sae=cfg.d_sae,
+            normalize_activations="expected_average_only_in" if normalize else "none",
+            **_saelens_variant_kwargs(variant, cfg),
+            **cfg.extra,
+        )
+        self.sae = sae_cls(sae_cfg)
+        lr = cfg.resolved_lr()
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=cfg.total_steps * cfg.batch_size,
+            train_batch_size_samples=cfg.batch_size,
+            lr=lr,
+            lr_end=lr,
+            lr_warm_up_steps=cfg.lr_warmup_steps,
+            lr_decay_steps=cfg.lr_decay_steps,
+            adam_beta1=cfg.adam_betas[0],
+            adam_beta2=cfg.adam_betas[1],
+            device="cpu",
+            dead_feature_window=cfg.dead_window_steps,
+            feature_sampling_window=max(cfg.total_steps + 1, 2000),
+            logger=LoggingConfig(log_to_wandb=False),
+        )
+        # The data provider is only read by fit() (norm estimate + loop); we call step() ourselves.
+        self.trainer = SAETrainer(cfg=trainer_cfg, sae=self.sae, data_provider=iter(()))
+        if normalize:
+            self.trainer.activation_scaler.scaling_factor = scaling_factor
+        self.inference_sae: Any = None
+
+    def step(self, x_BD: Tensor) -> None:
+        # fit() does exactly this per step when wandb logging is off.
+        self.trainer.step(x_BD)
+        self.trainer.n_training_steps += 1
+
+    def finish(self) -> None:
+        """fit()'s epilogue (fold the scaling factor), then save + load the inference SAE: BatchTopK becomes
+        JumpReLU with its learned threshold, TopK folds its decoder norms."""
+        from sae_lens import SAE
+
+        scaler = self.trainer.activation_scaler
+        if scaler.scaling_factor is not None:
+            self.sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
+            scaler.scaling_factor = None
+        with tempfile.TemporaryDirectory() as tmp:
+            self.sae.save_inference_model(tmp)
+            self.inference_sae = SAE.load_from_disk(tmp, device="cpu")
+        self.inference_sae.eval()
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inference_sae is None:
+            raise RuntimeError("call finish() before reconstruct()")
+        acts_BF = self.inference_sae.encode(x_BD)
+        return self.inference_sae.decode(acts_BF), (acts_BF != 0).sum(-1)
+
+
+# ---- sparsify -----------------------------------------------------------------------------------------------
+
+
+class SparsifyPeer:
+    """EleutherAI sparsify's SparseCoder (TopK), one step as its Trainer.fit does it (fvu loss, Adam branch)."""
+
+    def __init__(self, cfg: PeerConfig, seed: int = 0) -> None:
+        from sparsify import SparseCoder, SparseCoderConfig
+        from transformers import get_linear_schedule_with_warmup
+
+        self.label = "sparsify topk"
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.sae = SparseCoder(
+            cfg.d_in, SparseCoderConfig(num_latents=cfg.d_sae, k=cfg.k), device="cpu", dtype=torch.float32
+        )
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas)
+        self.sched = get_linear_schedule_with_warmup(self.opt, cfg.lr_warmup_steps, cfg.total_steps)
+        self.tokens_since_fired_F = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.dead_tokens = cfg.dead_window_steps * cfg.batch_size
+        self.n_steps = 0
+
+    def step(self, x_BD: Tensor) -> None:
+        sae = self.sae
+        if self.n_steps == 0:
+            sae.b_dec.data = x_BD.mean(0).to(sae.dtype)
+        sae.set_decoder_norm_to_unit_norm()
+        dead_F = self.tokens_since_fired_F > self.dead_tokens if self.cfg.aux_coef > 0 else None
+        out = sae(x=x_BD, y=x_BD, dead_mask=dead_F)
+        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool)
+        fired_F[out.latent_indices.flatten()] = True
+        (out.fvu + self.cfg.aux_coef * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.sched.step()
+        with torch.no_grad():
+            self.tokens_since_fired_F += x_BD.shape[0]
+            self.tokens_since_fired_F[fired_F] = 0
+        self.n_steps += 1
+
+    def finish(self) -> None:
+        self.sae.set_decoder_norm_to_unit_norm()
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        top_acts_BK, top_idx_BK, _ = self.sae.encode(x_BD)
+        return self.sae.decode(top_acts_BK, top_idx_BK), (top_acts_BK > 0).sum(-1)
+
+
+# ---- factory, scaling, timing -------------------------------------------------------------------------------
+
+
+def make_peer(library: str, variant: str, cfg: PeerConfig, scaling_factor: float | None = None) -> Peer:
+    """library "saelens" or "sparsify"; variant in SAELENS_VARIANTS / SPARSIFY_VARIANTS."""
+    if library == "saelens":
+        return SAELensPeer(variant, cfg, scaling_factor)
+    if library == "sparsify":
+        if variant not in SPARSIFY_VARIANTS:
+            raise ValueError(f"sparsify adapter has no variant {variant!r}; choose from {SPARSIFY_VARIANTS}")
+        return SparsifyPeer(cfg)
+    raise ValueError(f"unknown peer library {library!r}; choose 'saelens' or 'sparsify'")
+
+
+def saelens_scaling_factor(batches: Iterable[Tensor], d_in: int) -> float:
+    """SAELens's ActivationScaler estimate: sqrt(d_in) / mean token norm."""
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    batches = list(batches)
+    scaler = ActivationScaler()
+    scaler.estimate_scaling_factor(d_in, iter(batches), n_batches_for_norm_estimate=len(batches))
+    return float(scaler.scaling_factor)
+
+
+def time_steps(
+    step: Callable[[Tensor], object], batches: Iterator[Tensor], warmup: int, steps: int
+) -> tuple[float, list[float]]:
+    """Run `warmup` untimed steps, then `steps` timed ones; returns (total seconds, per-step seconds)."""
+    for _ in range(warmup):
+        step(next(batches))
+    per_step: list[float] = []
+    for _ in range(steps):
+        x = next(batches)
+        t0 = time.perf_counter()
+        step(x)
+        per_step.append(time.perf_counter() - t0)
+    return sum(per_step), per_step
