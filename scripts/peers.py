@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -298,3 +300,84 @@ def time_steps(
         step(x)
         per_step.append(time.perf_counter() - t0)
     return sum(per_step), per_step
+
+
+# ---- shared by the bench scripts: activations and the header -------------------------------------------------
+
+
+def synthetic_pool(n_batches: int, batch: int, d_in: int = 576, seed: int = 0) -> list[Tensor]:
+    """Stand-in activations: a mean offset + a sparse (about 24 of 4 * d_in) non-negative mix of random unit
+    directions with exponential magnitudes + small Gaussian noise. Only for when no store exists."""
+    gen = torch.Generator().manual_seed(seed)
+    n_feat = 4 * d_in
+    dirs_FD = torch.randn(n_feat, d_in, generator=gen)
+    dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
+    offset_D = torch.randn(d_in, generator=gen)
+    out = []
+    for _ in range(n_batches):
+        active_BF = torch.rand(batch, n_feat, generator=gen) < 24 / n_feat
+        mags_BF = torch.empty(batch, n_feat).exponential_(1.0, generator=gen) * active_BF
+        out.append(offset_D + mags_BF @ dirs_FD + 0.05 * torch.randn(batch, d_in, generator=gen))
+    return out
+
+
+def activation_pool(
+    store: str | None,
+    key: tuple[int, str],
+    batch: int,
+    n_batches: int,
+    *,
+    synthetic: bool = False,
+    seed: int = 0,
+) -> tuple[list[Tensor], str]:
+    """`n_batches` shuffled float32 batches [batch, d] of (layer, site) from the store through our
+    ActivationReader (BOS dropped, its default), or synthetic ones when the store is absent.
+    Returns (batches, a one-line description of the source)."""
+    if store and not synthetic and Path(store).exists():
+        from actcache.reader import ActivationReader
+
+        reader = ActivationReader(store, [key], batch, seed=seed)
+        it = iter(reader)
+        pool = [next(it).acts[key].float().clone() for _ in range(n_batches)]
+        n = reader.store.committed_tokens
+        return pool, f"store {store} ({n:,} tokens), layer {key[0]} {key[1]}, BOS dropped, shuffled"
+    return synthetic_pool(
+        n_batches, batch, seed=seed
+    ), "synthetic (no store): sparse mix of random directions, d_in 576"
+
+
+def header(name: str, argv: list[str], source: str, threads: int) -> str:
+    """Machine, command, date and library versions, printed above every table."""
+    import datetime
+    import importlib.metadata as md
+    import platform
+    import shlex
+    import subprocess
+
+    try:
+        model = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in model.splitlines() if ln.startswith("Model name")), "?"
+        )
+    except OSError:
+        model = platform.processor() or "?"
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+    def ver(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    return "\n".join(
+        [
+            f"# {name} -- {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"machine: {os.cpu_count()}-core CPU ({model}), {mem_gib:.0f} GiB, no GPU used; torch threads {threads}; "
+            f"load average at start {load}",
+            f"command: {shlex.join([sys.executable.split('/')[-3] + '/bin/python' if '.venv' in sys.executable else 'python', *argv])}",
+            f"versions: torch {torch.__version__}, sae-lens {ver('sae-lens')}, eai-sparsify {ver('eai-sparsify')}, "
+            f"actcache-sae {ver('actcache-sae')}",
+            f"activations: {source}",
+        ]
+    )

@@ -1,0 +1,297 @@
+"""Training speed, side by side: our trainer against SAELens and EleutherAI sparsify on the same activations.
+
+Run from the repository root in the peers virtualenv (it holds sae-lens, eai-sparsify and our package):
+
+    .venv-peers/bin/python scripts/bench_train.py                      # or: make peers (see the report)
+
+For every width (default 4608 = 8x and 16384 latents at d_in 576, batch 4096, k 32) and every variant it
+times warm-up + timed steps of
+  - ours: our real `sae_cli.trainer.Trainer` (the per-step work `sae train` runs: scale, training_loss,
+    backward, the host sync, decoder-gradient projection, clipping, Adam, renormalisation, dead-latent
+    counters), fed from an in-memory reader that hands out the same batches as the peers get;
+  - SAELens 6.x: `SAETrainer.step` on its TopK / JumpReLU / BatchTopK / standard (ReLU) / Gated training SAEs;
+  - sparsify 1.x: `SparseCoder` TopK with the step of its trainer (scripts/peers.py).
+Tokens/s = batch / median step time after the warm-up steps. With a store, a last run trains our TopK from
+the store through `ActivationReader` and reports the share of the time spent waiting on the reader (goal < 5 %).
+
+The activations are real SmolLM2 layer-15 resid_post tokens from --store (default stores/demo) when it
+exists, else synthetic (a sparse mix of random directions; printed in the header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+
+# Ours -> the peers' counterpart. Variants absent here get only our column.
+SAELENS_OF = {
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "batchtopk",
+    "relu": "relu",
+    "gated": "gated",
+}
+SPARSIFY_OF = {"topk": "topk"}
+# The targets we set ourselves (issue: training speed): ratio ours / peer.
+TARGETS = {
+    "topk": ("sparsify", 1.0),
+    "jumprelu": ("SAELens", 2.0),
+    "batchtopk": ("SAELens", 2.0),
+    "relu": ("SAELens", 2.0),
+    "gated": ("SAELens", 2.0),
+}
+
+
+@dataclass
+class _Batch:
+    """What our trainer reads from a batch (the ActivationReader's Batch, minus the token ids)."""
+
+    acts: dict[tuple[int, str], Tensor]
+    index: Tensor | None = None
+
+
+class PoolReader:
+    """Cycles a fixed list of batches, so our trainer sees exactly the batches the peers see."""
+
+    def __init__(self, key: tuple[int, str], pool: list[Tensor]) -> None:
+        self.key, self.pool, self.pos = key, pool, 0
+        self.wait_seconds = 0.0
+
+    def __iter__(self) -> Iterator[_Batch]:
+        while True:
+            x = self.pool[self.pos % len(self.pool)]
+            self.pos += 1
+            yield _Batch({self.key: x})
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+
+
+class OursStepper:
+    """Our real Trainer for one member; `step(x)` runs exactly the trainer's loop body (`Trainer._step`) on one
+    batch, so that the contenders can be interleaved step by step."""
+
+    def __init__(
+        self, variant: str, d_sae: int, k: int, key: tuple[int, str], pool: list[Tensor], steps: int
+    ) -> None:
+        from sae_cli.config import LoopConfig, MemberConfig
+        from sae_cli.trainer import Trainer, plan_member
+
+        d_in, batch = pool[0].shape[1], pool[0].shape[0]
+        self.tmp = tempfile.TemporaryDirectory()
+        member = MemberConfig(variant=variant, layer=key[0], site=key[1], width=str(d_sae), l0_target=k)
+        plan = plan_member(member, d_in, Path(self.tmp.name) / "sae")
+        loop = LoopConfig(tokens=steps * batch, batch_size=batch, device="cpu")
+        self.trainer = Trainer(
+            [plan], loop, PoolReader(key, pool), Path(self.tmp.name) / "run", steps * batch
+        )
+        self.trainer.start({key: pool[0]})
+        self.key = key
+
+    def step(self, x_BD: Tensor) -> None:
+        self.trainer._step(_Batch({self.key: x_BD}))
+
+
+def race(
+    contenders: dict[str, Any], pool: list[Tensor], warmup: int, steps: int
+) -> dict[str, list[float] | str]:
+    """Interleave the contenders step by step on the same batches (so that other jobs on the machine slow
+    them alike); per-step seconds of the timed steps, or the error (one line) of a contender that failed."""
+    times: dict[str, list[float] | str] = {name: [] for name in contenders}
+    for i in range(warmup + steps):
+        x = pool[i % len(pool)]
+        for name, c in contenders.items():
+            if isinstance(times[name], str):
+                continue
+            t0 = time.perf_counter()
+            try:
+                c.step(x)
+            except Exception as e:  # a peer's mode that does not run here is a result, not a crash
+                times[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                continue
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)  # type: ignore[union-attr]
+    return times
+
+
+def reader_share(
+    store: str, key: tuple[int, str], d_sae: int, k: int, batch: int, steps: int
+) -> dict[str, float]:
+    """Our TopK trained from the store through ActivationReader: share of wall time blocked on the reader."""
+    from actcache.reader import ActivationReader
+    from sae_cli.config import LoopConfig, MemberConfig
+    from sae_cli.trainer import Trainer, plan_member
+
+    reader = ActivationReader(store, [key], batch, seed=0, threads=2)
+    first = next(iter(ActivationReader(store, [key], batch, seed=1, threads=2)))
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = plan_member(
+            MemberConfig("topk", key[0], key[1], str(d_sae), k), first.acts[key].shape[1], Path(tmp) / "s"
+        )
+        loop = LoopConfig(tokens=steps * batch, batch_size=batch, device="cpu")
+        trainer = Trainer([plan], loop, reader, Path(tmp) / "run", steps * batch, device="cpu")
+        trainer.start({key: first.acts[key]})
+        t0 = time.perf_counter()
+        trainer.run()
+        wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "wait_s": reader.wait_seconds,
+        "share": reader.wait_seconds / wall,
+        "tok_s": steps * batch / wall,
+    }
+
+
+def tok_s(batch: int, per_step: list[float]) -> float:
+    return batch / statistics.median(per_step) if per_step else float("nan")
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "failed" if v != v else f"{v:,.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--store", default="stores/demo", help="actcache store (synthetic data if it does not exist)"
+    )
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--site", default="resid_post")
+    ap.add_argument("--widths", default="4608,16384", help="comma-separated d_sae values")
+    ap.add_argument("--k", type=int, default=32, help="k / L0 target")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--variants", default="all", help="our variants to time (comma list or 'all')")
+    ap.add_argument("--no-ours", action="store_true", help="time the peers only")
+    ap.add_argument("--no-peers", action="store_true", help="time ours only")
+    ap.add_argument(
+        "--saelens-sparse-topk",
+        action="store_true",
+        help="also time SAELens TopK with use_sparse_activations",
+    )
+    ap.add_argument("--reader-steps", type=int, default=8, help="steps of the reader-wait run (0: skip)")
+    ap.add_argument(
+        "--synthetic", action="store_true", help="use synthetic activations even if the store exists"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    key = (args.layer, args.site)
+    n_pool = max(2, min(args.warmup + args.steps, 4))
+    pool, source = peers.activation_pool(args.store, key, args.batch, n_pool, synthetic=args.synthetic)
+    scale = peers.saelens_scaling_factor(pool, pool[0].shape[1])
+    print(peers.header("bench_train", sys.argv, source, args.threads))
+
+    if args.no_ours:
+        ours_variants: list[str] = []
+    else:
+        from sae_cli.registry import variant_names
+
+        ours_variants = variant_names() if args.variants == "all" else args.variants.split(",")
+    peer_rows = [] if args.no_peers or args.variants != "all" else list(SAELENS_OF)
+    rows_variants = list(dict.fromkeys([*ours_variants, *peer_rows]))
+
+    widths = [int(w) for w in args.widths.split(",")]
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
+    t_start = time.perf_counter()
+    for d_sae in widths:
+        for variant in rows_variants:
+            n = args.warmup + args.steps
+            d_in = pool[0].shape[1]
+            cfg = peers.PeerConfig(d_in=d_in, d_sae=d_sae, k=args.k, total_steps=n, batch_size=args.batch)
+            contenders: dict[str, Any] = {}
+            if variant in ours_variants:
+                contenders["ours"] = OursStepper(variant, d_sae, args.k, key, pool, n)
+            if not args.no_peers and variant in SAELENS_OF:
+                contenders["saelens"] = peers.make_peer("saelens", SAELENS_OF[variant], cfg, scale)
+            if not args.no_peers and variant in SPARSIFY_OF:
+                contenders["sparsify"] = peers.make_peer("sparsify", SPARSIFY_OF[variant], cfg, scale)
+            if args.saelens_sparse_topk and not args.no_peers and variant == "topk":
+                sparse_cfg = dataclasses.replace(cfg, topk_sparse=True)
+                contenders["saelens_sparse"] = peers.make_peer("saelens", "topk", sparse_cfg, scale)
+            times = race(contenders, pool, args.warmup, args.steps)
+            del contenders
+            row: dict[str, Any] = {"variant": variant, "d_sae": d_sae}
+            for name, t in times.items():
+                if isinstance(t, str):
+                    errors.append(f"{name} {variant} d_sae {d_sae} failed: {t}")
+                    row[name] = float("nan")
+                else:
+                    row[name] = tok_s(args.batch, t)
+            results.append(row)
+            print(
+                f"  {variant:>14} d_sae {d_sae}: "
+                + ", ".join(f"{k} {fmt(v)} tok/s" for k, v in row.items() if k not in ("variant", "d_sae")),
+                flush=True,
+            )
+    print()
+    print(markdown_table(results))
+    for line in errors:
+        print(f"- {line}")
+    print(f"\n(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
+
+    if args.reader_steps > 0 and not args.no_ours and source.startswith("store"):
+        r = reader_share(args.store, key, widths[0], args.k, args.batch, args.reader_steps)
+        print(
+            f"\nReader wait (our TopK d_sae {widths[0]}, {args.reader_steps} steps from {args.store} via ActivationReader): "
+            f"{r['wait_s']:.2f} s of {r['wall_s']:.1f} s = {100 * r['share']:.1f} % (goal < 5 %); {r['tok_s']:,.0f} tok/s end to end"
+        )
+    return 0
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | d_sae | ours tok/s | SAELens tok/s | sparsify tok/s | ratio | target |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in results:
+        ours, sl, sp = r.get("ours"), r.get("saelens"), r.get("sparsify")
+        sl_text = fmt(sl)
+        if "saelens_sparse" in r:
+            # Compare with SAELens's faster setting, and show both.
+            sl_text = f"{fmt(sl)} (sparse acts: {fmt(r['saelens_sparse'])})"
+            sl = max(sl or 0.0, r["saelens_sparse"] if r["saelens_sparse"] == r["saelens_sparse"] else 0.0)
+        ratios = []
+        if ours and sl:
+            ratios.append(f"{ours / sl:.2f}x SAELens")
+        if ours and sp:
+            ratios.append(f"{ours / sp:.2f}x sparsify")
+        target = ""
+        if r["variant"] in TARGETS and ours:
+            peer, want = TARGETS[r["variant"]]
+            have = {"SAELens": sl, "sparsify": sp}[peer]
+            if have:
+                target = f">= {want:g}x {peer}: {'met' if ours / have >= want else 'NOT met'}"
+        lines.append(
+            f"| {r['variant']} | {r['d_sae']} | {fmt(ours)} | {sl_text} | {fmt(sp)} | {', '.join(ratios)} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
