@@ -67,12 +67,16 @@ def fit(
     dead_window_tokens: int = 2048,
     betas: tuple[float, float] = (0.9, 0.999),
     init: bool = True,
+    decay_frac: float = 0.0,
 ) -> FitResult:
-    """Adam on fresh batches; tracks dead latents (not fired in the last `dead_window_tokens` tokens) and an
+    """Adam on fresh batches, the learning rate decaying linearly to 0 over the last `decay_frac` of the steps
+    (as the trainer's schedule); tracks dead latents (not fired in the last `dead_window_tokens` tokens) and an
     EMA firing frequency, as the trainer does, and passes them in StepState."""
     if init:
         sae.init_from_data(data.sample(batch))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+    decay_steps = max(1, round(decay_frac * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (steps - i) / decay_steps))
     F = sae.cfg.d_sae
     since_fired_F = torch.zeros(F)
     freq_F = torch.zeros(F)
@@ -86,6 +90,7 @@ def fit(
         sae.before_optimizer_step()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
+        sched.step()
         sae.after_optimizer_step()
         fired_F = out.fired_F.float()
         since_fired_F = torch.where(fired_F > 0, torch.zeros_like(since_fired_F), since_fired_F + batch)

@@ -94,8 +94,39 @@ def dense_from_topk(idx_BK: Tensor, vals_BK: Tensor, d_sae: int) -> Tensor:
 
 @torch.no_grad()
 def update_running(est: Tensor, count: Tensor, value: Tensor, decay: float) -> None:
-    """est <- est + rate * (value - est) with rate = max(1 / (count + 1), 1 - decay): a plain running mean
-    for the first 1 / (1 - decay) updates (no bias towards the initial value), an EMA with `decay` after."""
-    rate = max(1.0 / (float(count) + 1.0), 1.0 - decay)
-    est.add_(rate * (value.to(est.dtype) - est))
+    """Bias-corrected exponential moving average (as Adam's moments), kept in corrected form:
+    est_n = est_{n-1} + r_n (value_n - est_{n-1}), r_n = (1 - decay) / (1 - decay^n). r_1 = 1, so the first
+    value is taken as is (no pull towards the initial 0), and r_n -> 1 - decay."""
     count.add_(1)
+    rate = (1.0 - decay) / (1.0 - torch.full_like(est, decay).pow(count))  # tensor math: no host sync
+    est.add_(rate * (value.to(est.dtype) - est))
+
+
+def smallest_positive(vals: Tensor, dim: int) -> Tensor:
+    """Smallest positive entry along `dim` (0 where there is none); the cut-off the running thresholds track."""
+    m = torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).amin(dim)
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+
+def zipf_targets(freq_F: Tensor, budget: float, exponent: float = 1.0) -> Tensor:
+    """Per-latent target firing frequency: latents ranked by their frequency (most frequent first) get
+    t_r = min(1, c * r^-exponent), with c set so that sum_r t_r = budget (the L0 budget k)."""
+    F = freq_F.numel()
+    w_F = torch.arange(1, F + 1, device=freq_F.device, dtype=torch.float32).pow(-exponent)
+    # Water-filling without a loop: if the j most frequent ranks are clipped at 1, c_j = (budget - j) / sum_{r>j} w_r;
+    # the right j is the first whose first unclipped rank satisfies c_j * w_{j+1} <= 1.
+    tail_F = w_F.flip(0).cumsum(0).flip(0)
+    c_F = (budget - torch.arange(F, device=freq_F.device, dtype=torch.float32)) / tail_F
+    j = (c_F * w_F <= 1.0).int().argmax()
+    t_r = (c_F[j] * w_F).clamp(max=1.0)
+    target_F = torch.empty_like(t_r)
+    target_F[freq_F.argsort(descending=True)] = t_r
+    return target_F
+
+
+def underused(freq_F: Tensor | None, budget: float, exponent: float = 1.0) -> Tensor | None:
+    """aux_zipf eligibility (Ayonrinde 2024, arXiv 2411.02124): latents firing less often than the Zipf target of
+    their frequency rank. Dead latents (frequency 0) are always eligible."""
+    if freq_F is None:
+        return None
+    return freq_F < zipf_targets(freq_F.float(), budget, exponent)

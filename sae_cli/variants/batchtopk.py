@@ -1,0 +1,108 @@
+"""BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410): the batch as a whole keeps its k*|B| largest
+activations, so tokens get a variable number of latents with mean k.
+
+Training: pre = ReLU(W_enc (x - b_dec) + b_enc); keep the k*|B| largest entries of pre over the whole [B, F]
+matrix; x_hat = f W_dec + b_dec; L = ||x - x_hat||^2 + aux_coef * AuxK (dead latents, as TopK).
+Inference: f = pre * 1[pre > theta], theta = bias-corrected EMA (decay `threshold_decay`) of the smallest
+positive kept activation of each training batch, updated in after_optimizer_step. theta = 0 (before the
+first step) is plain ReLU. Unit-norm decoder with gradient projection; b_dec from the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from . import _common as C
+from .base import SAE, LossOutput, SAEConfig, StepState
+
+
+@register
+class BatchTopKSAE(SAE):
+    name = "batchtopk"
+    steered = False
+    unit_norm_decoder = True
+
+    @dataclass(frozen=True)
+    class Options:
+        k_aux: int | None = None
+        """Latents in the AuxK reconstruction; None = d_in // 2."""
+        aux_coef: float = 1 / 32
+        """Weight of the auxiliary loss (AuxK, 1/32 as TopK)."""
+        threshold_decay: float = 0.99
+        """Decay of the running inference threshold (SAELens uses a rate of 0.01, i.e. 0.99)."""
+        b_dec_init: str = "median"
+        """Decoder bias init from the first batch: "median" (geometric), "mean" or "zero"."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        C.check_choice("b_dec_init", self.opts.b_dec_init, ("median", "mean", "zero"))
+        if not 0.0 <= self.opts.threshold_decay < 1.0:
+            raise ValueError(f"option threshold_decay must be in [0, 1), got {self.opts.threshold_decay}")
+        self.k = max(1, min(cfg.d_sae, round(cfg.l0_target)))
+        self.k_aux = self.opts.k_aux if self.opts.k_aux is not None else max(1, cfg.d_in // 2)
+        self.register_buffer("threshold", torch.zeros(self.threshold_shape(), dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+        self._pending_cutoff: Tensor | None = None
+
+    def threshold_shape(self) -> tuple[int, ...]:
+        return ()
+
+    def pre_acts(self, x_in_BD: Tensor) -> Tensor:
+        return torch.relu(x_in_BD @ self.W_enc_FD.T + self.b_enc_F)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pre_BF = self.pre_acts(x_BD - self.b_dec_D)
+        return pre_BF * (pre_BF > self.threshold)
+
+    def select(self, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
+        """Training rule: (acts [B, F], the cut-off that the inference threshold tracks)."""
+        n_keep = min(self.k * pre_BF.shape[0], pre_BF.numel())
+        vals_N, idx_N = pre_BF.flatten().topk(n_keep, sorted=False)
+        acts_BF = torch.zeros_like(pre_BF).flatten().scatter(0, idx_N, vals_N).view_as(pre_BF)
+        return acts_BF, C.smallest_positive(vals_N.detach(), dim=0)
+
+    def aux_eligible(self, state: StepState) -> Tensor | None:
+        return state.dead_F
+
+    def recon_loss(self, acts_BF: Tensor, x_BD: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, x_hat, extra parts); Matryoshka overrides this with its prefix losses."""
+        x_hat_BD = self.decode(acts_BF)
+        return C.mse(x_hat_BD, x_BD), x_hat_BD, {}
+
+    def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
+        x_in_BD = x_BD - self.b_dec_D
+        acts_BF, cutoff = self.select(self.pre_acts(x_in_BD))
+        self._pending_cutoff = cutoff
+        recon, x_hat_BD, extra = self.recon_loss(acts_BF, x_BD)
+        aux = C.aux_residual_loss(
+            x_in_BD,
+            self.W_enc_FD,
+            self.b_enc_F,
+            self.W_dec_FD,
+            self.aux_eligible(state),
+            x_BD - x_hat_BD,
+            self.k_aux,
+        )
+        loss = recon + self.opts.aux_coef * aux
+        fired_F = C.fired_from_dense(acts_BF)
+        l0 = fired_F.sum().float() / x_BD.shape[0]
+        parts = {"mse": C.mse(x_hat_BD, x_BD).detach(), "aux": aux.detach(), **extra}
+        return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
+
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        super().init_from_data(x_BD)
+        C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        if self._pending_cutoff is not None:
+            C.update_running(
+                self.threshold, self.threshold_updates, self._pending_cutoff, self.opts.threshold_decay
+            )
+            self._pending_cutoff = None

@@ -1,0 +1,66 @@
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014), with the paper's weight tying.
+
+pi_gate = W_gate (x - b_dec) + b_gate, pi_mag = exp(r_mag) * (W_gate (x - b_dec)) + b_mag,
+f = 1[pi_gate > 0] * ReLU(pi_mag), x_hat = f W_dec + b_dec. W_gate is stored as W_enc_FD and b_gate as b_enc_F.
+L = ||x - x_hat||^2 + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i|| + ||x - (ReLU(pi_gate) sg(W_dec) + sg(b_dec))||^2,
+sg = stop-gradient; the decoder rows are kept at unit norm, so the norm factor is 1 (it is kept for the
+moment after fold_scale). The gate gets no gradient from the main reconstruction (the Heaviside step has none);
+it learns from the sparsity and auxiliary terms. lambda = state.sparsity_coef (steered by the trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import register
+from . import _common as C
+from .base import SAE, LossOutput, SAEConfig, StepState
+
+
+@register
+class GatedSAE(SAE):
+    name = "gated"
+    steered = True
+    unit_norm_decoder = True
+
+    @dataclass(frozen=True)
+    class Options:
+        b_dec_init: str = "median"
+        """Decoder bias init from the first batch: "median" (geometric), "mean" or "zero"."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        C.check_choice("b_dec_init", self.opts.b_dec_init, ("median", "mean", "zero"))
+        self.r_mag_F = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_mag_F = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def gate_and_mag(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        proj_BF = (x_BD - self.b_dec_D) @ self.W_enc_FD.T
+        return proj_BF + self.b_enc_F, proj_BF * self.r_mag_F.exp() + self.b_mag_F
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        gate_BF, mag_BF = self.gate_and_mag(x_BD)
+        return (gate_BF > 0) * torch.relu(mag_BF)
+
+    def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
+        gate_BF, mag_BF = self.gate_and_mag(x_BD)
+        acts_BF = (gate_BF > 0) * torch.relu(mag_BF)
+        x_hat_BD = self.decode(acts_BF)
+        mse = C.mse(x_hat_BD, x_BD)
+        gate_pos_BF = torch.relu(gate_BF)
+        sparsity = (gate_pos_BF * self.W_dec_FD.norm(dim=1)).sum(-1).mean()
+        x_frozen_BD = gate_pos_BF @ self.W_dec_FD.detach() + self.b_dec_D.detach()
+        aux = C.mse(x_frozen_BD, x_BD)
+        loss = mse + state.sparsity_coef * sparsity + aux
+        fired_F = C.fired_from_dense(acts_BF)
+        l0 = fired_F.sum().float() / x_BD.shape[0]
+        parts = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach()}
+        return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
+
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        super().init_from_data(x_BD)
+        C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)

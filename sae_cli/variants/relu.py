@@ -1,0 +1,56 @@
+"""ReLU / L1 SAE (Bricken et al. 2023; Anthropic "Circuits Updates, April 2024").
+
+f = ReLU(W_enc x + b_enc), x_hat = f W_dec + b_dec,
+L = ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec,i||, lambda = state.sparsity_coef (steered by the trainer).
+The decoder is free (no unit-norm constraint): weighting the L1 term by the decoder row norms makes the
+penalty invariant to moving scale between f_i and W_dec,i. Init (April update): decoder rows random
+directions of norm `dec_init_norm`, W_enc = W_dec (tied), b_enc = b_dec = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from . import _common as C
+from .base import SAE, LossOutput, SAEConfig, StepState
+
+
+@register
+class ReLUSAE(SAE):
+    name = "relu"
+    steered = True
+    unit_norm_decoder = False
+
+    @dataclass(frozen=True)
+    class Options:
+        dec_init_norm: float = 0.1
+        """Norm of the initial decoder rows (Anthropic April 2024 update: 0.1)."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        if self.opts.dec_init_norm <= 0:
+            raise ValueError(f"option dec_init_norm must be > 0, got {self.opts.dec_init_norm}")
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        return torch.relu(x_BD @ self.W_enc_FD.T + self.b_enc_F)
+
+    def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
+        acts_BF = self.encode(x_BD)
+        x_hat_BD = self.decode(acts_BF)
+        mse = C.mse(x_hat_BD, x_BD)
+        sparsity = (acts_BF * self.W_dec_FD.norm(dim=1)).sum(-1).mean()
+        loss = mse + state.sparsity_coef * sparsity
+        fired_F = C.fired_from_dense(acts_BF)
+        l0 = fired_F.sum().float() / x_BD.shape[0]
+        return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": sparsity.detach()}, l0, fired_F)
+
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        super().init_from_data(x_BD)
+        self.W_dec_FD.mul_(self.opts.dec_init_norm)
+        self.W_enc_FD.mul_(self.opts.dec_init_norm)
+        self.b_dec_D.zero_()
