@@ -46,44 +46,59 @@ class Codec:
 
     name: str
     """Registry key, recorded in StoreSpec.codec."""
-    make: Callable[[int], list[Any]]
-    """itemsize -> the zarr bytes-to-bytes codecs (without the checksum)."""
+    make: Callable[[int, int], list[Any]]
+    """(itemsize, chunk bytes) -> the zarr bytes-to-bytes codecs (without the checksum)."""
     bf16_ratio: float
     """Measured stored/raw size on SmolLM2 bf16 activations (plan_bytes uses it; 1.0 when unmeasured)."""
 
-    def chunk_codecs(self, itemsize: int) -> list[Any]:
+    def chunk_codecs(self, itemsize: int, chunk_bytes: int) -> list[Any]:
         """The inner-chunk bytes->bytes pipeline: compressor(s) then crc32c (a checksum on every chunk)."""
-        return [*self.make(itemsize), Crc32cCodec()]
+        return [*self.make(itemsize, chunk_bytes), Crc32cCodec()]
 
 
-def _blosc(cname: str, clevel: int, shuffle: str) -> Callable[[int], list[Any]]:
-    return lambda itemsize: [BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=itemsize)]
+def _blosc(
+    cname: str, clevel: int, shuffle: str, whole_chunk: bool = True
+) -> Callable[[int, int], list[Any]]:
+    # Blosc's automatic block size is small (tens of KiB at low clevels); zstd then restarts its statistics
+    # every block and the byte-shuffled exponent plane of bf16 compresses far worse (ratio 0.79 vs 0.70 on
+    # SmolLM2, docs/benchmarks.md). One block per chunk keeps blosc's shuffle and gives zstd the whole plane.
+    def make(itemsize: int, chunk_bytes: int) -> list[Any]:
+        blocksize = chunk_bytes if whole_chunk else 0
+        return [
+            BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=itemsize, blocksize=blocksize)
+        ]
+
+    return make
 
 
-def _shuffle_zstd(level: int) -> Callable[[int], list[Any]]:
-    def make(itemsize: int) -> list[Any]:
-        from zarr.codecs.numcodecs import Shuffle  # zarr >= 3.1.3
+def _shuffle_zstd(level: int) -> Callable[[int, int], list[Any]]:
+    def make(itemsize: int, chunk_bytes: int) -> list[Any]:
+        from zarr.codecs.numcodecs import Shuffle  # zarr >= 3.1.3; not in the zarr v3 core spec
 
         return [Shuffle(elementsize=itemsize), ZstdCodec(level=level)]
 
     return make
 
 
+def _zstd(level: int) -> Callable[[int, int], list[Any]]:
+    return lambda itemsize, chunk_bytes: [ZstdCodec(level=level)]
+
+
 CODECS: dict[str, Codec] = {
     c.name: c
     for c in [
-        Codec("none", lambda itemsize: [], 1.0),
-        Codec("zstd-1", lambda itemsize: [ZstdCodec(level=1)], 1.0),
-        Codec("zstd-3", lambda itemsize: [ZstdCodec(level=3)], 1.0),
-        Codec("zstd-9", lambda itemsize: [ZstdCodec(level=9)], 1.0),
-        Codec("blosc-lz4-shuffle", _blosc("lz4", 5, "shuffle"), 1.0),
-        Codec("blosc-lz4-bitshuffle", _blosc("lz4", 5, "bitshuffle"), 1.0),
-        Codec("blosc-zstd1-shuffle", _blosc("zstd", 1, "shuffle"), 1.0),
-        Codec("blosc-zstd3-shuffle", _blosc("zstd", 3, "shuffle"), 1.0),
-        Codec("blosc-zstd1-bitshuffle", _blosc("zstd", 1, "bitshuffle"), 1.0),
-        Codec("blosc-zstd3-bitshuffle", _blosc("zstd", 3, "bitshuffle"), 1.0),
-        Codec("shuffle-zstd1", _shuffle_zstd(1), 1.0),
-        Codec("shuffle-zstd3", _shuffle_zstd(3), 1.0),
+        Codec("none", lambda itemsize, chunk_bytes: [], 1.0),
+        Codec("zstd-1", _zstd(1), 0.79),
+        Codec("zstd-3", _zstd(3), 0.79),
+        Codec("zstd-9", _zstd(9), 0.79),
+        Codec("blosc-lz4-shuffle", _blosc("lz4", 5, "shuffle"), 0.92),
+        Codec("blosc-lz4-bitshuffle", _blosc("lz4", 5, "bitshuffle"), 0.84),
+        Codec("blosc-zstd1-shuffle", _blosc("zstd", 1, "shuffle"), 0.70),
+        Codec("blosc-zstd3-shuffle", _blosc("zstd", 3, "shuffle"), 0.71),
+        Codec("blosc-zstd1-bitshuffle", _blosc("zstd", 1, "bitshuffle"), 0.78),
+        Codec("blosc-zstd1-shuffle-autoblock", _blosc("zstd", 1, "shuffle", whole_chunk=False), 0.79),
+        Codec("blosc-zstd3-shuffle-autoblock", _blosc("zstd", 3, "shuffle", whole_chunk=False), 0.76),
+        Codec("shuffle-zstd1", _shuffle_zstd(1), 0.70),
     ]
 }
 DEFAULT_CODEC = "blosc-zstd1-shuffle"
@@ -133,3 +148,64 @@ def from_stored(raw: np.ndarray, dtype: str, out: Any = None) -> Any:
     else:
         t = torch.from_numpy(np.ascontiguousarray(raw))
     return t if out is None or t.dtype == out else t.to(out)
+
+
+def crc32c_matches(payload: Any, stored: Any) -> bool:
+    """Whether 4 stored bytes are the little-endian crc32c of payload (both bytes-like / uint8 arrays)."""
+    import google_crc32c
+
+    payload = np.frombuffer(payload, dtype=np.uint8) if not isinstance(payload, np.ndarray) else payload
+    return np.uint32(google_crc32c.value(payload)).astype("<u4").tobytes() == bytes(stored)
+
+
+class ChecksumError(ValueError):
+    """A stored chunk's crc32c does not match its bytes."""
+
+
+class ChunkDecoder:
+    """Decodes one stored inner chunk of a sharded array straight from its bytes, without zarr's machinery.
+
+    zarr's generic read path costs ~1 ms of CPU and several thread hops per chunk, more than the decompression
+    itself (docs/benchmarks.md, "Reader"); the reader decodes chunks in its own threads with this instead.
+    Built from the array's zarr.json sharding configuration; raises NotImplementedError for a pipeline it does
+    not know (the caller then falls back to zarr).
+    """
+
+    def __init__(self, array_meta: dict[str, Any]) -> None:
+        import numcodecs
+
+        (sharding,) = array_meta["codecs"]
+        if sharding["name"] != "sharding_indexed":
+            raise NotImplementedError(sharding["name"])
+        conf = sharding["configuration"]
+        self.chunk_shape = tuple(conf["chunk_shape"])
+        self.dtype = np.dtype(array_meta["data_type"]).newbyteorder("<")
+        self.steps: list[Any] = []  # bytes->bytes codecs in encode order; "crc32c" marks a checksum
+        for codec in conf["codecs"]:
+            name, cfg = codec["name"], codec.get("configuration", {})
+            if name == "bytes":
+                if cfg.get("endian", "little") != "little" and self.dtype.itemsize > 1:
+                    raise NotImplementedError("big-endian chunks")
+            elif name == "crc32c":
+                self.steps.append("crc32c")
+            elif name == "blosc":
+                self.steps.append(numcodecs.Blosc())  # blosc frames describe themselves
+            elif name == "zstd":
+                self.steps.append(numcodecs.Zstd())
+            elif name == "numcodecs.shuffle":
+                self.steps.append(numcodecs.Shuffle(elementsize=cfg["elementsize"]))
+            else:
+                raise NotImplementedError(name)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Stored chunk bytes -> the chunk array (chunk_shape, stored dtype); ChecksumError on a bad crc32c."""
+        buf: Any = data
+        for step in reversed(self.steps):
+            if step == "crc32c":
+                u8 = np.frombuffer(buf, dtype=np.uint8)
+                if not crc32c_matches(u8[:-4], u8[-4:]):
+                    raise ChecksumError("chunk checksum (crc32c) mismatch")
+                buf = u8[:-4]
+            else:
+                buf = step.decode(buf)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.chunk_shape)

@@ -192,10 +192,13 @@ class ActivationReader:
 
     def _load_chunk(self, chunk: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         start, stop = chunk
-        flags = self.store.read("flags", start, stop)
-        token_ids = self.store.read("token_ids", start, stop)
-        acts = [self.store.read_raw(acts_key(*key), start, stop) for key in self.keys]
-        return flags, token_ids, acts
+        c = start // self.store.spec.chunk_tokens
+        a, b = start - c * self.store.spec.chunk_tokens, stop - c * self.store.spec.chunk_tokens
+
+        def read(key: str) -> np.ndarray:
+            return self.store.read_chunk(key, c)[a:b]
+
+        return read("flags"), read("token_ids"), [read(acts_key(*key)) for key in self.keys]
 
     def _load_group(self, epoch: int, group: int, pool: ThreadPoolExecutor) -> _Group:
         chunks = self.epoch_chunks(epoch)[group * self.mix_chunks : (group + 1) * self.mix_chunks]

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 
-from actcache.store import Store
+from actcache.codecs import crc32c_matches
+from actcache.store import Store, parse_shard_index
 
 log = logging.getLogger(__name__)
 
-EMPTY = np.uint64(2**64 - 1)  # offset/nbytes of a chunk that is absent from a shard
+EMPTY = 2**64 - 1  # offset/nbytes of a chunk that is absent from a shard
 
 
 @dataclass(frozen=True)
@@ -69,29 +69,23 @@ class VerifyReport:
         return f"CORRUPT: {self.bad}"
 
 
-def _crc_ok(payload: bytes | memoryview, stored: bytes | memoryview) -> bool:
-    return np.uint32(google_crc32c.value(bytes(payload))).tobytes() == bytes(stored)
-
-
 def _check_shard(data: bytes, n_chunks: int, wanted: int) -> tuple[int, str] | None:
     """None if the first `wanted` inner chunks of a shard are intact, else (inner index, reason)."""
     index_size = n_chunks * 16 + 4
     if len(data) < index_size:
         return 0, f"shard file truncated ({len(data)} bytes, index alone needs {index_size})"
-    index = memoryview(data)[-index_size:]
-    if not _crc_ok(index[:-4], index[-4:]):
+    entries = parse_shard_index(data[-index_size:], n_chunks)
+    if entries is None:
         return 0, "shard index checksum mismatch"
-    entries = np.frombuffer(index[:-4], dtype="<u8").reshape(n_chunks, 2)
     body_end = len(data) - index_size
-    view = memoryview(data)
+    u8 = np.frombuffer(data, dtype=np.uint8)
     for j in range(wanted):
-        offset, nbytes = entries[j]
+        offset, nbytes = (int(v) for v in entries[j])
         if offset == EMPTY:
             return j, "chunk missing from the shard"
         if nbytes < 4 or offset + nbytes > body_end:
             return j, f"chunk bytes [{offset}, {offset + nbytes}) outside the shard body"
-        chunk = view[int(offset) : int(offset + nbytes)]
-        if not _crc_ok(chunk[:-4], chunk[-4:]):
+        if not crc32c_matches(u8[offset : offset + nbytes - 4], u8[offset + nbytes - 4 : offset + nbytes]):
             return j, "chunk checksum (crc32c) mismatch"
     return None
 
@@ -123,7 +117,7 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
                     str(shard_path),
                     reason,
                 )
-                log.warning("verify %s: %s", path, bad)
+                log.info("verify %s: %s", path, bad)
                 return VerifyReport(False, committed, keys.index(key) + 1, done + j, stored_bytes, bad)
             stored_bytes += shard_path.stat().st_size
             done += wanted

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from actcache.codecs import from_stored, to_stored
+from actcache.codecs import CODECS, from_stored, to_stored
 from actcache.stats import RunningStats
 from actcache.store import (
     FLAG_BOS,
@@ -252,3 +252,16 @@ def test_plan_chunks_and_plan_bytes() -> None:
     raw = 10**6 * 576 * 2
     assert raw < plan_bytes(spec) < 1.1 * raw
     assert plan_bytes(dataclasses.replace(spec, dtype="float32")) > 1.9 * raw
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_fast_chunk_decoder_matches_zarr_for_every_codec(tmp_path: Path, codec: str) -> None:
+    store = make_synthetic_store(
+        tmp_path / "s", tokens=700, d_model=8, context=50, chunk_tokens=100, shard_tokens=200, codec=codec
+    )
+    for key in ("acts/resid_post/0", "token_ids", "flags", "doc_ids"):
+        for chunk in range(7):
+            fast = store.read_chunk(key, chunk)
+            assert np.array_equal(fast, store.read_raw(key, chunk * 100, chunk * 100 + 100)), (key, chunk)
+    with pytest.raises(StoreError, match="committed"):
+        store.read_chunk("flags", 7)
