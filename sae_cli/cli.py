@@ -1,0 +1,414 @@
+"""`sae train|eval|variants`: the only module of sae_cli that prints (rich tables and progress)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs
+from .registry import variant_names
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(stderr=True)
+out_console = Console()
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+TRAIN_CONFIG_FILE = "train_config.json"
+DOC = {**field_docs(MemberConfig), **field_docs(LoopConfig), **field_docs(TrainConfig)}
+# Default tokens when --tokens is not given: enough optimiser steps for a usable SAE on a small store (the
+# reader loops over it), capped for big stores (docs/training.md, "Defaults for short runs").
+DEFAULT_MIN_STEPS, DEFAULT_MAX_TOKENS = 400, 50_000_000
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    """Train and evaluate sparse autoencoders of every variant from an actcache store."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from actcache.models import ModelError
+    from actcache.sites import SiteError
+    from actcache.store import StoreError
+
+    from .data import DataError
+    from .io import SAEFileError
+    from .trainer import TrainingError
+
+    return (
+        ConfigError,
+        DataError,
+        TrainingError,
+        SAEFileError,
+        StoreError,
+        ModelError,
+        SiteError,
+        KeyError,
+        ValueError,
+    )
+
+
+def _fail(err: BaseException | str) -> typer.Exit:
+    """One line on stderr, exit code 2."""
+    text = (
+        err if isinstance(err, str) else (err.args[0] if isinstance(err, KeyError) and err.args else str(err))
+    )
+    typer.echo(f"error: {' '.join(str(text).split()) or type(err).__name__}", err=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+# ---- sae variants --------------------------------------------------------------------------------------------
+@app.command()
+def variants(
+    plain: bool = typer.Option(False, "--plain", help="Names only, space-separated (for scripts)."),
+) -> None:
+    """List the SAE variants of the registry."""
+    from .registry import get_variant
+
+    names = variant_names()
+    if plain:
+        print(" ".join(names))
+        return
+    table = Table(title="SAE variants")
+    for col in ("name", "L0 set by", "decoder", "description"):
+        table.add_column(col)
+    for name in names:
+        cls = get_variant(name)
+        doc = (
+            (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().splitlines()
+        )
+        table.add_row(
+            name,
+            "steered lambda" if cls.steered else "the rule (k)",
+            "unit norm" if cls.unit_norm_decoder else "free",
+            doc[0] if doc else "",
+        )
+    out_console.print(table)
+
+
+# ---- sae train -----------------------------------------------------------------------------------------------
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return data
+
+
+def _resolve_flat(cli: dict[str, Any], config: Path | None, out: Path, resume: bool) -> dict[str, Any]:
+    """defaults < the run's saved config (--resume) < the TOML file < explicit CLI options."""
+    flat: dict[str, Any] = {}
+    if resume and (out / TRAIN_CONFIG_FILE).is_file():
+        from .io import read_json
+
+        flat.update(read_json(out / TRAIN_CONFIG_FILE)["config"])
+    if config is not None:
+        flat.update(_read_toml(config))
+    flat.update({k: v for k, v in cli.items() if v is not None})
+    flat.pop("out", None)
+    return flat
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a folder that is not a run; --overwrite removes only runs (after all checks passed)."""
+    from .trainer import CHECKPOINT_DIR
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if resume:
+            raise ConfigError(f"nothing to resume in {out}; start without --resume")
+        return
+    ours = {TRAIN_CONFIG_FILE, CHECKPOINT_DIR, "cfg.json"}
+    is_run = out.is_dir() and any((out / n).exists() for n in ours)
+    if not is_run:
+        raise ConfigError(f"{out} exists and is not an sae run; choose another --out")
+    if resume:
+        if not (out / CHECKPOINT_DIR / "state.json").is_file():
+            raise ConfigError(f"{out} has no checkpoint to resume from; pass --overwrite to start over")
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+
+
+def _default_tokens(train_tokens: int, batch_size: int) -> int:
+    """At least DEFAULT_MIN_STEPS steps, else one pass over the training range, at most DEFAULT_MAX_TOKENS."""
+    return int(min(DEFAULT_MAX_TOKENS, max(train_tokens, DEFAULT_MIN_STEPS * batch_size)))
+
+
+@app.command()
+def train(
+    variant: str = typer.Argument(None, help=f"SAE variant: {', '.join(variant_names())}."),
+    store: str = typer.Option(None, help=DOC["store"]),
+    layer: int = typer.Option(None, help=DOC["layer"]),
+    site: str = typer.Option(None, help=DOC["site"]),
+    width: str = typer.Option(None, help=DOC["width"]),
+    l0_target: float = typer.Option(None, "--l0-target", help=DOC["l0_target"]),
+    tokens: int = typer.Option(None, help=DOC["tokens"]),
+    out: Path = typer.Option(None, help="Run folder: the trained SAE, checkpoints, metrics, config."),
+    batch_size: int = typer.Option(None, help=DOC["batch_size"]),
+    lr: float = typer.Option(None, help=DOC["lr"]),
+    sparsity_coef: float = typer.Option(None, help=DOC["sparsity_coef"]),
+    seed: int = typer.Option(None, help=DOC["seed"]),
+    checkpoint_every: int = typer.Option(None, help=DOC["checkpoint_every"]),
+    eval_tokens: int = typer.Option(None, help=DOC["eval_tokens"]),
+    autocast: str = typer.Option(None, help=DOC["autocast"]),
+    device: str = typer.Option(None, help=DOC["device"]),
+    normalize: str = typer.Option(None, help=DOC["normalize"]),
+    log_every: int = typer.Option(None, help=DOC["log_every"]),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    config: Path = typer.Option(
+        None, "--config", help="TOML file with any of these options (keys as here, _ for -)."
+    ),
+) -> None:
+    """Train one SAE on one (layer, site) of a store."""
+    cli = {k: v for k, v in locals().items() if k not in ("resume", "overwrite", "config")}
+    try:
+        toml_out = _read_toml(config).get("out") if config is not None else None
+        out = out or (Path(toml_out) if toml_out else None)
+        if out is None:
+            raise ConfigError("no run folder given: pass --out RUN (or set out = ... in the config file)")
+        flat = _resolve_flat(cli, config, out, resume)
+        cfg = TrainConfig.from_flat(flat)
+        _train(cfg, out, resume, overwrite)
+    except _bad_input_errors() as e:
+        raise _fail(e) from None
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    from . import data
+    from .io import write_json_atomic
+    from .trainer import Trainer, check_memory, input_scale, plan_member
+
+    loop, member = cfg.loop, cfg.member
+    store = data.open_store(cfg.store)
+    key = (member.layer, member.site)
+    data.check_keys(store, [key])
+    plan = plan_member(member, store.d_model, out)
+    # One build of the variant validates its options before anything is written.
+    from .registry import get_variant
+
+    get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
+    train_range, eval_range = data.split(store, loop.eval_tokens)
+    n_tokens = loop.tokens or _default_tokens(train_range[1] - train_range[0], loop.batch_size)
+    dev = torch.device(_device(loop.device))
+    reader_bytes = 2 * loop.mix_chunks * store.spec.chunk_tokens * store.d_model * 4
+    need = check_memory([plan], loop, dev, reader_bytes)
+    _prepare_out(out, resume, overwrite)
+    if overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {
+        "d_in": store.d_model,
+        "d_sae": plan.sae_cfg.d_sae,
+        "lr": plan.lr,
+        "adam_betas": list(plan.betas),
+        "steered": plan.steered,
+        "tokens": n_tokens,
+        "train_range": list(train_range),
+        "eval_range": list(eval_range),
+        "device": str(dev),
+        "memory_estimate_bytes": need,
+    }
+    write_json_atomic(out / TRAIN_CONFIG_FILE, {"config": cfg.to_flat(), "resolved": resolved})
+    summary = {
+        "store": str(store.path),
+        "store_model": store.spec.model,
+        "store_tokens": store.committed_tokens,
+        "train_range": list(train_range),
+        "eval_range": list(eval_range),
+        "drop_bos": loop.drop_bos,
+        "normalize": loop.normalize,
+    }
+    reader = data.train_reader(store, [key], loop, train_range)
+    trainer = Trainer([plan], loop, reader, out, n_tokens, device=dev, extra_summary=summary)
+    if resume:
+        trainer.resume()
+    else:
+        scales = None
+        if loop.normalize == "store":
+            scales = {key: data.store_scale(store, key)}
+        sample = data.sample(store, [key], loop, train_range)
+        if loop.normalize == "none":
+            scales = {key: 1.0}
+        trainer.start(sample, scales)
+        if loop.normalize == "sample":
+            console.print(
+                f"input scale c = {input_scale(sample[key]):.4g} (E||c x||^2 = 1 on {len(sample[key])} tokens)"
+            )
+    _header(cfg, plan, n_tokens, resolved)
+    result = _run_live(trainer)
+    if result.status != "done":
+        console.print(
+            f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
+            f"Continue with: sae train --out {out} --resume[/yellow]"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    s = result.summaries[0]
+    console.print(
+        f"[green]saved {out}[/green]: {s['steps']} steps, {s['tokens']:,} tokens, {s['elapsed_s']:.0f} s; "
+        f"next: sae eval {out} --store {cfg.store}"
+    )
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return name
+
+
+def _header(cfg: TrainConfig, plan: Any, n_tokens: int, resolved: dict[str, Any]) -> None:
+    m, loop = cfg.member, cfg.loop
+    steps = math.ceil(n_tokens / loop.batch_size)
+    epochs = n_tokens / max(1, resolved["train_range"][1] - resolved["train_range"][0])
+    console.print(
+        f"[bold]sae train {m.variant}[/bold] layer {m.layer} {m.site}: d_in {resolved['d_in']} -> d_sae "
+        f"{resolved['d_sae']}, L0 target {m.l0_target:g} ({'steered' if plan.steered else 'by the rule'}), "
+        f"lr {plan.lr:.3g}, {n_tokens:,} tokens = {steps} steps of {loop.batch_size} (~{epochs:.1f} epochs), "
+        f"held out {resolved['eval_range'][1] - resolved['eval_range'][0]:,} tokens, {resolved['device']}"
+    )
+
+
+def _metrics_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    cols = ["member", "step", "loss", "mse", "L0", "FVU", "dead %", "lr", "lambda", "tok/s"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "member" else "right")
+    for r in rows:
+        table.add_row(
+            str(r["member"]),
+            str(r["step"]),
+            f"{r['loss']:.4g}",
+            f"{r.get('part_mse', math.nan):.4g}",
+            f"{r['l0']:.1f}",
+            f"{r['fvu']:.3f}",
+            f"{r['dead_pct']:.1f}",
+            f"{r['lr']:.2e}",
+            f"{r['sparsity_coef']:.3g}",
+            f"{r['tokens_per_s']:,.0f}",
+        )
+    return table
+
+
+def _run_live(trainer: Any) -> Any:
+    from .trainer import stop_on_signals
+
+    progress = Progress(
+        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn(),
+        console=console,
+    )  # fmt: skip
+    task = progress.add_task("train", total=trainer.tokens_total, completed=trainer.tokens)
+    last_rows: list[dict[str, Any]] = []
+    with Live(Group(progress), console=console, refresh_per_second=4, transient=False) as live:
+
+        def callback(p: Any) -> None:
+            nonlocal last_rows
+            progress.update(task, completed=p.tokens)
+            if p.rows:
+                last_rows = p.rows
+                live.update(Group(progress, _metrics_table(last_rows)))
+
+        trainer.callback = callback
+        with stop_on_signals() as should_stop:
+            trainer.should_stop = should_stop
+            return trainer.run()
+
+
+# ---- sae eval ------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(
+        ..., help="Run folder written by `sae train` (or any SAE folder with cfg.json)."
+    ),
+    store: str = typer.Option(
+        None, help="The store the SAE was trained on (default: the one the run recorded)."
+    ),
+    tokens: int = typer.Option(0, help="Evaluate on at most this many held-out tokens (0: all of them)."),
+    no_model: bool = typer.Option(
+        False, "--no-model", help="Skip the LM metrics (no model load, no splicing)."
+    ),
+    device: str = typer.Option("auto", help="Torch device for the SAE and the model."),
+    batch_size: int = typer.Option(4096, help="Tokens per SAE batch."),
+) -> None:
+    """Evaluate an SAE on its store's held-out tokens (and, with the model, splice it into the LM)."""
+    from .evaluate import DENSITY_PNG, EVAL_FILE, evaluate
+
+    try:
+        dev = _device(device)
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
+        )
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(f"eval {stage}", total=total)
+            progress.update(tasks[stage], completed=done)
+
+        with progress:
+            result = evaluate(
+                run,
+                store,
+                tokens=tokens,
+                with_model=not no_model,
+                device=dev,
+                batch_size=batch_size,
+                progress=report,
+            )
+    except _bad_input_errors() as e:
+        raise _fail(e) from None
+    out_console.print(_eval_table(result))
+    console.print(f"wrote {run / EVAL_FILE} and {run / DENSITY_PNG}")
+
+
+def _eval_table(r: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"sae eval: {r['variant']} L{r['layer']} {r['site']} d_sae {r['d_sae']}", show_header=False
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("held-out tokens", f"{r['tokens']:,}"),
+        ("L0 (target)", f"{r['l0']:.2f} ({r['l0_target']:g}, {r['l0_error_pct']:+.1f} %)"),
+        ("FVU", f"{r['fvu']:.4f}"),
+        ("FVU without massive tokens", f"{r['fvu_typical']:.4f} ({r['massive_tokens']} massive)"),
+        ("MSE", f"{r['mse']:.4g}"),
+        ("dead %", f"{r['dead_pct']:.2f}"),
+        ("dense % (> 10 % of tokens)", f"{r['dense_pct']:.2f}"),
+        ("shrinkage (rel. reconstruction bias)", f"{r['shrinkage']:.4f}"),
+    ]
+    if "ce_clean" in r:
+        rows += [
+            ("LM tokens", f"{r['lm_tokens']:,}"),
+            (
+                "CE clean / spliced / zero-abl.",
+                f"{r['ce_clean']:.4f} / {r['ce_spliced']:.4f} / {r['ce_zero_ablation']:.4f}",
+            ),
+            ("delta LM loss", f"{r['delta_lm_loss']:.4f}"),
+            ("CE recovered", f"{r['ce_recovered']:.4f}"),
+            ("KL(clean || spliced)", f"{r['kl_clean_spliced']:.4f}"),
+            ("live vs stored activations (rel. err)", f"{r['site_match_rel_err']:.4f}"),
+        ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,232 @@
+"""Training configs: frozen dataclasses with a docstring per field (the docstrings become `--help` text).
+
+Three levels, so that a sweep can train many SAEs in one loop from the same batches:
+- `MemberConfig`: one SAE (variant, where it reads, width, L0 target, learning rate).
+- `LoopConfig`: what every member of one loop shares (tokens, batch size, schedule, seed, device, data options).
+- `TrainConfig`: `sae train` = a store + one member + a loop. Its flat key space (the union of the field names,
+  which are disjoint) is what the CLI options and a TOML config file use.
+
+`SAEConfig` (the saved shape of one SAE) lives in `sae_cli.variants.base` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from .variants.base import SAEConfig
+
+__all__ = [
+    "ConfigError",
+    "LoopConfig",
+    "MemberConfig",
+    "SAEConfig",
+    "TrainConfig",
+    "field_docs",
+    "flat_keys",
+    "resolve_width",
+]
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message is one line that names it and the fix."""
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    """One SAE trained by the loop."""
+
+    variant: str = "topk"
+    """SAE variant (registry name); `sae variants` lists them."""
+    layer: int = 0
+    """Layer whose activations the SAE reads."""
+    site: str = "resid_post"
+    """Site within the layer: resid_pre, resid_post, mlp_out or attn_out."""
+    width: str = "8x"
+    """Number of latents: an integer (16384) or a multiple of d_model ("8x")."""
+    l0_target: float = 50.0
+    """Target L0 (mean active latents per token): k for TopK-like variants, the steering target otherwise."""
+    lr: float | None = None
+    """Peak learning rate; default derived from the width and the variant family (see docs/training.md)."""
+    sparsity_coef: float | None = None
+    """Fixed sparsity coefficient for steered variants (disables L0 steering); default: steer to --l0-target."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Variant-specific options (TOML table `options`), validated by the variant."""
+    name: str = ""
+    """Member name (sub-folder in a sweep); default derived from variant, width and L0 target."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings shared by every member trained in one loop."""
+
+    tokens: int = 0
+    """Training tokens (the reader loops over the store for several epochs); 0: max(2M, 20 epochs), see docs."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    seed: int = 0
+    """Seed of the SAE init, the reader's shuffle and every other random choice."""
+    eval_tokens: int = 0
+    """Tokens held out at the end of the store (window-aligned) for `sae eval`; 0: 10 % of the store, at most 1M."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every this many tokens; 0: only at the end and on Ctrl-C / SIGTERM."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    autocast: str = "none"
+    """Mixed precision of the SAE forward/backward: none (fp32) or bf16; weights and Adam state stay fp32."""
+    normalize: str = "sample"
+    """Input scaling c with E||c x||^2 = 1: sample (estimated from training tokens), store (store statistics), none."""
+    norm_sample_tokens: int = 16384
+    """Tokens used to estimate the input scale and to initialise the SAE (normalize=sample)."""
+    warmup_steps: int = 1000
+    """Learning-rate warm-up steps (at most 5 % of all steps)."""
+    decay_fraction: float = 0.2
+    """Linear learning-rate decay to zero over this final fraction of the steps."""
+    sparsity_warmup_fraction: float = 0.05
+    """Linear warm-up of a fixed sparsity coefficient over this fraction of the steps (steered members ramp by control)."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm of each SAE to this value (0: off)."""
+    dead_window_tokens: int = 0
+    """A latent is dead after this many tokens without firing; 0: min(10M, max(total/10, 8 batches))."""
+    log_every: int = 10
+    """Steps between metric rows (metrics.parquet) and progress callbacks."""
+    drop_bos: bool = True
+    """Drop BOS positions from the training and evaluation tokens (Gemma Scope)."""
+    max_norm_ratio: float = 0.0
+    """Drop tokens whose norm exceeds this multiple of the median (massive activations); 0: keep them."""
+    mix_chunks: int = 64
+    """Chunks the reader mixes to shuffle tokens."""
+    threads: int = 2
+    """Reader decode threads."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`sae train`: one SAE from one store."""
+
+    store: str
+    """Path of the actcache store."""
+    member: MemberConfig = field(default_factory=MemberConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a flat dict (CLI options + TOML keys); unknown key -> ConfigError naming it."""
+        member_keys = {f.name for f in dataclasses.fields(MemberConfig)}
+        loop_keys = {f.name for f in dataclasses.fields(LoopConfig)}
+        unknown = sorted(set(values) - member_keys - loop_keys - {"store"})
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(flat_keys()))}"
+            )
+        if "store" not in values or not values["store"]:
+            raise ConfigError("no store given: pass --store PATH or set store = PATH in the config file")
+        member = _typed(MemberConfig, {k: v for k, v in values.items() if k in member_keys})
+        loop = _typed(LoopConfig, {k: v for k, v in values.items() if k in loop_keys})
+        cfg = cls(store=str(values["store"]), member=member, loop=loop)
+        cfg.validate()
+        return cfg
+
+    def to_flat(self) -> dict[str, Any]:
+        return {"store": self.store, **dataclasses.asdict(self.member), **dataclasses.asdict(self.loop)}
+
+    def validate(self) -> None:
+        loop, m = self.loop, self.member
+        if loop.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {loop.batch_size}")
+        if loop.tokens < 0 or loop.eval_tokens < 0 or loop.checkpoint_every < 0:
+            raise ConfigError("tokens, eval_tokens and checkpoint_every must be >= 0")
+        if loop.autocast not in ("none", "bf16"):
+            raise ConfigError(f"autocast must be none or bf16, got {loop.autocast!r}")
+        if loop.normalize not in ("sample", "store", "none"):
+            raise ConfigError(f"normalize must be sample, store or none, got {loop.normalize!r}")
+        if not 0 <= loop.decay_fraction <= 1 or not 0 <= loop.sparsity_warmup_fraction <= 1:
+            raise ConfigError("decay_fraction and sparsity_warmup_fraction must lie in [0, 1]")
+        if m.l0_target <= 0:
+            raise ConfigError(f"l0_target must be positive, got {m.l0_target}")
+        if m.lr is not None and not (m.lr > 0 and math.isfinite(m.lr)):
+            raise ConfigError(f"lr must be a positive number, got {m.lr}")
+        resolve_width(m.width, 1)  # syntax check only
+
+
+def resolve_width(width: str | int, d_in: int) -> int:
+    """`8x` -> 8 * d_in; `16384` -> 16384."""
+    text = str(width).strip().lower()
+    try:
+        if text.endswith("x"):
+            mult = float(text[:-1])
+            d_sae = int(round(mult * d_in))
+        else:
+            d_sae = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"bad width {width!r}: give a number of latents (16384) or a multiple (8x)"
+        ) from None
+    if d_sae <= 0:
+        raise ConfigError(f"width {width!r} gives {d_sae} latents; it must be positive")
+    return d_sae
+
+
+def flat_keys() -> list[str]:
+    """Every key the CLI / a TOML config file accepts for `sae train`."""
+    return [
+        "store",
+        *(f.name for f in dataclasses.fields(MemberConfig)),
+        *(f.name for f in dataclasses.fields(LoopConfig)),
+    ]
+
+
+def _typed(cls: type, values: dict[str, Any]) -> Any:
+    """Instantiate a config dataclass, coercing TOML/CLI values to the annotated types; bad value -> ConfigError."""
+    out = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if value is None:
+            continue
+        kind = hints[key] if isinstance(hints[key], str) else getattr(hints[key], "__name__", str(hints[key]))
+        try:
+            if kind in ("int",):
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out[key] = int(value)
+            elif kind in ("float", "float | None"):
+                out[key] = float(value)
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError
+                out[key] = value
+            elif kind == "str":
+                out[key] = str(value)
+            elif kind.startswith("dict"):
+                if not isinstance(value, dict):
+                    raise ValueError
+                out[key] = dict(value)
+            else:
+                out[key] = value
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r} expects {kind}, got {value!r}") from None
+    return cls(**out)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from the source, as sparsify/simple_parsing do)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

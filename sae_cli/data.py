@@ -1,0 +1,156 @@
+"""The store as the trainer and the evaluation see it: train/eval split, readers, the normalisation sample,
+ordered evaluation batches and LM windows (on top of actcache.reader)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from actcache.reader import ActivationReader, iter_windows, split_ranges
+from actcache.store import FLAG_BOS, FLAG_PAD, Store, StoreError
+
+from .config import LoopConfig
+from .splice import Window
+
+Key = tuple[int, str]
+EVAL_FRACTION, EVAL_MAX_TOKENS = 0.1, 1 << 20
+
+
+class DataError(Exception):
+    """The store cannot serve the request (missing layer/site, too small); one line naming the fix."""
+
+
+def open_store(path: str | Path) -> Store:
+    try:
+        return Store.open(path)
+    except StoreError as e:
+        raise DataError(str(e)) from None
+
+
+def check_keys(store: Store, keys: list[Key]) -> None:
+    """DataError naming the layers and sites the store holds when one of `keys` is missing."""
+    for layer, site in keys:
+        try:
+            store.acts(layer, site)
+        except StoreError as e:
+            raise DataError(str(e)) from None
+
+
+def default_eval_tokens(store: Store) -> int:
+    """10 % of the store (at most 1M tokens), at least one window, whole windows."""
+    ctx = store.spec.context
+    n_windows = store.committed_tokens // ctx
+    return ctx * max(1, min(EVAL_MAX_TOKENS // ctx, math.ceil(EVAL_FRACTION * n_windows)))
+
+
+def split(store: Store, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(train_range, eval_range): whole windows at the end of the store are held out; training never reads them."""
+    try:
+        return split_ranges(store, eval_tokens or default_eval_tokens(store))
+    except StoreError as e:
+        raise DataError(str(e)) from None
+
+
+def _max_norm(loop: LoopConfig) -> float | None:
+    return loop.max_norm_ratio if loop.max_norm_ratio > 0 else None
+
+
+def train_reader(
+    store: Store, keys: list[Key], loop: LoopConfig, token_range: tuple[int, int]
+) -> ActivationReader:
+    """Shuffled, looping (several epochs when the run is longer than the store), seeded."""
+    return ActivationReader(
+        store,
+        keys,
+        loop.batch_size,
+        seed=loop.seed,
+        shuffle=True,
+        token_range=token_range,
+        drop_bos=loop.drop_bos,
+        max_norm_ratio=_max_norm(loop),
+        mix_chunks=loop.mix_chunks,
+        threads=loop.threads,
+        loop=True,
+    )
+
+
+def sample(
+    store: Store, keys: list[Key], loop: LoopConfig, token_range: tuple[int, int]
+) -> dict[Key, Tensor]:
+    """About `norm_sample_tokens` shuffled training tokens per key (another seed than training's stream), the
+    same tokens the training sees (BOS / outlier filters applied): the normalisation and init sample."""
+    n = loop.norm_sample_tokens
+    reader = ActivationReader(
+        store,
+        keys,
+        min(n, 8192),
+        seed=loop.seed + 1_000_003,
+        shuffle=True,
+        token_range=token_range,
+        drop_bos=loop.drop_bos,
+        max_norm_ratio=_max_norm(loop),
+        mix_chunks=loop.mix_chunks,
+        threads=loop.threads,
+        loop=False,
+    )
+    parts: dict[Key, list[Tensor]] = {k: [] for k in keys}
+    got = 0
+    for batch in reader:
+        for k in keys:
+            parts[k].append(batch.acts[k])
+        got += len(batch.index)
+        if got >= n:
+            break
+    if got == 0:
+        raise DataError(
+            f"no training tokens in range {token_range} of {store.path} after dropping BOS/padding"
+        )
+    return {k: torch.cat(v)[:n] for k, v in parts.items()}
+
+
+def store_scale(store: Store, key: Key) -> float:
+    """c from the store's running statistics (all tokens, BOS included: massive BOS norms make it small)."""
+    msn = float(store.stats(*key)["mean_sq_norm"])
+    if not msn > 0:
+        raise DataError(f"the store has no statistics for layer {key[0]} {key[1]}; use normalize = sample")
+    return 1.0 / math.sqrt(msn)
+
+
+def eval_batches(
+    store: Store, key: Key, token_range: tuple[int, int], batch_size: int, drop_bos: bool, max_tokens: int = 0
+) -> Iterator[Tensor]:
+    """Held-out activations in store order (no shuffle, one pass), BOS/padding dropped as in training."""
+    reader = ActivationReader(
+        store, [key], batch_size, shuffle=False, token_range=token_range, drop_bos=drop_bos, loop=False
+    )
+    seen = 0
+    for batch in reader:
+        x_BD = batch.acts[key]
+        if max_tokens:
+            x_BD = x_BD[: max_tokens - seen]
+        seen += len(x_BD)
+        yield x_BD
+        if max_tokens and seen >= max_tokens:
+            return
+
+
+def lm_windows(
+    store: Store, key: Key, token_range: tuple[int, int], windows: int, max_tokens: int = 0
+) -> Iterator[Window]:
+    """Whole held-out windows for splicing: token ids, positions to keep (BOS, padding), the stored activations."""
+    seen = 0
+    for wb in iter_windows(store, [key], token_range, windows=windows):
+        flags = wb.flags.long()
+        yield Window(
+            token_ids_WT=wb.token_ids,
+            keep_WT=(flags & (FLAG_BOS | FLAG_PAD)) != 0,
+            valid_WT=(flags & FLAG_PAD) == 0,
+            stored_WTD=wb.acts[key],
+        )
+        seen += wb.token_ids.numel()
+        if max_tokens and seen >= max_tokens:
+            return

@@ -1,0 +1,129 @@
+"""`sae eval`: every metric of a trained SAE on the held-out tokens of its store, and (with the model the store
+names) the LM metrics of splicing its reconstruction into the model. Writes eval.json and density.png."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import io
+from .data import DataError, eval_batches, lm_windows, open_store
+from .metrics import ReconstructionMetrics, density_histogram, save_density_png
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+DENSITY_PNG = "density.png"
+
+
+def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[int, int]:
+    """The run's held-out range (recorded at training time), cut to `tokens` whole windows when given."""
+    if "eval_range" not in training:
+        raise DataError("the run records no held-out range (trained by another tool?); cannot evaluate it")
+    lo, hi = (int(v) for v in training["eval_range"])
+    if training.get("store_model") not in (None, store.spec.model) or hi > store.committed_tokens:
+        raise DataError(
+            f"{store.path} is not the store this SAE was trained on (model {training.get('store_model')!r}, "
+            f"{training.get('store_tokens')} tokens); pass that store with --store"
+        )
+    if tokens:
+        ctx = store.spec.context
+        hi = min(hi, lo + ctx * max(1, math.ceil(tokens / ctx)))
+    return lo, hi
+
+
+def evaluate(
+    run: str | Path,
+    store_path: str | Path | None = None,
+    *,
+    tokens: int = 0,
+    with_model: bool = True,
+    device: str = "cpu",
+    batch_size: int = 4096,
+    lm_windows_per_batch: int = 4,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json)."""
+    run = Path(run)
+    cfg = io.read_cfg(run)
+    training = cfg.get("training", {})
+    store = open_store(store_path or training.get("store", ""))
+    key = (int(training["layer"]), str(training["site"]))
+    lo, hi = held_out_range(training, store, tokens)
+    sae = io.load_sae(run, device)
+    drop_bos = bool(training.get("drop_bos", True))
+    report = progress or (lambda stage, done, total: None)
+
+    metrics = ReconstructionMetrics(sae.cfg.d_in, sae.cfg.d_sae, device=device)
+    done = 0
+    with torch.no_grad():
+        for x_BD in eval_batches(store, key, (lo, hi), batch_size, drop_bos):
+            x_BD = x_BD.to(device).float()
+            acts_BF = sae.encode(x_BD)
+            metrics.update(x_BD, sae.decode(acts_BF), acts_BF)
+            done += len(x_BD)
+            report("reconstruction", done, hi - lo)
+    result: dict[str, Any] = {
+        "run": str(run),
+        "store": str(store.path),
+        "layer": key[0],
+        "site": key[1],
+        "variant": sae.cfg.variant,
+        "d_sae": sae.cfg.d_sae,
+        "l0_target": sae.cfg.l0_target,
+        "eval_range": [lo, hi],
+        **metrics.result(),
+    }
+    result["l0_error_pct"] = 100.0 * (result["l0"] - sae.cfg.l0_target) / sae.cfg.l0_target
+    freq_F = metrics.freq_F()
+    result["density_histogram"] = density_histogram(freq_F)
+    save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
+
+    if with_model:
+        result.update(_lm_metrics(sae, store, key, (lo, hi), device, lm_windows_per_batch, report))
+    io.write_json_atomic(run / EVAL_FILE, result)
+    return result
+
+
+def _lm_metrics(sae, store, key, token_range, device, windows, report) -> dict[str, Any]:
+    from actcache.models import load_config, load_model, parse_dtype, resolve_model, text_config
+    from actcache.sites import ArchSites, arch_sites
+
+    from .splice import splice_metrics
+
+    spec = store.spec
+    source = resolve_model(spec.model, spec.revision)
+    model_type = text_config(load_config(source)).model_type
+    harvest = spec.harvest_config or {}
+    paths = harvest.get("module_paths")
+    if isinstance(paths, dict) and paths.get("layers"):  # the paths the harvest actually hooked
+        arch = ArchSites((paths["layers"],), paths.get("attn_out", ""), paths.get("mlp_out", ""))
+    else:
+        arch = arch_sites(model_type, paths if isinstance(paths, str) else None)
+    # fp32 on CPU (exact CE); on a GPU the harvest's compute dtype, so the live activations match the store's.
+    dtype = torch.float32 if device == "cpu" else parse_dtype(harvest.get("compute_dtype", "bf16"))
+    model = load_model(source, device=device, dtype=dtype)
+    lo, hi = token_range
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        report("lm", done, hi - lo)
+
+    out = splice_metrics(
+        model, arch, key[0], key[1], sae.forward, lm_windows(store, key, token_range, windows), progress=step
+    )
+    out["model"] = spec.model
+    if out.get("site_match_rel_err", 0) > 0.05:
+        log.warning(
+            "the model's live activations differ from the store's by %.1f %% (relative); LM metrics may not "
+            "describe the SAE's training data",
+            100 * out["site_match_rel_err"],
+        )
+    return out

@@ -1,0 +1,156 @@
+"""Reconstruction and sparsity metrics (docs/training.md, shared methods.md "Metrics"), streamed over batches.
+
+- L0: mean number of non-zero latents per token (inference rule).
+- FVU: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (explained variance = 1 - FVU); MSE: mean ||x - x_hat||^2
+  per token (summed over d_in). Both also without massive-norm tokens: a token is massive when its norm
+  exceeds `massive_ratio` (10) times the median token norm, the median taken from the first batch (>= a few
+  thousand tokens gives it to within a few percent; massive tokens are ~0.03 % of tokens, methods.md).
+- Dead %: share of latents that never fire on the evaluated tokens; dense %: share firing on > 10 % of them.
+- Shrinkage: the relative reconstruction bias gamma = argmin_g E||x_hat / g - x||^2 = E||x_hat||^2 / E<x_hat, x>
+  (Rajamanoharan et al. 2024, arXiv 2404.16014 sec. 5; Wright & Sharkey 2024): 1 = unbiased, < 1 = the
+  reconstruction is shrunk towards zero (L1 penalties do this).
+- Feature density histogram: log10 firing frequency per latent (PNG, matplotlib Agg).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DENSE_FREQ = 0.1
+"""A latent firing on more than this share of tokens is dense."""
+
+
+def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
+    """Fraction of variance unexplained of one batch: sum ||x - x_hat||^2 / sum ||x - mean_B(x)||^2."""
+    x, x_hat = x_BD.double(), x_hat_BD.double()
+    total = (x - x.mean(0)).pow(2).sum()
+    return float((x - x_hat).pow(2).sum() / total.clamp_min(1e-30))
+
+
+@dataclass
+class _Moments:
+    """Running sums for FVU / MSE / shrinkage over one subset of tokens (float64)."""
+
+    n: float
+    sum_x_D: Tensor
+    sum_sq: float
+    sum_err: float
+    sum_hat_sq: float
+    sum_hat_dot: float
+
+    @classmethod
+    def zeros(cls, d: int, device: torch.device) -> _Moments:
+        return cls(0.0, torch.zeros(d, dtype=torch.float64, device=device), 0.0, 0.0, 0.0, 0.0)
+
+    def add(self, x_BD: Tensor, x_hat_BD: Tensor) -> None:
+        self.n += x_BD.shape[0]
+        self.sum_x_D += x_BD.sum(0)
+        self.sum_sq += float(x_BD.pow(2).sum())
+        self.sum_err += float((x_BD - x_hat_BD).pow(2).sum())
+        self.sum_hat_sq += float(x_hat_BD.pow(2).sum())
+        self.sum_hat_dot += float((x_hat_BD * x_BD).sum())
+
+    def fvu(self) -> float:
+        if self.n == 0:
+            return math.nan
+        # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2
+        total = self.sum_sq - float(self.sum_x_D.pow(2).sum()) / self.n
+        return self.sum_err / total if total > 0 else math.nan
+
+    def mse(self) -> float:
+        return self.sum_err / self.n if self.n else math.nan
+
+    def shrinkage(self) -> float:
+        return self.sum_hat_sq / self.sum_hat_dot if self.sum_hat_dot > 0 else math.nan
+
+
+class ReconstructionMetrics:
+    """Accumulates every metric over batches: `update(x, x_hat, acts)` per batch, then `result()`."""
+
+    def __init__(
+        self, d_in: int, d_sae: int, massive_ratio: float = 10.0, device: str | torch.device = "cpu"
+    ):
+        self.device = torch.device(device)
+        self.massive_ratio = massive_ratio
+        self.threshold: float | None = None
+        self.all = _Moments.zeros(d_in, self.device)
+        self.typical = _Moments.zeros(d_in, self.device)
+        self.fires_F = torch.zeros(d_sae, dtype=torch.float64, device=self.device)
+        self.active = 0.0
+
+    @torch.no_grad()
+    def update(self, x_BD: Tensor, x_hat_BD: Tensor, acts_BF: Tensor) -> None:
+        x, x_hat = x_BD.double(), x_hat_BD.double()
+        norm_B = x.norm(dim=1)
+        if self.threshold is None:
+            self.threshold = self.massive_ratio * float(norm_B.median())
+        typical_B = norm_B <= self.threshold
+        self.all.add(x, x_hat)
+        self.typical.add(x[typical_B], x_hat[typical_B])
+        fired_BF = acts_BF != 0
+        self.fires_F += fired_BF.sum(0).double()
+        self.active += float(fired_BF.sum())
+
+    def freq_F(self) -> Tensor:
+        """Firing frequency per latent on the tokens seen."""
+        return (self.fires_F / max(self.all.n, 1.0)).cpu()
+
+    def result(self) -> dict[str, float]:
+        n = self.all.n
+        freq_F = self.freq_F()
+        return {
+            "tokens": int(n),
+            "l0": self.active / n if n else math.nan,
+            "fvu": self.all.fvu(),
+            "explained_variance": 1.0 - self.all.fvu(),
+            "mse": self.all.mse(),
+            "fvu_typical": self.typical.fvu(),
+            "mse_typical": self.typical.mse(),
+            "massive_tokens": int(n - self.typical.n),
+            "massive_threshold_norm": self.threshold if self.threshold is not None else math.nan,
+            "dead_pct": 100.0 * float((freq_F == 0).double().mean()),
+            "dense_pct": 100.0 * float((freq_F > DENSE_FREQ).double().mean()),
+            "shrinkage": self.all.shrinkage(),
+        }
+
+
+def density_histogram(freq_F: Tensor | np.ndarray, bins: int = 50) -> dict:
+    """Histogram of log10 firing frequency over latents that fired; dead latents are counted apart."""
+    freq = np.asarray(freq_F, dtype=np.float64)
+    alive = freq[freq > 0]
+    counts, edges = np.histogram(np.log10(alive), bins=bins) if alive.size else (np.zeros(0), np.zeros(0))
+    return {
+        "log10_edges": edges.tolist(),
+        "counts": counts.astype(int).tolist(),
+        "dead": int((freq == 0).sum()),
+    }
+
+
+def save_density_png(freq_F: Tensor | np.ndarray, path: str | Path, title: str = "") -> None:
+    """Feature density histogram (log10 firing frequency) as a PNG; dead latents named in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = density_histogram(freq_F)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if hist["counts"]:
+        edges = np.asarray(hist["log10_edges"])
+        ax.stairs(hist["counts"], edges, fill=True, alpha=0.8, label=f"alive; dead: {hist['dead']}")
+        ax.legend(loc="upper left")
+    ax.axvline(math.log10(DENSE_FREQ), color="red", lw=0.8, ls="--")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,644 @@
+"""The one training loop: every variant, and every member of a sweep, trained from the same decoded batches.
+
+A solo `sae train` is a loop of one member. Per step, for each member: scale the batch by the member's input
+scale c (E||c x||^2 = 1), `training_loss`, backward; then ONE host sync checks every loss and the data for
+NaN/Inf and fetches the L0s for the controllers; then for each member: `before_optimizer_step` (decoder-parallel
+gradient removal), gradient clipping, Adam, `after_optimizer_step` (renormalise rows, clamp thresholds), dead-latent
+counters. A bad loss therefore never reaches the weights: the loop stops with a checkpoint of the last good state.
+
+Schedules (docs/training.md): linear lr warm-up over min(warmup_steps, 5 % of the steps), linear decay to 0 over
+the last `decay_fraction`; a fixed sparsity coefficient warms up linearly over `sparsity_warmup_fraction`; steered
+members get lambda from their L0 controller (sae_cli/l0_control.py). Adam eps 6.25e-10 (OpenAI TopK); betas
+(0, 0.999) for JumpReLU (Gemma Scope), (0.9, 0.999) otherwise.
+
+Checkpoints (every `checkpoint_every` tokens, at the end, and when `should_stop()` turns true: Ctrl-C/SIGTERM)
+hold the weights, Adam state, controller state, dead-latent counters, RNG and the reader position; resuming on
+CPU gives bit-identical weights to an uninterrupted run. Written as safetensors + JSON, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from . import io
+from .config import LoopConfig, MemberConfig, resolve_width
+from .l0_control import ControllerConfig, L0Controller
+from .registry import get_variant
+from .variants.base import SAE, SAEConfig, StepState
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, str]
+ADAM_EPS = 6.25e-10
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FORMAT = "sae_cli.checkpoint"
+METRICS_FILE = "metrics.parquet"
+# Variant families whose Adam betas differ from (0.9, 0.999): Gemma Scope trains JumpReLU with beta1 = 0
+# (arXiv 2408.05147, sec. 4.2). A variant may instead declare a class attribute `adam_betas`.
+ADAM_BETAS = {"jumprelu": (0.0, 0.999)}
+# Default peak lr. TopK-like: the OpenAI/sparsify heuristic 2e-4 / sqrt(d_sae / 2^14). Steered variants: the
+# same heuristic; Gemma Scope's 7e-5 for JumpReLU is tuned for runs of billions of tokens and learns too slowly
+# in the short runs this tool defaults to (measured: docs/training.md).
+LR_BASE, LR_REF_WIDTH = 2e-4, 2**14
+
+
+class TrainingError(Exception):
+    """Training cannot go on (bad data, NaN loss, resume mismatch, memory); one line naming the fix."""
+
+
+class Reader(Protocol):
+    """What the trainer needs from actcache's ActivationReader."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """One member, fully resolved (width in latents, lr, betas, sparsity handling, output folder)."""
+
+    name: str
+    key: Key
+    sae_cfg: SAEConfig
+    lr: float
+    betas: tuple[float, float]
+    steered: bool
+    """True: lambda comes from the L0 controller; False: fixed_coef (warmed up) or unused."""
+    fixed_coef: float
+    out_dir: Path
+
+
+def default_lr(variant: str, d_sae: int) -> float:
+    return LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH)
+
+
+def plan_member(cfg: MemberConfig, d_in: int, out_dir: str | Path) -> MemberPlan:
+    """Resolve a MemberConfig against the data width (d_in); KeyError/ValueError name the bad input."""
+    cls = get_variant(cfg.variant)
+    d_sae = resolve_width(cfg.width, d_in)
+    sae_cfg = SAEConfig(cfg.variant, d_in, d_sae, float(cfg.l0_target), dict(cfg.options))
+    betas = tuple(getattr(cls, "adam_betas", ADAM_BETAS.get(cfg.variant, (0.9, 0.999))))
+    steered = bool(cls.steered) and cfg.sparsity_coef is None
+    name = cfg.name or f"{cfg.variant}-L{cfg.layer}-{cfg.site}-w{d_sae}-l0_{cfg.l0_target:g}"
+    return MemberPlan(
+        name=name,
+        key=(int(cfg.layer), cfg.site),
+        sae_cfg=sae_cfg,
+        lr=cfg.lr if cfg.lr is not None else default_lr(cfg.variant, d_sae),
+        betas=(float(betas[0]), float(betas[1])),
+        steered=steered,
+        fixed_coef=float(cfg.sparsity_coef or 0.0),
+        out_dir=Path(out_dir),
+    )
+
+
+def total_steps(loop: LoopConfig, tokens: int) -> int:
+    return max(1, math.ceil(tokens / loop.batch_size))
+
+
+def lr_multiplier(step: int, n_steps: int, loop: LoopConfig) -> float:
+    """Linear warm-up over min(warmup_steps, 5 % of steps), flat, linear decay to 0 over the last fraction."""
+    warm = max(1, min(loop.warmup_steps, int(0.05 * n_steps)))
+    if step < warm:
+        return (step + 1) / warm
+    decay_start = n_steps * (1.0 - loop.decay_fraction)
+    if loop.decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (n_steps - step) / (n_steps - decay_start))
+    return 1.0
+
+
+def dead_window(loop: LoopConfig, tokens: int) -> int:
+    """Tokens without firing after which a latent counts as dead: 10M (OpenAI, sparsify) scaled down for short
+    runs to a tenth of the run, but at least 8 batches."""
+    if loop.dead_window_tokens:
+        return loop.dead_window_tokens
+    return int(min(10_000_000, max(tokens // 10, 8 * loop.batch_size)))
+
+
+def input_scale(sample_BD: Tensor) -> float:
+    """c with E||c x||^2 = 1 on the sample (Gemma Scope's unit mean squared norm)."""
+    msn = float(sample_BD.double().pow(2).sum(-1).mean())
+    if not math.isfinite(msn) or msn <= 0:
+        raise TrainingError(f"cannot normalise: the mean squared norm of the sample is {msn}")
+    return 1.0 / math.sqrt(msn)
+
+
+def estimate_memory(plans: list[MemberPlan], loop: LoopConfig, reader_bytes: int = 0) -> int:
+    """Bytes the loop needs before it allocates: per member weights + gradients + Adam's two moments (4 fp32
+    copies of 2*F*D + 2*F + D), the largest member's activations (~8 [B, F] fp32 tensors live at once in the
+    forward/backward: pre-activations, masks, latents and their gradients), the batch, and the reader's buffers."""
+    params = sum(2 * p.sae_cfg.d_sae * p.sae_cfg.d_in + 2 * p.sae_cfg.d_sae + p.sae_cfg.d_in for p in plans)
+    acts = max(8 * loop.batch_size * p.sae_cfg.d_sae + 4 * loop.batch_size * p.sae_cfg.d_in for p in plans)
+    return 4 * (4 * params + acts) + reader_bytes
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on the device (CUDA: mem_get_info; CPU: MemAvailable of /proc/meminfo), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(
+    plans: list[MemberPlan], loop: LoopConfig, device: torch.device, reader_bytes: int = 0
+) -> int:
+    """TrainingError (one line, with the fix) when the estimate exceeds 90 % of the free memory."""
+    need, free = estimate_memory(plans, loop, reader_bytes), available_memory(device)
+    if free is not None and need > 0.9 * free:
+        widest = max(plans, key=lambda p: p.sae_cfg.d_sae)
+        raise TrainingError(
+            f"training needs about {need / 2**30:.1f} GiB ({len(plans)} SAE(s), widest {widest.sae_cfg.d_sae} latents, "
+            f"batch {loop.batch_size}) but {device.type} has {free / 2**30:.1f} GiB free; lower --width or --batch-size"
+        )
+    return need
+
+
+@dataclass
+class Member:
+    """A member's live state: the SAE, its optimiser, controller and dead-latent counters."""
+
+    plan: MemberPlan
+    sae: SAE
+    opt: torch.optim.Adam
+    scale: float
+    controller: L0Controller | None
+    since_fired_F: Tensor
+    """Tokens since each latent last fired (int64)."""
+    freq_F: Tensor
+    """EMA firing frequency per latent (time constant: the dead window)."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """Scalars summed since the last log row (means are logged)."""
+    n_sums: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the callback sees: after every log interval, checkpoint and at the end."""
+
+    event: str
+    """'log', 'checkpoint', 'done' or 'interrupted'."""
+    step: int
+    total_steps: int
+    tokens: int
+    total_tokens: int
+    tokens_per_s: float
+    rows: list[dict[str, Any]]
+    """One row per member: name, loss, parts, l0, fvu, dead_pct, lr, sparsity_coef."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: str
+    """'done' or 'interrupted' (checkpoint written; rerun with --resume)."""
+    step: int
+    tokens: int
+    out_dirs: list[Path]
+    summaries: list[dict[str, Any]]
+
+
+class Trainer:
+    """Train `plans` from `reader` for `tokens` tokens; checkpoints and metrics go to `run_dir`."""
+
+    def __init__(
+        self,
+        plans: list[MemberPlan],
+        loop: LoopConfig,
+        reader: Reader,
+        run_dir: str | Path,
+        tokens: int,
+        *,
+        device: str | torch.device = "cpu",
+        callback: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        extra_summary: dict[str, Any] | None = None,
+    ) -> None:
+        if not plans:
+            raise TrainingError("nothing to train: no members")
+        if len({p.name for p in plans}) != len(plans):
+            raise TrainingError("member names must be distinct")
+        self.plans, self.loop, self.reader = plans, loop, reader
+        self.run_dir = Path(run_dir)
+        self.tokens_total = int(tokens)
+        self.n_steps = total_steps(loop, self.tokens_total)
+        self.window = dead_window(loop, self.tokens_total)
+        self.device = torch.device(device)
+        self.callback = callback or (lambda p: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.extra_summary = dict(extra_summary or {})
+        self.members: list[Member] = []
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_s = 0.0
+        self.rows: list[dict[str, Any]] = []
+
+    # ---- set-up: fresh or resumed ------------------------------------------------------------------------
+    def start(self, sample: dict[Key, Tensor], scales: dict[Key, float] | None = None) -> None:
+        """Fresh start: build every SAE (seeded), scale = `scales[key]` or estimated from `sample[key]`, and
+        `init_from_data` on the scaled sample."""
+        torch.manual_seed(self.loop.seed)
+        for plan in self.plans:
+            x_BD = sample[plan.key].float()
+            c = scales[plan.key] if scales and plan.key in scales else input_scale(x_BD)
+            sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
+            sae.init_from_data(x_BD * c)
+            self.members.append(self._member(plan, sae.to(self.device), c))
+        log.info(
+            "training %d member(s) for %d steps; dead window %d tokens",
+            len(self.plans),
+            self.n_steps,
+            self.window,
+        )
+
+    def _member(self, plan: MemberPlan, sae: SAE, scale: float) -> Member:
+        opt = torch.optim.Adam(sae.parameters(), lr=plan.lr, betas=plan.betas, eps=ADAM_EPS)
+        controller = None
+        if plan.steered:
+            controller = L0Controller(ControllerConfig.for_run(plan.sae_cfg.l0_target, self.n_steps))
+        F = plan.sae_cfg.d_sae
+        return Member(
+            plan=plan,
+            sae=sae,
+            opt=opt,
+            scale=scale,
+            controller=controller,
+            since_fired_F=torch.zeros(F, dtype=torch.int64, device=self.device),
+            freq_F=torch.zeros(F, dtype=torch.float32, device=self.device),
+        )
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        if not self.members:
+            raise TrainingError("call start() or resume() before run()")
+        next_ckpt = self._next_checkpoint()
+        t_last, tok_last = time.perf_counter(), self.tokens
+        t_run = time.perf_counter()
+        elapsed0 = self.elapsed_s
+        status = "done"
+        batches = iter(self.reader)
+        while self.tokens < self.tokens_total:
+            if self.should_stop():
+                status = "interrupted"
+                break
+            batch = next(batches, None)
+            if batch is None:
+                log.warning("the reader ran out of data at %d tokens", self.tokens)
+                break
+            self._step(batch)
+            self.elapsed_s = elapsed0 + time.perf_counter() - t_run
+            if self.step % self.loop.log_every == 0 or self.tokens >= self.tokens_total:
+                now = time.perf_counter()
+                tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, self.tokens
+                self.callback(self._log_rows(tps))
+            if next_ckpt and self.tokens >= next_ckpt and self.tokens < self.tokens_total:
+                self.save_checkpoint()
+                next_ckpt = self._next_checkpoint()
+                self.callback(self._progress("checkpoint", 0.0, []))
+        self.save_checkpoint()
+        if status == "done":
+            result = self._finish()
+        else:
+            result = TrainResult(status, self.step, self.tokens, [m.plan.out_dir for m in self.members], [])
+        self.callback(self._progress(status, 0.0, []))
+        return result
+
+    def _next_checkpoint(self) -> int:
+        every = self.loop.checkpoint_every
+        return (self.tokens // every + 1) * every if every else 0
+
+    def _step(self, batch: Any) -> None:
+        lr_mult = lr_multiplier(self.step, self.n_steps, self.loop)
+        n_tokens = 0
+        checks: list[Tensor] = []
+        outs = []
+        autocast = self.loop.autocast == "bf16"
+        for m in self.members:
+            x_BD = batch.acts[m.plan.key].to(self.device, non_blocking=True).float() * m.scale
+            n_tokens = x_BD.shape[0]
+            state = StepState(
+                step=self.step,
+                total_steps=self.n_steps,
+                sparsity_coef=self._coef(m),
+                dead_F=m.since_fired_F >= self.window,
+                freq_F=m.freq_F,
+            )
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = m.sae.training_loss(x_BD, state)
+            m.opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
+            checks.append(torch.stack([torch.isfinite(x_BD).all().float(), *parts]))
+            outs.append((out, state, x_BD if self._logging_next() else None))
+        # One host sync per step: finiteness of data and losses, L0s and loss parts for logs and controllers.
+        values = torch.cat(checks).tolist()
+        offset = 0
+        for m, (out, _, _) in zip(self.members, outs, strict=True):
+            n = 3 + len(out.parts)
+            data_ok, loss, l0, *parts = values[offset : offset + n]
+            offset += n
+            if data_ok != 1.0:
+                self._fail_data(batch, m)
+            if not math.isfinite(loss) or not all(math.isfinite(p) for p in parts):
+                self.save_checkpoint()
+                raise TrainingError(
+                    f"member {m.plan.name}: loss is {loss} at step {self.step + 1} (tokens {self.tokens}); "
+                    f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}; lower --lr or check the data"
+                )
+            self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)))
+        for m, (out, state, x_BD) in zip(self.members, outs, strict=True):
+            m.sae.before_optimizer_step()
+            if self.loop.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(m.sae.parameters(), self.loop.grad_clip)
+            for group in m.opt.param_groups:
+                group["lr"] = m.plan.lr * lr_mult
+            m.opt.step()
+            m.sae.after_optimizer_step()
+            self._track(m, out.fired_F, n_tokens)
+            if m.controller is not None:
+                m.controller.update(m.sums["l0_last"])
+            if x_BD is not None:
+                m.sums["fvu"] = m.sums.get("fvu", 0.0) + _batch_fvu(x_BD, out.x_hat_BD)
+                m.sums["n_fvu"] = m.sums.get("n_fvu", 0.0) + 1
+            m.sums["lr"] = m.plan.lr * lr_mult
+            m.sums["sparsity_coef"] = state.sparsity_coef
+        self.step += 1
+        self.tokens += n_tokens
+
+    def _logging_next(self) -> bool:
+        return (self.step + 1) % self.loop.log_every == 0 or self.step + 1 >= self.n_steps
+
+    def _coef(self, m: Member) -> float:
+        if m.controller is not None:
+            return m.controller.coef
+        frac = self.loop.sparsity_warmup_fraction
+        warm = max(1, int(frac * self.n_steps)) if frac > 0 else 0
+        return m.plan.fixed_coef * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
+
+    @torch.no_grad()
+    def _track(self, m: Member, fired_F: Tensor, n_tokens: int) -> None:
+        fired_F = fired_F.to(self.device)
+        m.since_fired_F += n_tokens
+        m.since_fired_F[fired_F > 0] = 0
+        rate = min(1.0, n_tokens / self.window)
+        m.freq_F.mul_(1 - rate).add_(fired_F.float() / n_tokens, alpha=rate)
+
+    def _accumulate(self, m: Member, loss: float, l0: float, parts: dict[str, float]) -> None:
+        m.sums["loss"] = m.sums.get("loss", 0.0) + loss
+        m.sums["l0"] = m.sums.get("l0", 0.0) + l0
+        m.sums["l0_last"] = l0
+        for k, v in parts.items():
+            m.sums[f"part_{k}"] = m.sums.get(f"part_{k}", 0.0) + v
+        m.n_sums += 1
+
+    def _fail_data(self, batch: Any, m: Member) -> None:
+        x = batch.acts[m.plan.key]
+        bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
+        where = ""
+        if getattr(batch, "index", None) is not None and bad.numel():
+            where = f" at store token {int(batch.index[bad[0]])}"
+        self.save_checkpoint()
+        raise TrainingError(
+            f"NaN/Inf in the activations of layer {m.plan.key[0]} {m.plan.key[1]}{where} (step {self.step + 1}, "
+            f"tokens {self.tokens}); run `actcache verify` on the store; checkpoint in {self.run_dir / CHECKPOINT_DIR}"
+        )
+
+    # ---- logging ---------------------------------------------------------------------------------------
+    def _log_rows(self, tokens_per_s: float) -> Progress:
+        rows = []
+        for m in self.members:
+            n = max(m.n_sums, 1)
+            dead_pct = 100.0 * float((m.since_fired_F >= self.window).float().mean())
+            row = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "member": m.plan.name,
+                "loss": m.sums.get("loss", math.nan) / n,
+                "l0": m.sums.get("l0", math.nan) / n,
+                "fvu": m.sums["fvu"] / m.sums["n_fvu"] if m.sums.get("n_fvu") else math.nan,
+                "dead_pct": dead_pct,
+                "lr": m.sums.get("lr", math.nan),
+                "sparsity_coef": m.sums.get("sparsity_coef", math.nan),
+                "tokens_per_s": tokens_per_s,
+                "elapsed_s": self.elapsed_s,
+            }
+            row.update({k: v / n for k, v in m.sums.items() if k.startswith("part_")})
+            rows.append(row)
+            m.sums, m.n_sums = {}, 0
+        self.rows.extend(rows)
+        return self._progress("log", tokens_per_s, rows)
+
+    def _progress(self, event: str, tokens_per_s: float, rows: list[dict[str, Any]]) -> Progress:
+        return Progress(event, self.step, self.n_steps, self.tokens, self.tokens_total, tokens_per_s, rows)
+
+    def _write_metrics(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.rows:
+            return
+        path = self.run_dir / METRICS_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(pa.Table.from_pylist(self.rows), tmp)
+        tmp.replace(path)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write the full training state (tensors file named by step, then state.json pointing at it)."""
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {"rng.cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        members = []
+        for i, m in enumerate(self.members):
+            for k, v in m.sae.state_dict().items():
+                tensors[f"m{i}.sae.{k}"] = v
+            opt_state = m.opt.state_dict()
+            for pid, st in opt_state["state"].items():
+                for k, v in st.items():
+                    tensors[f"m{i}.opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"m{i}.since_fired_F"] = m.since_fired_F
+            tensors[f"m{i}.freq_F"] = m.freq_F
+            members.append(
+                {
+                    "name": m.plan.name,
+                    "key": list(m.plan.key),
+                    "sae": m.plan.sae_cfg.to_dict(),
+                    "scale": m.scale,
+                    "controller": m.controller.state_dict() if m.controller else None,
+                    "param_groups": opt_state["param_groups"],
+                    "sums": m.sums,
+                    "n_sums": m.n_sums,
+                }
+            )
+        name = f"state-{self.step:09d}.safetensors"
+        io.write_tensors_atomic(ckpt / name, tensors)
+        self._write_metrics()
+        io.write_json_atomic(
+            ckpt / "state.json",
+            {
+                "format": CHECKPOINT_FORMAT,
+                "format_version": 1,
+                "tensors": name,
+                "step": self.step,
+                "tokens": self.tokens,
+                "tokens_total": self.tokens_total,
+                "elapsed_s": self.elapsed_s,
+                "members": members,
+                "reader": self.reader.state_dict(),
+                "metrics_rows": len(self.rows),
+            },
+        )
+        for old in ckpt.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        log.info("checkpoint at step %d (%d tokens) in %s", self.step, self.tokens, ckpt)
+        return ckpt
+
+    def resume(self) -> None:
+        """Load the checkpoint in run_dir: weights, Adam, controllers, counters, RNG, reader position, metrics."""
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        if not (ckpt / "state.json").is_file():
+            raise TrainingError(f"no checkpoint in {ckpt} to resume from; start without --resume")
+        state = io.read_json(ckpt / "state.json")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"{ckpt / 'state.json'} is not an sae_cli checkpoint")
+        saved = state["members"]
+        if [s["name"] for s in saved] != [p.name for p in self.plans]:
+            raise TrainingError(
+                f"the checkpoint in {ckpt} holds members {[s['name'] for s in saved]}, not "
+                f"{[p.name for p in self.plans]}; resume with the same variant and shape, or pass --overwrite"
+            )
+        tensors = io.read_tensors(ckpt / state["tensors"])
+        for i, (plan, s) in enumerate(zip(self.plans, saved, strict=True)):
+            mine, theirs = plan.sae_cfg.to_dict(), s["sae"]
+            diffs = [
+                f"{k} {theirs.get(k)!r} -> {mine[k]!r}"
+                for k in mine
+                if k != "l0_target" and mine[k] != theirs.get(k)
+            ]
+            if diffs or list(plan.key) != s["key"]:
+                raise TrainingError(
+                    f"cannot resume {plan.name}: the checkpoint is of another variant or shape ({'; '.join(diffs) or 'layer/site'}); "
+                    "pass --overwrite to start over"
+                )
+            sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
+            sae.load_state_dict(
+                {k[len(f"m{i}.sae.") :]: v for k, v in tensors.items() if k.startswith(f"m{i}.sae.")}
+            )
+            m = self._member(plan, sae.to(self.device), float(s["scale"]))
+            opt_state: dict[str, Any] = {"state": {}, "param_groups": s["param_groups"]}
+            prefix = f"m{i}.opt."
+            for k, v in tensors.items():
+                if k.startswith(prefix):
+                    pid, name = k[len(prefix) :].split(".", 1)
+                    opt_state["state"].setdefault(int(pid), {})[name] = v
+            m.opt.load_state_dict(opt_state)
+            if m.controller is not None and s["controller"]:
+                m.controller.load_state_dict(s["controller"])
+            m.since_fired_F.copy_(tensors[f"m{i}.since_fired_F"])
+            m.freq_F.copy_(tensors[f"m{i}.freq_F"])
+            m.sums, m.n_sums = dict(s.get("sums", {})), int(s.get("n_sums", 0))
+            self.members.append(m)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.reader.load_state_dict(state["reader"])
+        self.step, self.tokens, self.elapsed_s = (
+            int(state["step"]),
+            int(state["tokens"]),
+            float(state["elapsed_s"]),
+        )
+        self.rows = self._read_metrics()[: int(state.get("metrics_rows", 0))]
+        log.info("resumed at step %d (%d tokens)", self.step, self.tokens)
+
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return []
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+
+    # ---- the end ---------------------------------------------------------------------------------------
+    def _finish(self) -> TrainResult:
+        summaries = []
+        for m in self.members:
+            sae = get_variant(m.plan.sae_cfg.variant)(m.plan.sae_cfg)
+            sae.load_state_dict(m.sae.state_dict())
+            sae = sae.cpu()
+            sae.fold_scale(m.scale)
+            summary = {
+                **self.extra_summary,
+                "name": m.plan.name,
+                "layer": m.plan.key[0],
+                "site": m.plan.key[1],
+                "input_scale_folded": m.scale,
+                "tokens": self.tokens,
+                "steps": self.step,
+                "batch_size": self.loop.batch_size,
+                "lr": m.plan.lr,
+                "adam_betas": list(m.plan.betas),
+                "adam_eps": ADAM_EPS,
+                "steered": m.plan.steered,
+                "final_sparsity_coef": m.controller.coef if m.controller else m.plan.fixed_coef,
+                "train_l0_ema": m.controller.l0_ema if m.controller else None,
+                "dead_window_tokens": self.window,
+                "train_dead_pct": 100.0 * float((m.since_fired_F >= self.window).float().mean()),
+                "elapsed_s": self.elapsed_s,
+                "seed": self.loop.seed,
+            }
+            io.save_sae(m.plan.out_dir, sae, summary, freq_F=m.freq_F.cpu())
+            summaries.append(summary)
+        self._write_metrics()
+        return TrainResult("done", self.step, self.tokens, [m.plan.out_dir for m in self.members], summaries)
+
+
+def _batch_fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
+    with torch.no_grad():
+        x, x_hat = x_BD.float(), x_hat_BD.detach().float()
+        total = (x - x.mean(0)).pow(2).sum()
+        return float((x - x_hat).pow(2).sum() / total.clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Within the block, Ctrl-C / SIGTERM set a flag (the loop checkpoints and returns); a second Ctrl-C
+    raises KeyboardInterrupt as usual. Yields `should_stop`."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        log.warning("signal %d: checkpointing and stopping after this step", signum)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no handlers, never stops early
+        pass
+    try:
+        yield lambda: flag["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

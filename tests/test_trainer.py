@@ -1,0 +1,254 @@
+"""The training loop on tiny synthetic stores: loss falls, resume is bit-exact, bad data stops with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actcache.stats import RunningStats
+from actcache.store import FLAG_BOS, Store, StoreSpec, StoreWriter
+from sae_cli import data
+from sae_cli.config import LoopConfig, MemberConfig
+from sae_cli.trainer import (
+    METRICS_FILE,
+    Trainer,
+    TrainingError,
+    check_memory,
+    dead_window,
+    estimate_memory,
+    input_scale,
+    lr_multiplier,
+    plan_member,
+)
+
+Key = tuple[int, str]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread (two spin-waiting threads on a busy 2-core machine are 10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sparse_acts(
+    n: int, d: int, n_features: int, k_active: float, seed: int = 0, scale: float = 3.0
+) -> torch.Tensor:
+    """[n, d] tokens: positive combinations of random unit feature directions, ~k_active features per token
+    (Zipf-ish frequencies), times `scale` (so the trainer's normalisation has work to do)."""
+    gen = torch.Generator().manual_seed(seed)
+    feats_FD = torch.randn(n_features, d, generator=gen)
+    feats_FD /= feats_FD.norm(dim=1, keepdim=True)
+    w_F = torch.arange(1, n_features + 1, dtype=torch.float32).pow(-0.5)
+    p_F = (w_F / w_F.sum() * k_active).clamp(max=1.0)
+    fire_NF = torch.rand(n, n_features, generator=gen) < p_F
+    mag_NF = 0.5 + torch.rand(n, n_features, generator=gen)
+    return (fire_NF * mag_NF) @ feats_FD * scale + 0.5
+
+
+def write_store(
+    path: Path,
+    acts: dict[Key, torch.Tensor],
+    context: int = 64,
+    model: str = "synthetic",
+    token_ids: np.ndarray | None = None,
+    chunk_tokens: int | None = None,
+) -> Store:
+    """A float32 store holding `acts` (every key [N, d]); window starts are BOS."""
+    n, d = next(iter(acts.values())).shape
+    layers = sorted({k[0] for k in acts})
+    sites = sorted({k[1] for k in acts})
+    chunk = chunk_tokens or context
+    spec = StoreSpec(
+        model=model, revision=None, dtype="float32", layers=tuple(layers), sites=tuple(sites), d_model=d,
+        context=context, corpus="synthetic", tokenizer=model, tokens_target=n, chunk_tokens=chunk,
+        shard_tokens=8 * math.lcm(chunk, context), codec="zstd-1", harvest_config={},
+    )  # fmt: skip
+    writer = StoreWriter.create_or_resume(path, spec, overwrite=True)
+    ids = token_ids if token_ids is not None else np.random.default_rng(0).integers(2, 100, n)
+    for start in range(0, n, spec.shard_tokens):
+        stop = min(n, start + spec.shard_tokens)
+        pos = np.arange(start, stop) % context
+        arrays = {
+            "token_ids": ids[start:stop].astype(np.int32),
+            "doc_ids": np.arange(start, stop) // context,
+            "positions": pos,
+            "flags": (pos == 0).astype(np.uint8) * FLAG_BOS,
+        }
+        stats = {}
+        for (layer, site), x in acts.items():
+            key = f"acts/{site}/{layer}"
+            arrays[key] = x[start:stop]
+            stats[key] = RunningStats(d).update(x[start:stop], keep=pos != 0)
+        writer.write_shard(start, arrays)
+        writer.commit(stop, stats)
+    writer.finish()
+    return Store.open(path)
+
+
+# ---- helpers for the tests below (and tests/test_cli_sae.py, tests/test_l0_control.py) ---------------------------
+KEY: Key = (0, "resid_post")
+
+
+def small_store(tmp_path: Path, n: int = 4096, d: int = 16, seed: int = 0, **kw) -> Store:
+    return write_store(
+        tmp_path / "store", {KEY: sparse_acts(n, d, 128, 4, seed=seed)}, **{"chunk_tokens": 512, **kw}
+    )
+
+
+def make_trainer(store: Store, run_dir: Path, members: list[MemberConfig], tokens: int, **loop_kw) -> Trainer:
+    loop = LoopConfig(**{"batch_size": 256, "log_every": 5, "mix_chunks": 4, "threads": 1, **loop_kw})
+    train_range, _ = data.split(store, 512)
+    keys = sorted({(m.layer, m.site) for m in members})
+    plans = [plan_member(m, store.d_model, run_dir / (m.name or m.variant)) for m in members]
+    reader = data.train_reader(store, keys, loop, train_range)
+    return Trainer(plans, loop, reader, run_dir, tokens), data.sample(store, keys, loop, train_range)
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {f"{m.plan.name}.{k}": v.clone() for m in trainer.members for k, v in m.sae.state_dict().items()}
+
+
+TOPK = MemberConfig(variant="topk", layer=0, site="resid_post", width="8x", l0_target=4, name="topk")
+JUMP = MemberConfig(variant="jumprelu", layer=0, site="resid_post", width="8x", l0_target=8, name="jump")
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path: Path) -> None:
+    store = small_store(tmp_path)
+    trainer, sample = make_trainer(store, tmp_path / "run", [TOPK], tokens=256 * 60)
+    trainer.start(sample)
+    result = trainer.run()
+    assert result.status == "done" and result.step == 60
+    rows = pq.read_table(tmp_path / "run" / METRICS_FILE).to_pylist()
+    assert [r["step"] for r in rows] == list(range(5, 65, 5))
+    first, last = rows[0], rows[-1]
+    assert last["fvu"] < 0.5 * first["fvu"], (first["fvu"], last["fvu"])
+    assert last["loss"] < 0.5 * first["loss"]
+    assert 3.8 < last["l0"] <= 4  # TopK: k = l0_target (minus the odd non-positive pre-activation)
+    assert {"part_mse", "part_aux", "lr", "sparsity_coef", "dead_pct", "tokens_per_s"} <= set(last)
+    # lr: warm-up over 5 % of 60 steps = 3 steps, flat, linear decay over the last 20 % (steps 48..59).
+    assert rows[0]["lr"] == pytest.approx(trainer.plans[0].lr)
+    assert rows[-2]["lr"] == pytest.approx(trainer.plans[0].lr * (60 - 54) / 12)
+    assert (tmp_path / "run" / "topk" / "cfg.json").is_file()
+
+
+def test_lr_schedule_and_dead_window() -> None:
+    loop = LoopConfig(warmup_steps=1000, decay_fraction=0.2, batch_size=100)
+    assert lr_multiplier(0, 100, loop) == pytest.approx(1 / 5)  # warm-up min(1000, 5 % of 100) = 5 steps
+    assert lr_multiplier(4, 100, loop) == 1.0
+    assert lr_multiplier(79, 100, loop) == 1.0
+    assert lr_multiplier(90, 100, loop) == pytest.approx(0.5)
+    assert lr_multiplier(30_000, 100_000, loop) == 1.0 and lr_multiplier(999, 100_000, loop) == 1.0
+    assert lr_multiplier(998, 100_000, loop) == pytest.approx(999 / 1000)
+    assert dead_window(loop, 10**11) == 10_000_000
+    assert dead_window(loop, 1_000_000) == 100_000
+    assert dead_window(loop, 1000) == 800  # at least 8 batches
+
+
+def test_resume_is_bit_exact_for_two_members_in_one_loop(tmp_path: Path) -> None:
+    """Stop after 7 steps (as on Ctrl-C), resume in a new Trainer: same weights as 16 uninterrupted steps."""
+    store = small_store(tmp_path)
+    tokens = 256 * 16
+    full, sample = make_trainer(store, tmp_path / "full", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
+    full.start(sample)
+    assert full.run().status == "done"
+
+    calls = {"n": 0}
+
+    def stop_after_7() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 7
+
+    part, sample = make_trainer(store, tmp_path / "part", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
+    part.should_stop = stop_after_7
+    part.start(sample)
+    res = part.run()
+    assert res.status == "interrupted" and res.step == 7
+    assert not (tmp_path / "part" / "topk" / "cfg.json").exists()
+    resumed, _ = make_trainer(store, tmp_path / "part", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
+    resumed.resume()
+    assert resumed.step == 7 and resumed.members[1].controller.coef == part.members[1].controller.coef
+    assert resumed.run().status == "done"
+    a, b = params(full), params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for m_full, m_res in zip(full.members, resumed.members, strict=True):
+        assert torch.equal(m_full.since_fired_F, m_res.since_fired_F)
+        for s1, s2 in zip(m_full.opt.state.values(), m_res.opt.state.values(), strict=True):
+            assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+    rows_full = pq.read_table(tmp_path / "full" / METRICS_FILE).column("loss").to_pylist()
+    rows_res = pq.read_table(tmp_path / "part" / METRICS_FILE).column("loss").to_pylist()
+    assert rows_full == rows_res
+    # Only JSON and safetensors in a checkpoint: nothing is ever unpickled.
+    assert {p.suffix for p in (tmp_path / "part" / "checkpoint").iterdir()} == {".json", ".safetensors"}
+
+
+def test_nan_in_data_stops_with_a_checkpoint_naming_the_token(tmp_path: Path) -> None:
+    x = sparse_acts(2048, 16, 64, 4)
+    x[1000, 3] = float("nan")
+    store = write_store(tmp_path / "store", {KEY: x})
+    trainer, sample = make_trainer(store, tmp_path / "run", [TOPK], tokens=256 * 20, normalize="none")
+    # The normalisation sample may hold the NaN token: give the scale explicitly.
+    sample = {KEY: torch.nan_to_num(sample[KEY])}
+    trainer.start(sample, {KEY: 1.0})
+    with pytest.raises(
+        TrainingError, match="NaN/Inf in the activations of layer 0 resid_post at store token 1000"
+    ):
+        trainer.run()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] < 8  # the bad token is met within the first epoch (1536 train tokens, 6 batches)
+
+
+def test_nan_loss_stops_before_the_weights_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = small_store(tmp_path)
+    trainer, sample = make_trainer(store, tmp_path / "run", [TOPK], tokens=256 * 20)
+    trainer.start(sample)
+    sae = trainer.members[0].sae
+    original = type(sae).training_loss
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def poisoned(self, x_BD, state):
+        out = original(self, x_BD, state)
+        if state.step == 3:
+            snapshot.update({k: v.clone() for k, v in self.state_dict().items()})
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(type(sae), "training_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4 \(tokens 768\)"):
+        trainer.run()
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and state["tokens"] == 768
+
+
+def test_memory_estimate_refuses_a_width_that_cannot_fit() -> None:
+    loop = LoopConfig(batch_size=4096)
+    plan = plan_member(MemberConfig(variant="topk", width="4000000"), 4096, "/nonexistent")
+    # 2 * 4M * 4096 params * 4 copies * 4 bytes = 537 GB: more than any test machine has free.
+    with pytest.raises(
+        TrainingError, match=r"training needs about \d+\.\d GiB .* lower --width or --batch-size"
+    ):
+        check_memory([plan], loop, torch.device("cpu"))
+    small = plan_member(MemberConfig(variant="topk", width="2x"), 16, "/nonexistent")
+    assert estimate_memory([small], LoopConfig(batch_size=10)) == 4 * (
+        4 * (2 * 32 * 16 + 64 + 16) + 8 * 10 * 32 + 4 * 10 * 16
+    )
+
+
+def test_input_scale_gives_unit_mean_squared_norm() -> None:
+    x = torch.randn(1000, 8) * 7
+    c = input_scale(x)
+    assert float((c * x).pow(2).sum(-1).mean()) == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(TrainingError):
+        input_scale(torch.zeros(3, 4))
