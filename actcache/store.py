@@ -363,7 +363,10 @@ class Store:
         """
         spec = self.spec
         start, stop = chunk * spec.chunk_tokens, min(self.committed_tokens, (chunk + 1) * spec.chunk_tokens)
-        self._check_range(start, stop)
+        if not 0 <= start < self.committed_tokens:
+            raise StoreError(
+                f"chunk {chunk} of {key} starts beyond the {self.committed_tokens} committed tokens"
+            )
         decoder = self._decoder(key)
         if decoder is None:
             return self.read_raw(key, start, stop)

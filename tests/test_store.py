@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from actcache.codecs import CODECS, from_stored, to_stored
+from actcache.codecs import DEFAULT_CODEC, from_stored, to_stored
 from actcache.stats import RunningStats
 from actcache.store import (
     FLAG_BOS,
@@ -254,7 +254,7 @@ def test_plan_chunks_and_plan_bytes() -> None:
     assert plan_bytes(dataclasses.replace(spec, dtype="float32")) > 1.9 * raw
 
 
-@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("codec", ["none", "zstd-1", DEFAULT_CODEC, "blosc-lz4-bitshuffle", "shuffle-zstd1"])
 def test_fast_chunk_decoder_matches_zarr_for_every_codec(tmp_path: Path, codec: str) -> None:
     store = make_synthetic_store(
         tmp_path / "s", tokens=700, d_model=8, context=50, chunk_tokens=100, shard_tokens=200, codec=codec
