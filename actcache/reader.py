@@ -211,29 +211,25 @@ class ActivationReader:
         if self.drop_pad:
             keep_N &= (flags_N & FLAG_PAD) == 0
         dtype = self.store.spec.dtype
-        acts = {
-            key: from_stored(np.concatenate([a[i] for _, _, a in loaded]), dtype)
-            for i, key in enumerate(self.keys)
-        }
-        keep = torch.from_numpy(keep_N)
+        raw = {key: np.concatenate([a[i] for _, _, a in loaded]) for i, key in enumerate(self.keys)}
         if self.max_norm_ratio is not None:
             # Massive activations (Sun et al. 2024) dominate an MSE loss; dictionary_learning drops tokens whose
             # norm exceeds a multiple of the median norm of the buffer. A token goes if it is an outlier in any key.
-            for x_ND in acts.values():
-                norm_N = x_ND.float().norm(dim=-1)
-                if keep.any():
-                    keep &= norm_N <= self.max_norm_ratio * norm_N[keep].median()
-        kept = torch.nonzero(keep).squeeze(1)
+            for raw_ND in raw.values():
+                norm_N = from_stored(raw_ND, dtype, torch.float32).norm(dim=-1).numpy()
+                if keep_N.any():
+                    keep_N &= norm_N <= self.max_norm_ratio * np.median(norm_N[keep_N])
+        kept = np.flatnonzero(keep_N)
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, group])
-            kept = kept[torch.from_numpy(rng.permutation(len(kept)))]
-        token_ids_N = torch.from_numpy(np.concatenate([t for _, t, _ in loaded]).astype(np.int64))
+            kept = kept[np.random.default_rng([self.seed, epoch, self.rank, group]).permutation(len(kept))]
+        token_ids_N = np.concatenate([t for _, t, _ in loaded]).astype(np.int64)
+        # np.take gathers whole rows with memcpy (~4 GB/s here, 3x torch.index_select on bf16).
         return _Group(
             epoch,
             group,
-            {key: x_ND.index_select(0, kept) for key, x_ND in acts.items()},
-            token_ids_N[kept],
-            torch.from_numpy(index_N)[kept],
+            {key: from_stored(np.take(raw_ND, kept, axis=0), dtype) for key, raw_ND in raw.items()},
+            torch.from_numpy(token_ids_N[kept]),
+            torch.from_numpy(index_N[kept]),
         )
 
     def _producer(self, out: queue.Queue, stop: threading.Event, epoch: int, group: int) -> None:
