@@ -58,7 +58,8 @@ def write(writer: StoreWriter, start: int, x_ND: torch.Tensor, commit: bool = Tr
         writer.commit(start + n, {k: RunningStats(x_ND.shape[1]).update(x_ND) for k in writer.spec.acts_keys})
 
 
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the planted inf makes the stats' mean nan
+# The planted inf makes the statistics' mean nan (numpy warns).
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_round_trip_bit_exact(tmp_path: Path, dtype: str) -> None:
     spec = small_spec(dtype=dtype)
