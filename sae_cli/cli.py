@@ -194,28 +194,30 @@ def train(
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    """Validate everything, build the trainer in memory, and only then touch the run folder."""
     from . import data
-    from .io import write_json_atomic
+    from .io import read_json, write_json_atomic
+    from .registry import get_variant
     from .trainer import Trainer, check_memory, input_scale, plan_member
 
     loop, member = cfg.loop, cfg.member
+    get_variant(member.variant)  # unknown name -> KeyError naming the choices
     store = data.open_store(cfg.store)
     key = (member.layer, member.site)
     data.check_keys(store, [key])
     plan = plan_member(member, store.d_model, out)
-    # One build of the variant validates its options before anything is written.
-    from .registry import get_variant
-
-    get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
-    train_range, eval_range = data.split(store, loop.eval_tokens)
-    n_tokens = loop.tokens or _default_tokens(train_range[1] - train_range[0], loop.batch_size)
+    get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options
+    _prepare_out(out, resume, overwrite)
+    if resume:  # the split and length of the run being resumed, even if the store grew since
+        saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"]
+        train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
+        n_tokens = loop.tokens or int(saved["tokens"])
+    else:
+        train_range, eval_range = data.split(store, loop.eval_tokens)
+        n_tokens = loop.tokens or _default_tokens(train_range[1] - train_range[0], loop.batch_size)
     dev = torch.device(_device(loop.device))
     reader_bytes = 2 * loop.mix_chunks * store.spec.chunk_tokens * store.d_model * 4
     need = check_memory([plan], loop, dev, reader_bytes)
-    _prepare_out(out, resume, overwrite)
-    if overwrite and not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {
         "d_in": store.d_model,
         "d_sae": plan.sae_cfg.d_sae,
@@ -228,7 +230,6 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         "device": str(dev),
         "memory_estimate_bytes": need,
     }
-    write_json_atomic(out / TRAIN_CONFIG_FILE, {"config": cfg.to_flat(), "resolved": resolved})
     summary = {
         "store": str(store.path),
         "store_model": store.spec.model,
@@ -241,19 +242,20 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     reader = data.train_reader(store, [key], loop, train_range)
     trainer = Trainer([plan], loop, reader, out, n_tokens, device=dev, extra_summary=summary)
     if resume:
-        trainer.resume()
+        trainer.resume()  # refuses another variant or shape before anything is written
     else:
-        scales = None
-        if loop.normalize == "store":
-            scales = {key: data.store_scale(store, key)}
+        scales = {key: data.store_scale(store, key)} if loop.normalize == "store" else None
         sample = data.sample(store, [key], loop, train_range)
         if loop.normalize == "none":
             scales = {key: 1.0}
         trainer.start(sample, scales)
         if loop.normalize == "sample":
-            console.print(
-                f"input scale c = {input_scale(sample[key]):.4g} (E||c x||^2 = 1 on {len(sample[key])} tokens)"
-            )
+            c = input_scale(sample[key])
+            console.print(f"input scale c = {c:.4g} (E||c x||^2 = 1 on {len(sample[key])} tokens)")
+        if out.exists():
+            shutil.rmtree(out)  # --overwrite of a run (_prepare_out refused anything else)
+        out.mkdir(parents=True)
+    write_json_atomic(out / TRAIN_CONFIG_FILE, {"config": cfg.to_flat(), "resolved": resolved})
     _header(cfg, plan, n_tokens, resolved)
     result = _run_live(trainer)
     if result.status != "done":

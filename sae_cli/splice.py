@@ -64,7 +64,8 @@ def hook_site(
 
     def swap(x_WTD: Tensor) -> Tensor:
         seen["x"] = x_WTD.detach()
-        new = replace(x_WTD).to(x_WTD.dtype)
+        # SAEs take [tokens, d]; the model hands [windows, positions, d].
+        new = replace(x_WTD.reshape(-1, x_WTD.shape[-1]).float()).reshape(x_WTD.shape).to(x_WTD.dtype)
         if keep_WT is not None:
             new = torch.where(keep_WT.to(x_WTD.device)[..., None], x_WTD, new)
         return new

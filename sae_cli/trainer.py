@@ -522,24 +522,9 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise TrainingError(f"{ckpt / 'state.json'} is not an sae_cli checkpoint")
         saved = state["members"]
-        if [s["name"] for s in saved] != [p.name for p in self.plans]:
-            raise TrainingError(
-                f"the checkpoint in {ckpt} holds members {[s['name'] for s in saved]}, not "
-                f"{[p.name for p in self.plans]}; resume with the same variant and shape, or pass --overwrite"
-            )
+        self._check_same_members(saved, ckpt)
         tensors = io.read_tensors(ckpt / state["tensors"])
         for i, (plan, s) in enumerate(zip(self.plans, saved, strict=True)):
-            mine, theirs = plan.sae_cfg.to_dict(), s["sae"]
-            diffs = [
-                f"{k} {theirs.get(k)!r} -> {mine[k]!r}"
-                for k in mine
-                if k != "l0_target" and mine[k] != theirs.get(k)
-            ]
-            if diffs or list(plan.key) != s["key"]:
-                raise TrainingError(
-                    f"cannot resume {plan.name}: the checkpoint is of another variant or shape ({'; '.join(diffs) or 'layer/site'}); "
-                    "pass --overwrite to start over"
-                )
             sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
             sae.load_state_dict(
                 {k[len(f"m{i}.sae.") :]: v for k, v in tensors.items() if k.startswith(f"m{i}.sae.")}
@@ -569,6 +554,28 @@ class Trainer:
         )
         self.rows = self._read_metrics()[: int(state.get("metrics_rows", 0))]
         log.info("resumed at step %d (%d tokens)", self.step, self.tokens)
+
+    def _check_same_members(self, saved: list[dict[str, Any]], ckpt: Path) -> None:
+        """TrainingError unless the checkpoint holds the same SAEs (variant, shape, options, site) in order."""
+        if len(saved) != len(self.plans):
+            raise TrainingError(
+                f"the checkpoint in {ckpt} holds {len(saved)} member(s), not {len(self.plans)}; pass --overwrite"
+            )
+        for plan, s in zip(self.plans, saved, strict=True):
+            mine, theirs = plan.sae_cfg.to_dict(), s["sae"]
+            diffs = [f"{k} {theirs.get(k)!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+            if list(plan.key) != s["key"]:
+                diffs.append(f"layer/site {s['key']} -> {list(plan.key)}")
+            if diffs:
+                raise TrainingError(
+                    f"cannot resume: the checkpoint in {ckpt} is of another variant or shape ({'; '.join(diffs)}); "
+                    "resume with the same settings or pass --overwrite to start over"
+                )
+        if [s["name"] for s in saved] != [p.name for p in self.plans]:
+            raise TrainingError(
+                f"the checkpoint in {ckpt} holds members {[s['name'] for s in saved]}, not "
+                f"{[p.name for p in self.plans]}; resume with the same names, or pass --overwrite"
+            )
 
     def _read_metrics(self) -> list[dict[str, Any]]:
         path = self.run_dir / METRICS_FILE
