@@ -47,8 +47,10 @@ def evaluate(
     batch_size: int = 4096,
     lm_windows_per_batch: int = 4,
     progress: Callable[[str, int, int], None] | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json)."""
+    """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json).
+    `model`: the store's LM, already loaded on `device` (a sweep evaluates many SAEs with one load)."""
     run = Path(run)
     cfg = io.read_cfg(run)
     training = cfg.get("training", {})
@@ -85,12 +87,12 @@ def evaluate(
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
 
     if with_model:
-        result.update(_lm_metrics(sae, store, key, (lo, hi), device, lm_windows_per_batch, report))
+        result.update(_lm_metrics(sae, store, key, (lo, hi), device, lm_windows_per_batch, report, model))
     io.write_json_atomic(run / EVAL_FILE, result)
     return result
 
 
-def _lm_metrics(sae, store, key, token_range, device, windows, report) -> dict[str, Any]:
+def _lm_metrics(sae, store, key, token_range, device, windows, report, model=None) -> dict[str, Any]:
     from actcache.models import load_config, load_model, parse_dtype, resolve_model, text_config
     from actcache.sites import ArchSites, arch_sites
 
@@ -107,7 +109,8 @@ def _lm_metrics(sae, store, key, token_range, device, windows, report) -> dict[s
         arch = arch_sites(model_type, paths if isinstance(paths, str) else None)
     # fp32 on CPU (exact CE); on a GPU the harvest's compute dtype, so the live activations match the store's.
     dtype = torch.float32 if device == "cpu" else parse_dtype(harvest.get("compute_dtype", "bf16"))
-    model = load_model(source, device=device, dtype=dtype)
+    if model is None:
+        model = load_model(source, device=device, dtype=dtype)
     lo, hi = token_range
     done = 0
 
