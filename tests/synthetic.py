@@ -35,7 +35,9 @@ class SparseData:
 def sparse_data(d: int, n_features: int, k_active: float, seed: int = 0, zipf: float = 0.0) -> SparseData:
     """Random unit features in R^d; feature i fires with probability proportional to (i+1)^-zipf, the
     probabilities summing to k_active (the mean number of true features per token)."""
-    gen = torch.Generator().manual_seed(seed)
+    # Offset the seed: SAE.init_from_data draws its decoder with randn under seed 0, and the same draw here
+    # would hand the SAE the true features at init.
+    gen = torch.Generator().manual_seed(1_000_003 + seed)
     feats_FD = torch.randn(n_features, d, generator=gen)
     feats_FD /= feats_FD.norm(dim=1, keepdim=True)
     w_F = torch.arange(1, n_features + 1, dtype=torch.float32).pow(-zipf)
@@ -68,9 +70,10 @@ def fit(
     betas: tuple[float, float] = (0.9, 0.999),
     init: bool = True,
     decay_frac: float = 0.0,
+    coef_warmup_frac: float = 0.0,
 ) -> FitResult:
     """Adam on fresh batches, the learning rate decaying linearly to 0 over the last `decay_frac` of the steps
-    (as the trainer's schedule); tracks dead latents (not fired in the last `dead_window_tokens` tokens) and an
+    (as the trainer's schedule), the sparsity coefficient rising linearly over the first `coef_warmup_frac`; tracks dead latents (not fired in the last `dead_window_tokens` tokens) and an
     EMA firing frequency, as the trainer does, and passes them in StepState."""
     if init:
         sae.init_from_data(data.sample(batch))
@@ -83,7 +86,8 @@ def fit(
     res = FitResult([], [], freq_F)
     for step in range(steps):
         x_BD = data.sample(batch)
-        state = StepState(step, steps, sparsity_coef, since_fired_F >= dead_window_tokens, freq_F.clone())
+        coef = sparsity_coef * min(1.0, (step + 1) / max(1.0, coef_warmup_frac * steps))
+        state = StepState(step, steps, coef, since_fired_F >= dead_window_tokens, freq_F.clone())
         out = sae.training_loss(x_BD, state)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

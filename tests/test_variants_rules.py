@@ -1,0 +1,210 @@
+"""Hand-checked rules of individual variants: straight-through gradients, where aux gradients go, the
+allocations of the batch-level rules, the running threshold and the Zipf targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from synthetic import make_sae, sparse_data
+
+from sae_cli.variants import _common as C
+from sae_cli.variants.base import StepState
+
+D_IN, D_SAE, K = 16, 64, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sparse_data(D_IN, 96, 3, seed=2)
+
+
+def test_jumprelu_straight_through_gradients_by_hand():
+    # One token, identity encoder/decoder: pre = x = [1.0, 0.45, 0.35], theta = [0.5, 0.5, 0.3], eps = 0.2.
+    # f = [1.0, 0, 0.35] (latents 0 and 2 fire). u = (pre - theta)/eps = [2.5, -0.25, 0.25]: K(u) = [0, 1, 1].
+    sae = make_sae("jumprelu", 3, 3, 2, bandwidth=0.2)
+    with torch.no_grad():
+        sae.W_enc_FD.copy_(torch.eye(3))
+        sae.W_dec_FD.copy_(torch.eye(3))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.copy_(torch.tensor([0.2, 0.0, -0.05]))
+        sae.theta_F.copy_(torch.tensor([0.5, 0.5, 0.3]))
+    x = torch.tensor([[1.0, 0.45, 0.35]])
+    out = sae.training_loss(x, StepState(0, 1, sparsity_coef=0.1))
+    # x_hat = f + b_dec = [1.2, 0, 0.30]; r = x_hat - x = [0.2, -0.45, -0.05]; mse = 0.04 + 0.2025 + 0.0025.
+    assert float(out.parts["mse"]) == pytest.approx(0.245, abs=1e-6)
+    assert float(out.parts["sparsity"]) == 2.0
+    assert float(out.loss.detach()) == pytest.approx(0.245 + 0.1 * 2, abs=1e-6)
+    out.loss.backward()
+    # dL/df = 2r = [0.4, -0.9, -0.1]. df/dtheta = -(theta/eps) K(u) = [0, -2.5, -1.5];
+    # d(lambda * L0)/dtheta = -(lambda/eps) K(u) = [0, -0.5, -0.5].
+    # dL/dtheta = [0, (-0.9)(-2.5) - 0.5, (-0.1)(-1.5) - 0.5] = [0, 1.75, -0.35].
+    torch.testing.assert_close(sae.theta_F.grad, torch.tensor([0.0, 1.75, -0.35]))
+    # Gradient to the pre-activation passes only where f fires; the step passes none: dL/db_enc = [0.4, 0, -0.1].
+    torch.testing.assert_close(sae.b_enc_F.grad, torch.tensor([0.4, 0.0, -0.1]))
+    # dL/dW_dec[i] = f_i * 2r.
+    r2 = torch.tensor([0.4, -0.9, -0.1])
+    torch.testing.assert_close(sae.W_dec_FD.grad, torch.stack([r2, torch.zeros(3), 0.35 * r2]))
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_auxk_gradient_reaches_dead_latents_only(name, data):
+    sae = make_sae(name, D_IN, D_SAE, K, aux_coef=1.0)
+    x = data.sample(128)
+    sae.init_from_data(x)
+    dead_F = torch.zeros(D_SAE, dtype=torch.bool)
+    dead_F[::4] = True
+
+    def grads(dead):
+        sae.zero_grad(set_to_none=True)
+        out = sae.training_loss(x, StepState(0, 1, 0.0, dead_F=dead))
+        out.loss.backward()
+        return out, sae.W_enc_FD.grad.clone(), sae.W_dec_FD.grad.clone(), sae.b_enc_F.grad.clone()
+
+    _, enc0, dec0, benc0 = grads(None)
+    out, enc1, dec1, benc1 = grads(dead_F)
+    assert float(out.parts["aux"]) > 0
+    aux_enc, aux_dec, aux_benc = enc1 - enc0, dec1 - dec0, benc1 - benc0
+    assert torch.equal(aux_enc[~dead_F], torch.zeros_like(aux_enc[~dead_F]))
+    assert torch.equal(aux_dec[~dead_F], torch.zeros_like(aux_dec[~dead_F]))
+    assert torch.equal(aux_benc[~dead_F], torch.zeros_like(aux_benc[~dead_F]))
+    assert (aux_enc[dead_F].norm(dim=1) > 0).float().mean() > 0.5
+    assert (aux_dec[dead_F].norm(dim=1) > 0).float().mean() > 0.5
+
+
+def test_auxk_loss_value_by_hand():
+    # Two tokens, residual e = [[1, 0], [0, 1]] (x = e, x_hat = 0); one dead latent with encoder row [1, 0] and
+    # decoder row [1, 0]: e_hat = [[1, 0], [0, 0]]. sum ||e - e_hat||^2 = 1; sum ||e - mean(e)||^2 = 4 * 0.25 = 1.
+    e = torch.eye(2)
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss = C.aux_residual_loss(e, W, torch.zeros(2), W, torch.tensor([True, False]), e, k_aux=1)
+    assert float(loss) == pytest.approx(1.0)
+    loss_both = C.aux_residual_loss(e, W, torch.zeros(2), W, torch.tensor([True, True]), e, k_aux=1)
+    assert float(loss_both) == pytest.approx(0.0)
+
+
+def test_batchtopk_keeps_exactly_k_times_batch(data):
+    sae = make_sae("batchtopk", D_IN, D_SAE, K)
+    x = data.sample(100)
+    sae.init_from_data(x)
+    out = sae.training_loss(x, StepState(0, 1, 0.0))
+    assert int(out.fired_F.sum()) == K * 100
+    assert float(out.l0) == K
+    # tokens get a variable number of latents (that is the point of BatchTopK)
+    per_token = (sae.select(sae.pre_acts(x - sae.b_dec_D))[0] != 0).sum(-1)
+    assert per_token.min() < K < per_token.max()
+
+
+def test_mutual_choice_allocation_is_batchtopk(data):
+    mc = make_sae("mutual-choice", D_IN, D_SAE, K)
+    bt = make_sae("batchtopk", D_IN, D_SAE, K)
+    x = data.sample(64)
+    mc.init_from_data(x)
+    bt.load_state_dict(mc.state_dict())
+    torch.testing.assert_close(
+        mc.training_loss(x, StepState(0, 1, 0.0)).x_hat_BD, bt.training_loss(x, StepState(0, 1, 0.0)).x_hat_BD
+    )
+
+
+def test_feature_choice_no_dead_latents_and_m_tokens_each(data):
+    sae = make_sae("feature-choice", D_IN, D_SAE, K)
+    B = 200
+    x = data.sample(B)
+    sae.init_from_data(x)
+    out = sae.training_loss(x, StepState(0, 1, 0.0))
+    m = math.ceil(K * B / D_SAE)  # 13
+    assert (out.fired_F > 0).all()
+    assert int(out.fired_F.max()) == m
+    assert int(out.fired_F.sum()) == pytest.approx(K * B, rel=0.1)
+
+
+def test_running_threshold_is_bias_corrected_ema():
+    est, n = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+    C.update_running(est, n, torch.tensor(2.0), decay=0.9)
+    assert float(est) == pytest.approx(2.0)  # first value taken as is
+    C.update_running(est, n, torch.tensor(4.0), decay=0.9)
+    assert float(est) == pytest.approx((0.9 * 2.0 + 4.0) / 1.9)  # EMA weights 0.9, 1 normalised
+
+
+def test_batchtopk_threshold_tracks_the_cutoff_after_a_step(data):
+    sae = make_sae("batchtopk", D_IN, D_SAE, K)
+    x = data.sample(64)
+    sae.init_from_data(x)
+    pre = sae.pre_acts(x - sae.b_dec_D).detach()
+    cutoff = pre.flatten().topk(K * 64).values.min()
+    sae.training_loss(x, StepState(0, 1, 0.0))
+    sae.after_optimizer_step()
+    assert float(sae.threshold) == pytest.approx(float(cutoff))
+    assert int((sae.encode(x) != 0).sum()) == K * 64 - 1  # inference is strict: pre > theta
+
+
+def test_zipf_targets_sum_to_the_budget_and_rank_by_frequency():
+    freq = torch.tensor([0.0, 0.5, 0.1, 0.9, 0.01])
+    t = C.zipf_targets(freq, budget=1.5)
+    assert float(t.sum()) == pytest.approx(1.5)
+    # ranks by frequency: latent 3 (r=1), 1, 2, 4, 0 (r=5); unclipped, t_r = 1.5 / H_5 / r
+    h5 = sum(1 / r for r in range(1, 6))
+    torch.testing.assert_close(t, 1.5 / h5 / torch.tensor([5.0, 2.0, 3.0, 1.0, 4.0]))
+    # under-used: frequency below its target -> latents 0 (dead), 2 (0.1 < 0.22) and 4 (0.01 < 0.16)
+    assert C.underused(freq, 1.5).tolist() == [True, False, True, False, True]
+    # a large budget clips the top ranks at frequency 1 and still sums to the budget
+    t = C.zipf_targets(torch.rand(50), budget=20.0)
+    assert float(t.max()) == 1.0 and float(t.sum()) == pytest.approx(20.0, rel=1e-5)
+
+
+def test_gated_aux_loss_does_not_train_the_decoder(data):
+    sae = make_sae("gated", D_IN, D_SAE, K)
+    x = data.sample(64)
+    sae.init_from_data(x)
+    sae.training_loss(x, StepState(0, 1, 0.0)).loss.backward()
+    got = sae.W_dec_FD.grad.clone()
+    sae.zero_grad()
+    C.mse(sae(x), x).backward()  # the main reconstruction alone
+    torch.testing.assert_close(got, sae.W_dec_FD.grad)
+
+
+def test_gated_is_tied_jumprelu_like(data):
+    # With r_mag = 0 and b_mag = b_gate the magnitude equals the gate: f = ReLU(pi_gate), exactly.
+    sae = make_sae("gated", D_IN, D_SAE, K)
+    x = data.sample(32)
+    sae.init_from_data(x)
+    with torch.no_grad():
+        sae.b_enc_F.normal_()
+        sae.b_mag_F.copy_(sae.b_enc_F)
+    gate = (x - sae.b_dec_D) @ sae.W_enc_FD.T + sae.b_enc_F
+    torch.testing.assert_close(sae.encode(x), torch.relu(gate))
+
+
+def test_relu_penalty_weighted_by_decoder_norms():
+    sae = make_sae("relu", 2, 2, 1)
+    with torch.no_grad():
+        sae.W_enc_FD.copy_(torch.eye(2))
+        sae.W_dec_FD.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.zero_()
+    x = torch.tensor([[1.0, 3.0]])
+    out = sae.training_loss(x, StepState(0, 1, 0.1))
+    # f = [1, 3]; penalty = 1 * 2 + 3 * 0.5 = 3.5; x_hat = [2, 1.5]; mse = 1 + 2.25
+    assert float(out.parts["sparsity"]) == pytest.approx(3.5)
+    assert float(out.loss.detach()) == pytest.approx(3.25 + 0.35)
+
+
+def test_matryoshka_loss_is_mean_of_prefix_losses(data):
+    sae = make_sae("matryoshka", D_IN, D_SAE, K, prefixes=[8, 0.5])
+    assert sae.sizes == [8, 32, 64]
+    x = data.sample(64)
+    sae.init_from_data(x)
+    out = sae.training_loss(x, StepState(0, 1, 0.0))
+    acts = sae.select(sae.pre_acts(x - sae.b_dec_D))[0]
+    want = [C.mse(acts[:, :m] @ sae.W_dec_FD[:m] + sae.b_dec_D, x) for m in (8, 32, 64)]
+    torch.testing.assert_close(out.loss.detach(), sum(want).detach() / 3)
+    torch.testing.assert_close(out.parts["mse_prefix8"], want[0].detach())
