@@ -1,0 +1,203 @@
+"""`sae sweep` and `sae pareto`: many SAEs from one pass over a store, their evaluation, table and Pareto plots.
+Registered into sae_cli/cli.py's `app` by `register(app)`; prints (rich), the library (sae_cli/sweep.py) logs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from .config import LoopConfig, field_docs
+from .registry import variant_names
+
+DOC = field_docs(LoopConfig)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `sweep` and `pareto` commands to the `sae` app."""
+    app.command("sweep")(sweep)
+    app.command("pareto")(pareto)
+
+
+def sweep(
+    store: str = typer.Option(..., help="Path of the actcache store."),
+    variants: str = typer.Option(
+        "topk", help=f"Comma-separated SAE variants ({', '.join(variant_names())})."
+    ),
+    l0_target: str = typer.Option(
+        "50", "--l0-target", help="Comma-separated L0 targets, e.g. 20,50,100,200."
+    ),
+    width: str = typer.Option(
+        "8x", help="Comma-separated widths: latents (16384) or multiples of d_model (8x)."
+    ),
+    layer: int = typer.Option(None, help="Layer whose activations the members read."),
+    site: str = typer.Option("resid_post", help="Site: resid_pre, resid_post, mlp_out or attn_out."),
+    layers: str = typer.Option(None, help="Several layers (3,15 or 0-3); replaces --layer."),
+    sites: str = typer.Option(None, help="Several sites (resid_post,mlp_out); replaces --site."),
+    tokens: int = typer.Option(
+        0, help="Training tokens, shared by every member; 0: the `sae train` default."
+    ),
+    out: Path = typer.Option(..., help="Sweep folder: every member's SAE and eval, the table, the plots."),
+    batch_size: int = typer.Option(4096, help=DOC["batch_size"]),
+    seed: int = typer.Option(0, help=DOC["seed"]),
+    eval_tokens: int = typer.Option(0, help=DOC["eval_tokens"]),
+    lm_tokens: int = typer.Option(0, help="Evaluate on at most this many held-out tokens (0: all of them)."),
+    no_model: bool = typer.Option(
+        False, "--no-model", help="Skip the LM metrics (no model load, no splicing)."
+    ),
+    no_eval: bool = typer.Option(
+        False, "--no-eval", help="Train only; evaluate later with `sae pareto --eval`."
+    ),
+    device: str = typer.Option("auto", help=DOC["device"]),
+    normalize: str = typer.Option("sample", help=DOC["normalize"]),
+    checkpoint_every: int = typer.Option(0, help=DOC["checkpoint_every"]),
+    log_every: int = typer.Option(10, help=DOC["log_every"]),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out from its checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the sweep in --out."),
+) -> None:
+    """Train variants x L0 targets x widths (x layers x sites) in one loop; evaluate, tabulate, plot."""
+    from .cli import _bad_input_errors, _default_tokens, _device, _fail, _run_live, console
+    from .config import ConfigError
+    from .sweep import SweepConfig, SweepError, parse_layers, parse_list, prepare_sweep, run_training
+
+    try:
+        if layers is None and layer is None:
+            raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
+        loop = LoopConfig(
+            tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
+            normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
+        )  # fmt: skip
+        cfg = SweepConfig(
+            store=store,
+            variants=parse_list(variants, str, "--variants"),
+            layers=parse_layers(layers) if layers else (layer,),
+            sites=parse_list(sites, str, "--sites") if sites else (site,),
+            l0_targets=parse_list(l0_target, float, "--l0-target"),
+            widths=parse_list(width, str, "--width"),
+            loop=loop,
+        )
+        dev = _device(device)
+        prep = prepare_sweep(
+            cfg,
+            out,
+            tokens=tokens,
+            device=dev,
+            resume=resume,
+            overwrite=overwrite,
+            default_tokens=_default_tokens,
+        )
+        _header(prep)
+        result = run_training(prep, _run_live)
+    except (*_bad_input_errors(), SweepError) as e:
+        raise _fail(e) from None
+    if result.status != "done":
+        console.print(
+            f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
+            f"Continue with: sae sweep ... --out {out} --resume[/yellow]"
+        )
+        raise typer.Exit(130)
+    console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
+    if not no_eval:
+        try:
+            _evaluate(prep, with_model=not no_model, lm_tokens=lm_tokens)
+        except (*_bad_input_errors(), SweepError) as e:
+            raise _fail(e) from None
+    _finish(out)
+
+
+def _header(prep: Any) -> None:
+    from .cli import console
+    from .sweep import shape_groups
+
+    cfg, loop = prep.cfg, prep.cfg.loop
+    steps = math.ceil(prep.tokens / loop.batch_size)
+    widths = sorted({p.sae_cfg.d_sae for p in prep.plans})
+    free = f" of {prep.memory_free / 2**30:.1f} GiB free" if prep.memory_free else ""
+    console.print(
+        f"[bold]sae sweep[/bold]: {len(prep.plans)} members = {len(cfg.layers)} layer(s) x {len(cfg.sites)} site(s) "
+        f"x {len(cfg.variants)} variant(s) x {len(cfg.widths)} width(s) x {len(cfg.l0_targets)} L0 target(s); "
+        f"d_in {prep.store.d_model}, d_sae {', '.join(map(str, widths))}; {prep.tokens:,} tokens = {steps} steps "
+        f"of {loop.batch_size}; {len(shape_groups(prep.plans))} equal-shape group(s), trained as a loop over "
+        f"members; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}"
+    )
+
+
+def _evaluate(prep: Any, *, with_model: bool, lm_tokens: int) -> None:
+    from .cli import console
+    from .sweep import evaluate_members
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console)
+    tasks: dict[str, Any] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage != "members" and done == 0 and stage in tasks:
+            progress.reset(tasks[stage], total=total)
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(
+                "eval members" if stage == "members" else f"eval {stage}", total=total
+            )
+        progress.update(tasks[stage], completed=done, total=total)
+
+    with progress:
+        evaluate_members(prep, with_model=with_model, eval_tokens=lm_tokens, progress=report)
+    console.print(f"evaluated {len(prep.plans)} members in {prep.timings['eval_s']:.0f} s")
+
+
+def _finish(out: Path) -> None:
+    from .cli import console, out_console
+    from .sweep import finish_sweep
+
+    rows, paths = finish_sweep(out)
+    out_console.print(_summary_table(rows))
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="sweep summary (held-out tokens)")
+    cols = [
+        ("layer", "layer", "{}"),
+        ("site", "site", "{}"),
+        ("variant", "variant", "{}"),
+        ("d_sae", "d_sae", "{}"),
+        ("L0 target", "l0_target", "{:g}"),
+        ("L0", "l0", "{:.1f}"),
+        ("FVU", "fvu", "{:.4f}"),
+        ("dead %", "dead_pct", "{:.1f}"),
+        ("delta LM loss", "delta_lm_loss", "{:.4f}"),
+        ("CE recovered", "ce_recovered", "{:.3f}"),
+    ]
+    for head, _, _ in cols:
+        table.add_column(head, justify="left" if head in ("site", "variant") else "right")
+    for r in rows:
+        cells = []
+        for _, key, fmt in cols:
+            v = r.get(key)
+            cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+        table.add_row(*cells)
+    return table
+
+
+def pareto(
+    sweep_dir: Path = typer.Argument(..., help="A sweep folder written by `sae sweep`."),
+    eval_: bool = typer.Option(
+        False,
+        "--eval",
+        help="First evaluate members that have no eval.json (e.g. after `sae sweep --no-eval`).",
+    ),
+    no_model: bool = typer.Option(False, "--no-model", help="With --eval: skip the LM metrics."),
+    device: str = typer.Option("auto", help="Torch device for --eval."),
+) -> None:
+    """Rebuild a sweep's summary table and Pareto plots (L0 vs FVU, L0 vs delta LM loss) from its members."""
+    from .cli import _bad_input_errors, _device, _fail
+    from .sweep import SweepError, evaluate_missing
+
+    try:
+        if eval_:
+            evaluate_missing(sweep_dir, with_model=not no_model, device=_device(device))
+        _finish(sweep_dir)
+    except (*_bad_input_errors(), SweepError) as e:
+        raise _fail(e) from None

@@ -1,0 +1,125 @@
+"""Pareto plots of a sweep: L0 against FVU and L0 against delta LM loss, every variant on one chart per
+(layer, site), the frontier drawn. Lower is better on both axes, so the frontier is the lower-left staircase.
+
+Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch): the library can
+run in any process, headless or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# (column, axis label) of the charts drawn per (layer, site).
+METRICS = (("fvu", "FVU (fraction of variance unexplained)"), ("delta_lm_loss", "delta LM loss (nats/token)"))
+MARKERS = "osD^vP*Xph"
+
+
+def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
+    """Indices of the points that no other point matches or beats on both coordinates (lower is better),
+    ordered by x; NaN points are never on it, and of equal points only the first."""
+    order = sorted(
+        (i for i in range(len(x)) if math.isfinite(x[i]) and math.isfinite(y[i])), key=lambda i: (x[i], y[i])
+    )
+    front: list[int] = []
+    best = math.inf
+    for i in order:
+        if y[i] < best:
+            front.append(i)
+            best = y[i]
+    return front
+
+
+def chart_path(folder: Path, layer: int, site: str, metric: str) -> Path:
+    return folder / f"L{layer}-{site}-{metric}.png"
+
+
+def plot_sweep(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
+    """One PNG per (layer, site) and metric that has values; returns the paths written. A metric with no
+    finite value (delta LM loss of a sweep run with --no-model) gets no chart."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for layer, site in sorted({(int(r["layer"]), str(r["site"])) for r in rows}):
+        group = [r for r in rows if int(r["layer"]) == layer and r["site"] == site]
+        for metric, label in METRICS:
+            if not any(_finite(r.get(metric)) and _finite(r.get("l0")) for r in group):
+                log.info("no %s values for layer %d %s: no chart", metric, layer, site)
+                continue
+            path = chart_path(folder, layer, site, metric)
+            plot_chart(group, metric, label, f"layer {layer} {site}", path)
+            written.append(path)
+    return written
+
+
+def plot_chart(rows: list[dict[str, Any]], metric: str, label: str, title: str, path: Path) -> None:
+    """Measured L0 (log x) against `metric`: one colour and marker per variant, one line per (variant, width)
+    through its L0 targets, the Pareto frontier over all of them as a black staircase."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    pts = [r for r in rows if _finite(r.get(metric)) and _finite(r.get("l0"))]
+    fig = Figure(figsize=(7.5, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    variants = sorted({r["variant"] for r in pts})
+    widths = sorted({int(r["d_sae"]) for r in pts})
+    styles = ["-", "--", ":", "-."]
+    colors = [f"C{i % 10}" for i in range(len(variants))]
+    for vi, variant in enumerate(variants):
+        for wi, width in enumerate(widths):
+            line = sorted(
+                (r for r in pts if r["variant"] == variant and int(r["d_sae"]) == width),
+                key=lambda r: r["l0"],
+            )
+            if not line:
+                continue
+            name = variant if len(widths) == 1 else f"{variant} w{width}"
+            ax.plot(
+                [r["l0"] for r in line],
+                [r[metric] for r in line],
+                linestyle=styles[wi % len(styles)],
+                marker=MARKERS[vi % len(MARKERS)],
+                color=colors[vi],
+                alpha=0.85,
+                label=name,
+            )
+            for r in line:
+                ax.annotate(
+                    f"{r['l0_target']:g}",
+                    (r["l0"], r[metric]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=colors[vi],
+                )
+    front = pareto_front([r["l0"] for r in pts], [r[metric] for r in pts])
+    if front:
+        fx, fy = [pts[i]["l0"] for i in front], [pts[i][metric] for i in front]
+        ax.step(fx, fy, where="post", color="black", linewidth=1.2, alpha=0.6, label="Pareto frontier")
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
+    ax.set_xscale("log")
+    # Plain numbers (20, 50, 100) on the log axis instead of 2 x 10^1.
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel("L0 (mean active latents per held-out token; labels: L0 target)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{title}: L0 vs {metric} (lower left is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)

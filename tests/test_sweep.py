@@ -1,0 +1,174 @@
+"""`sae sweep` / `sae pareto`: a member equals its solo `sae train` bit for bit, the folder layout, the memory
+refusal, the member plan and the Pareto frontier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import sparse_acts, write_store
+from typer.testing import CliRunner
+
+from sae_cli import sweep as sw
+from sae_cli.cli import app
+from sae_cli.config import ConfigError, LoopConfig
+from sae_cli.pareto import pareto_front
+from sae_cli.trainer import estimate_memory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+COMMON = ("--batch-size", 256, "--tokens", 256 * 12, "--eval-tokens", 512, "--device", "cpu", "--seed", 3)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """Two layers of resid_post, 4096 tokens of d 16 (different data per layer), chunks of 512 tokens."""
+    root = tmp_path_factory.mktemp("sweep-store")
+    acts = {
+        (0, "resid_post"): sparse_acts(4096, 16, 96, 4, seed=1),
+        (1, "resid_post"): sparse_acts(4096, 16, 96, 4, seed=2),
+    }
+    write_store(root / "store", acts, chunk_tokens=512)
+    return root / "store"
+
+
+def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(store: Path, tmp_path: Path) -> None:
+    """2 layers x 2 variants x 2 L0 targets in one loop; two members against `sae train` of the same settings:
+    identical weights (the sweep shares only the decoded batches). Then the table, the plot, `sae pareto`."""
+    out = tmp_path / "sweep"
+    res = invoke(
+        "sweep", "--store", store, "--layers", "0,1", "--variants", "topk,jumprelu", "--l0-target", "4,8",
+        "--width", "8x", "--out", out, "--no-model", *COMMON,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "sweep.json").read_text())
+    names = [m["name"] for m in meta["members"]]
+    assert len(names) == 8 and names[0] == "topk-L0-resid_post-w128-l0_4"
+    assert meta["status"] == "done" and meta["tokens"] == 256 * 12
+    # Equal-shape groups: (variant, layer, site, shape); the two L0 targets of each share one.
+    assert len(meta["shape_groups"]) == 4 and all(len(g) == 2 for g in meta["shape_groups"])
+
+    for variant, layer, l0 in (("topk", 1, 8), ("jumprelu", 0, 4)):
+        solo = tmp_path / f"solo-{variant}"
+        res = invoke(
+            "train", variant, "--store", store, "--layer", layer, "--site", "resid_post", "--width", "8x",
+            "--l0-target", l0, "--out", solo, *COMMON,
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        member = out / "members" / f"{variant}-L{layer}-resid_post-w128-l0_{l0}"
+        a, b = load_file(member / "sae.safetensors"), load_file(solo / "sae.safetensors")
+        assert a.keys() == b.keys() and len(a) >= 4
+        for k in a:
+            assert torch.equal(a[k], b[k]), (variant, k)
+        cfg_a = json.loads((member / "cfg.json").read_text())["training"]
+        cfg_b = json.loads((solo / "cfg.json").read_text())["training"]
+        assert cfg_a["input_scale_folded"] == cfg_b["input_scale_folded"]
+        assert cfg_a["final_sparsity_coef"] == cfg_b["final_sparsity_coef"]
+
+    rows = pq.read_table(out / "summary.parquet").to_pylist()
+    assert [r["name"] for r in rows] == names
+    for r in rows:
+        ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
+        assert r["fvu"] == ev["fvu"] and r["l0"] == ev["l0"] and r["train_tokens"] == 256 * 12
+    assert all(r["l0"] <= 4 for r in rows if r["variant"] == "topk" and r["l0_target"] == 4)
+    md = (out / "summary.md").read_text().splitlines()
+    assert len(md) == 2 + 8 and "delta_lm_loss" not in md[0] and "fvu" in md[0]
+    # --no-model: FVU charts per layer, no delta-LM-loss charts.
+    assert sorted(p.name for p in (out / "pareto").iterdir()) == [
+        "L0-resid_post-fvu.png",
+        "L1-resid_post-fvu.png",
+    ]
+    png = (out / "pareto" / "L1-resid_post-fvu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    (out / "summary.md").unlink()
+    (out / "pareto" / "L0-resid_post-fvu.png").unlink()
+    res = invoke("pareto", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "summary.md").read_text().splitlines() == md
+    assert (out / "pareto" / "L0-resid_post-fvu.png").is_file()
+    # A second sweep into the same folder needs --overwrite or --resume.
+    res = invoke("sweep", "--store", store, "--layer", 0, "--out", out, "--no-model", *COMMON)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+
+
+def one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_sweep_that_cannot_fit_is_refused_before_anything_is_written(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "big"
+    res = invoke(
+        "sweep", "--store", store, "--layer", 0, "--variants", "topk,jumprelu", "--l0-target", "20,50",
+        "--width", "4000000000", "--out", out, *COMMON,
+    )  # fmt: skip
+    one_line_error(res, "the sweep needs about", "GiB (4 members", "fewer members", "--width", "--batch-size")
+    assert not out.exists()
+    for args, needle in (
+        (("--layer", 0, "--variants", "topk,nope"), "unknown SAE variant 'nope'"),
+        (("--layer", 7), "layer"),
+        (("--variants", "topk"), "no layer given"),
+        (("--layer", 0, "--l0-target", "4,x"), "bad --l0-target"),
+        (("--layer", 0, "--width", "128,8x"), "two members resolve to topk-L0-resid_post-w128-l0_50"),
+    ):
+        one_line_error(invoke("sweep", "--store", store, "--out", out, *args, *COMMON), needle)
+        assert not out.exists()
+
+
+def test_memory_check_names_how_many_members_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = LoopConfig(batch_size=10)
+    cfg = sw.SweepConfig(
+        store="-", variants=("topk",), layers=(0,), l0_targets=(1, 2, 3), widths=("2x",), loop=loop
+    )
+    plans = sw.plan_sweep(cfg, 16, "/nonexistent")
+    # Per member 4 fp32 copies of 2*32*16 + 2*32 + 16 parameters; activations of one member; no reader.
+    one = 4 * 4 * (2 * 32 * 16 + 64 + 16)
+    acts = 4 * (8 * 10 * 32 + 4 * 10 * 16)
+    assert estimate_memory(plans, loop) == 3 * one + acts
+    free = int((2 * one + acts + 1) / sw.MEMORY_MARGIN) + 1  # room for exactly two members
+    monkeypatch.setattr(sw, "available_memory", lambda device: free)
+    assert sw.check_sweep_memory(plans[:2], loop, torch.device("cpu")) == (2 * one + acts, free)
+    with pytest.raises(sw.SweepError, match=r"3 members, widest 32 latents, batch 10\).*\(2 of these fit\)"):
+        sw.check_sweep_memory(plans, loop, torch.device("cpu"))
+
+
+def test_plan_is_the_cross_product_in_table_order() -> None:
+    cfg = sw.SweepConfig(
+        store="-", variants=("topk", "jumprelu"), layers=(3, 15), sites=("mlp_out",), l0_targets=(20, 50),
+        widths=("8x", "1024"),
+    )  # fmt: skip
+    plans = sw.plan_sweep(cfg, 64, "/s")
+    assert len(plans) == 2 * 2 * 2 * 2
+    assert [p.name for p in plans[:5]] == [
+        "topk-L3-mlp_out-w512-l0_20", "topk-L3-mlp_out-w512-l0_50", "topk-L3-mlp_out-w1024-l0_20",
+        "topk-L3-mlp_out-w1024-l0_50", "jumprelu-L3-mlp_out-w512-l0_20",
+    ]  # fmt: skip
+    assert plans[-1].key == (15, "mlp_out") and plans[-1].out_dir == Path("/s/members") / plans[-1].name
+    assert plans[0].sae_cfg.l0_target == 20.0 and plans[0].steered is False and plans[4].steered is True
+    assert sw.shape_groups(plans)[:2] == [[0, 1], [2, 3]]
+    assert sw.parse_layers("0-2, 5,1") == (0, 1, 2, 5)
+    assert sw.parse_list("topk jumprelu,topk") == ("topk", "jumprelu")
+    with pytest.raises(ConfigError, match="bad layers"):
+        sw.parse_layers("a-3")
+
+
+def test_pareto_front_hand_computed() -> None:
+    x = [1.0, 2.0, 2.0, 3.0, 4.0, float("nan"), 5.0, 1.0, 0.5]
+    y = [0.5, 0.3, 0.4, 0.35, 0.1, 0.0, 0.1, 0.5, float("nan")]
+    # (1, .5) first of two equal points; (2, .3) beats (2, .4) and (3, .35); (4, .1) beats (5, .1); NaNs never.
+    assert pareto_front(x, y) == [0, 1, 4]
+    assert pareto_front([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == [2, 1, 0]  # all on it, ordered by x
+    assert pareto_front([], []) == []
