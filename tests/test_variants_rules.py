@@ -90,6 +90,24 @@ def test_auxk_loss_value_by_hand():
     assert float(loss) == pytest.approx(1.0)
     loss_both = C.aux_residual_loss(e, W, torch.zeros(2), W, torch.tensor([True, True]), e, k_aux=1)
     assert float(loss_both) == pytest.approx(0.0)
+    # the form that reuses a computed [B, F] pre-activation gives the same numbers, and 0 with nothing eligible
+    pre = torch.relu(e @ W.T)
+    for mask, want in (([True, False], 1.0), ([True, True], 0.0), ([False, False], 0.0)):
+        got = C.aux_residual_loss_from_pre(pre, torch.tensor(mask), W, e, k_aux=1)
+        assert float(got) == pytest.approx(want)
+
+
+def test_aux_forms_agree_on_random_data(data):
+    sae = make_sae("topk", D_IN, D_SAE, K)
+    x = data.sample(64)
+    sae.init_from_data(x)
+    x_in = x - sae.b_dec_D
+    pre = torch.relu(x_in @ sae.W_enc_FD.T + sae.b_enc_F)
+    elig = torch.rand(D_SAE, generator=torch.Generator().manual_seed(0)) < 0.3
+    res = x - sae(x)
+    a = C.aux_residual_loss(x_in, sae.W_enc_FD, sae.b_enc_F, sae.W_dec_FD, elig, res, k_aux=8)
+    b = C.aux_residual_loss_from_pre(pre, elig, sae.W_dec_FD, res, k_aux=8)
+    torch.testing.assert_close(a, b)
 
 
 def test_batchtopk_keeps_exactly_k_times_batch(data):

@@ -44,6 +44,14 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"option {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def _residual_fvu(idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor, residual_BD: Tensor) -> Tensor:
+    """sum_B ||e - e_hat||^2 / sum_B ||e - mean_B(e)||^2 with e_hat = sparse (idx, vals) @ W_dec, no bias."""
+    e_hat_BD = kernels.topk_decode(idx_BK, vals_BK, W_dec_FD)
+    residual_BD = residual_BD.detach()
+    total = (residual_BD - residual_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (e_hat_BD - residual_BD).pow(2).sum() / total
+
+
 def aux_residual_loss(
     x_in_BD: Tensor,
     W_enc_FD: Tensor,
@@ -59,8 +67,8 @@ def aux_residual_loss(
     e_hat = TopK_{k_aux}(ReLU(pre-activations of eligible latents)) @ W_dec (no bias);
     loss = sum_B ||e - e_hat||^2 / sum_B ||e - mean_B(e)||^2 (the FVU of the residual, as sparsify and OpenAI's
     normalised MSE), so alpha = 1/32 has the paper's meaning. Only the eligible latents' encoder rows, encoder
-    biases and decoder rows (and the pre-encoder bias folded into `x_in_BD`) receive gradient: the encoder
-    matmul runs over the eligible rows alone.
+    biases and decoder rows (and the pre-encoder bias folded into `x_in_BD`) receive gradient. This form
+    runs the encoder matmul over the eligible rows alone, for rules (TopK) that never materialise [B, F].
     """
     if eligible_F is None or k_aux <= 0:
         return x_in_BD.new_zeros(())
@@ -69,10 +77,21 @@ def aux_residual_loss(
         return x_in_BD.new_zeros(())
     pre_BE = torch.relu(x_in_BD @ W_enc_FD[idx_E].T + b_enc_F[idx_E])
     vals_BK, local_BK = pre_BE.topk(min(k_aux, idx_E.numel()), dim=-1, sorted=False)
-    e_hat_BD = kernels.topk_decode(idx_E[local_BK], vals_BK, W_dec_FD)
-    residual_BD = residual_BD.detach()
-    total = (residual_BD - residual_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return (e_hat_BD - residual_BD).pow(2).sum() / total
+    return _residual_fvu(idx_E[local_BK], vals_BK, W_dec_FD, residual_BD)
+
+
+def aux_residual_loss_from_pre(
+    pre_BF: Tensor, eligible_F: Tensor | None, W_dec_FD: Tensor, residual_BD: Tensor, k_aux: int
+) -> Tensor:
+    """The same loss from an already computed non-negative [B, F] pre-activation (the batch-level rules have
+    one): ineligible entries are set to -1 so they never win the top-k; picks beyond the eligible count come
+    back as -1 and are clamped to 0. No host synchronisation (no data-dependent shapes)."""
+    if eligible_F is None or k_aux <= 0:
+        return pre_BF.new_zeros(())
+    masked_BF = pre_BF.masked_fill(~eligible_F, -1.0)
+    vals_BK, idx_BK = masked_BF.topk(min(k_aux, pre_BF.shape[1]), dim=-1, sorted=False)
+    loss = _residual_fvu(idx_BK, vals_BK.clamp_min(0.0), W_dec_FD, residual_BD)
+    return loss * eligible_F.any()  # no eligible latent: 0, not the residual's FVU
 
 
 def mse(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:

@@ -74,19 +74,12 @@ class BatchTopKSAE(SAE):
         return C.mse(x_hat_BD, x_BD), x_hat_BD, {}
 
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
-        x_in_BD = x_BD - self.b_dec_D
-        acts_BF, cutoff = self.select(self.pre_acts(x_in_BD))
+        pre_BF = self.pre_acts(x_BD - self.b_dec_D)
+        acts_BF, cutoff = self.select(pre_BF)
         self._pending_cutoff = cutoff
         recon, x_hat_BD, extra = self.recon_loss(acts_BF, x_BD)
-        aux = C.aux_residual_loss(
-            x_in_BD,
-            self.W_enc_FD,
-            self.b_enc_F,
-            self.W_dec_FD,
-            self.aux_eligible(state),
-            x_BD - x_hat_BD,
-            self.k_aux,
-        )
+        eligible_F = self.aux_eligible(state)
+        aux = C.aux_residual_loss_from_pre(pre_BF, eligible_F, self.W_dec_FD, x_BD - x_hat_BD, self.k_aux)
         loss = recon + self.opts.aux_coef * aux
         fired_F = C.fired_from_dense(acts_BF)
         l0 = fired_F.sum().float() / x_BD.shape[0]
