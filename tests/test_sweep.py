@@ -9,10 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_corpus
 from safetensors.torch import load_file
 from test_trainer import sparse_acts, write_store
 from typer.testing import CliRunner
 
+from actcache.harvest import HarvestConfig, plan_harvest, run_harvest
+from actcache.models import load_model
 from sae_cli import sweep as sw
 from sae_cli.cli import app
 from sae_cli.config import ConfigError, LoopConfig
@@ -172,3 +175,38 @@ def test_pareto_front_hand_computed() -> None:
     assert pareto_front(x, y) == [0, 1, 4]
     assert pareto_front([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == [2, 1, 0]  # all on it, ordered by x
     assert pareto_front([], []) == []
+
+
+def test_sweep_with_the_model_draws_both_charts(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """A store harvested from a tiny random Llama: the sweep loads the model once, splices every member and
+    draws L0 vs FVU and L0 vs delta LM loss."""
+    corpus = write_corpus(tmp_path / "corpus", n_docs=12, words_per_doc=150)
+    plan = plan_harvest(
+        HarvestConfig(
+            model=str(tiny_llama_dir), dataset=str(corpus), layers="1", sites="resid_post", context=32,
+            dtype="fp32", device="cpu", batch_size=8, tokens=2048,
+        )
+    )  # fmt: skip
+    run_harvest(plan, tmp_path / "store", model=load_model(plan.source, "cpu", torch.float32))
+    loads = []
+    real_load_lm = sw.load_lm
+    out = tmp_path / "sweep"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sw, "load_lm", lambda *a: loads.append(a) or real_load_lm(*a))
+        res = invoke(
+            "sweep", "--store", tmp_path / "store", "--layer", 1, "--variants", "topk,jumprelu",
+            "--l0-target", "4,16", "--width", "4x", "--out", out, "--batch-size", 128, "--tokens", 128 * 10,
+            "--eval-tokens", 256, "--device", "cpu",
+        )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert len(loads) == 1
+    rows = pq.read_table(out / "summary.parquet").to_pylist()
+    assert len(rows) == 4
+    for r in rows:
+        ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
+        assert r["delta_lm_loss"] == ev["delta_lm_loss"] and torch.isfinite(torch.tensor(r["delta_lm_loss"]))
+        assert ev["site_match_rel_err"] < 1e-4  # the model the sweep loaded is the store's
+    assert sorted(p.name for p in (out / "pareto").iterdir()) == [
+        "L1-resid_post-delta_lm_loss.png", "L1-resid_post-fvu.png",
+    ]  # fmt: skip
+    assert "delta_lm_loss" in (out / "summary.md").read_text().splitlines()[0]
