@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,12 @@ def test_unknown_option_names_it(name):
     cfg = SAEConfig(variant=name, d_in=D_IN, d_sae=D_SAE, l0_target=L0, options={"no_such_knob": 1})
     with pytest.raises(ValueError, match="no_such_knob"):
         get_variant(name)(cfg)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_docs_describe_every_variant_and_option(name):
+    text = (Path(__file__).parents[1] / "docs" / "variants.md").read_text()
+    assert f"\n### {name}\n" in text, f"docs/variants.md has no section for {name}"
+    section = text.split(f"\n### {name}\n", 1)[1].split("\n### ", 1)[0]
+    for f in dataclasses.fields(get_variant(name).Options):
+        assert f"| `{f.name}` |" in section, f"docs/variants.md, {name}: option {f.name} is not in the table"
