@@ -27,8 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,59 +55,6 @@ TARGETS = {
 }
 
 
-@dataclass
-class _Batch:
-    """What our trainer reads from a batch (the ActivationReader's Batch, minus the token ids)."""
-
-    acts: dict[tuple[int, str], Tensor]
-    index: Tensor | None = None
-
-
-class PoolReader:
-    """Cycles a fixed list of batches, so our trainer sees exactly the batches the peers see."""
-
-    def __init__(self, key: tuple[int, str], pool: list[Tensor]) -> None:
-        self.key, self.pool, self.pos = key, pool, 0
-        self.wait_seconds = 0.0
-
-    def __iter__(self) -> Iterator[_Batch]:
-        while True:
-            x = self.pool[self.pos % len(self.pool)]
-            self.pos += 1
-            yield _Batch({self.key: x})
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = int(state["pos"])
-
-
-class OursStepper:
-    """Our real Trainer for one member; `step(x)` runs exactly the trainer's loop body (`Trainer._step`) on one
-    batch, so that the contenders can be interleaved step by step."""
-
-    def __init__(
-        self, variant: str, d_sae: int, k: int, key: tuple[int, str], pool: list[Tensor], steps: int
-    ) -> None:
-        from sae_cli.config import LoopConfig, MemberConfig
-        from sae_cli.trainer import Trainer, plan_member
-
-        d_in, batch = pool[0].shape[1], pool[0].shape[0]
-        self.tmp = tempfile.TemporaryDirectory()
-        member = MemberConfig(variant=variant, layer=key[0], site=key[1], width=str(d_sae), l0_target=k)
-        plan = plan_member(member, d_in, Path(self.tmp.name) / "sae")
-        loop = LoopConfig(tokens=steps * batch, batch_size=batch, device="cpu")
-        self.trainer = Trainer(
-            [plan], loop, PoolReader(key, pool), Path(self.tmp.name) / "run", steps * batch
-        )
-        self.trainer.start({key: pool[0]})
-        self.key = key
-
-    def step(self, x_BD: Tensor) -> None:
-        self.trainer._step(_Batch({self.key: x_BD}))
-
-
 def race(
     contenders: dict[str, Any], pool: list[Tensor], warmup: int, steps: int
 ) -> dict[str, list[float] | str]:
@@ -135,28 +80,28 @@ def race(
 def reader_share(
     store: str, key: tuple[int, str], d_sae: int, k: int, batch: int, steps: int
 ) -> dict[str, float]:
-    """Our TopK trained from the store through ActivationReader: share of wall time blocked on the reader."""
-    from actcache.reader import ActivationReader
+    """Our TopK trained from the store the way `sae train` does it (sae_cli.data's reader and sample, the real
+    `Trainer.run`): the share of the loop's wall time spent blocked on the ActivationReader."""
+    from sae_cli import data
     from sae_cli.config import LoopConfig, MemberConfig
     from sae_cli.trainer import Trainer, plan_member
 
-    reader = ActivationReader(store, [key], batch, seed=0, threads=2)
-    first = next(iter(ActivationReader(store, [key], batch, seed=1, threads=2)))
+    st = data.open_store(store)
+    loop = LoopConfig(tokens=steps * batch, batch_size=batch, device="cpu")
+    train_range, _ = data.split(st, loop.eval_tokens)
+    reader = data.train_reader(st, [key], loop, train_range)
+    sample = data.sample(st, [key], loop, train_range)
     with tempfile.TemporaryDirectory() as tmp:
-        plan = plan_member(
-            MemberConfig("topk", key[0], key[1], str(d_sae), k), first.acts[key].shape[1], Path(tmp) / "s"
-        )
-        loop = LoopConfig(tokens=steps * batch, batch_size=batch, device="cpu")
+        plan = plan_member(MemberConfig("topk", key[0], key[1], str(d_sae), k), st.d_model, Path(tmp) / "s")
         trainer = Trainer([plan], loop, reader, Path(tmp) / "run", steps * batch, device="cpu")
-        trainer.start({key: first.acts[key]})
-        t0 = time.perf_counter()
+        trainer.start(sample)
         trainer.run()
-        wall = time.perf_counter() - t0
+        loop_s = trainer.elapsed_s  # the training loop only: no final checkpoint / save
     return {
-        "wall_s": wall,
+        "loop_s": loop_s,
         "wait_s": reader.wait_seconds,
-        "share": reader.wait_seconds / wall,
-        "tok_s": steps * batch / wall,
+        "share": reader.wait_seconds / loop_s,
+        "tok_s": steps * batch / loop_s,
     }
 
 
@@ -226,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = peers.PeerConfig(d_in=d_in, d_sae=d_sae, k=args.k, total_steps=n, batch_size=args.batch)
             contenders: dict[str, Any] = {}
             if variant in ours_variants:
-                contenders["ours"] = OursStepper(variant, d_sae, args.k, key, pool, n)
+                contenders["ours"] = peers.OursAdapter(variant, d_sae, args.k, key, pool[0], n, args.batch)
             if not args.no_peers and variant in SAELENS_OF:
                 contenders["saelens"] = peers.make_peer("saelens", SAELENS_OF[variant], cfg, scale)
             if not args.no_peers and variant in SPARSIFY_OF:
@@ -259,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         r = reader_share(args.store, key, widths[0], args.k, args.batch, args.reader_steps)
         print(
             f"\nReader wait (our TopK d_sae {widths[0]}, {args.reader_steps} steps from {args.store} via ActivationReader): "
-            f"{r['wait_s']:.2f} s of {r['wall_s']:.1f} s = {100 * r['share']:.1f} % (goal < 5 %); {r['tok_s']:,.0f} tok/s end to end"
+            f"{r['wait_s']:.2f} s of {r['loop_s']:.1f} s = {100 * r['share']:.1f} % (goal < 5 %); {r['tok_s']:,.0f} tok/s end to end"
         )
     return 0
 

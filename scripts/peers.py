@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens progress bars (norm estimate) would garble the tables
 
 SAELENS_VARIANTS = ("topk", "jumprelu", "batchtopk", "relu", "gated")
 SPARSIFY_VARIANTS = ("topk",)
@@ -101,7 +102,7 @@ class Peer(Protocol):
         """End of training: fold normalisation, switch to the inference rule."""
 
     def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference rule on raw activations: (x_hat_BD, active latents per token [B])."""
+        """Inference rule on raw activations: (x_hat_BD, dense latent activations acts_BF)."""
 
 
 # ---- SAELens ------------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class SAELensPeer:
         if self.inference_sae is None:
             raise RuntimeError("call finish() before reconstruct()")
         acts_BF = self.inference_sae.encode(x_BD)
-        return self.inference_sae.decode(acts_BF), (acts_BF != 0).sum(-1)
+        return self.inference_sae.decode(acts_BF), acts_BF
 
 
 # ---- sparsify -----------------------------------------------------------------------------------------------
@@ -260,7 +261,111 @@ class SparsifyPeer:
     @torch.no_grad()
     def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         top_acts_BK, top_idx_BK, _ = self.sae.encode(x_BD)
-        return self.sae.decode(top_acts_BK, top_idx_BK), (top_acts_BK > 0).sum(-1)
+        acts_BF = top_acts_BK.new_zeros(x_BD.shape[0], self.cfg.d_sae).scatter_(1, top_idx_BK, top_acts_BK)
+        return self.sae.decode(top_acts_BK, top_idx_BK), acts_BF
+
+
+# ---- ours, behind the same interface -----------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """What our trainer reads from a batch (actcache's Batch minus the token ids)."""
+
+    acts: dict[tuple[int, str], Tensor]
+    index: Tensor | None = None
+
+
+class _NoReader:
+    """Our Trainer wants a reader; batches come from `OursAdapter.step` instead."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class OursAdapter:
+    """Our real `sae_cli.trainer.Trainer` with one member; `step(x)` runs the trainer's loop body
+    (`Trainer._step`: scale, training_loss, backward, the one host sync, gradient projection, clipping, Adam,
+    renormalisation, dead-latent counters, L0 controller) on a batch we hand it, so that ours and the peers can
+    be interleaved on the same batches. Schedules follow `total_steps` exactly as in `sae train`."""
+
+    def __init__(
+        self,
+        variant: str,
+        d_sae: int,
+        l0_target: float,
+        key: tuple[int, str],
+        sample_BD: Tensor,
+        total_steps: int,
+        batch_size: int = 4096,
+        options: dict[str, Any] | None = None,
+        loop_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        from sae_cli.config import LoopConfig, MemberConfig
+        from sae_cli.trainer import Trainer, plan_member
+
+        self.label = f"ours {variant}"
+        self.key = key
+        self._tmp = tempfile.TemporaryDirectory()
+        member = MemberConfig(
+            variant=variant,
+            layer=key[0],
+            site=key[1],
+            width=str(d_sae),
+            l0_target=l0_target,
+            options=options or {},
+        )
+        plan = plan_member(member, sample_BD.shape[1], Path(self._tmp.name) / "sae")
+        tokens = total_steps * batch_size
+        loop = LoopConfig(tokens=tokens, batch_size=batch_size, device="cpu", **(loop_overrides or {}))
+        self.trainer = Trainer([plan], loop, _NoReader(), Path(self._tmp.name) / "run", tokens, device="cpu")
+        self.trainer.start({key: sample_BD})
+        self.sae: Any = None
+
+    def step(self, x_BD: Tensor) -> None:
+        self.trainer._step(_Batch({self.key: x_BD}))
+
+    def finish(self) -> None:
+        """The SAE as `sae train` saves it: a fresh copy with the input scale folded in."""
+        from sae_cli.registry import get_variant
+
+        m = self.trainer.members[0]
+        sae = get_variant(m.plan.sae_cfg.variant)(m.plan.sae_cfg)
+        sae.load_state_dict(m.sae.state_dict())
+        sae.fold_scale(m.scale)
+        self.sae = sae.eval()
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        acts_BF = self.sae.encode(x_BD)
+        return self.sae.decode(acts_BF), acts_BF
+
+
+class LoadedSAE:
+    """A finished run folder of ours (`sae train --out DIR`), evaluated with the same code as the others."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from sae_cli import io
+
+        self.sae = io.load_sae(folder).eval()
+        self.label = f"ours {self.sae.cfg.variant} ({folder})"
+
+    def step(self, x_BD: Tensor) -> None:
+        raise RuntimeError("a loaded SAE is not trained here")
+
+    def finish(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        acts_BF = self.sae.encode(x_BD)
+        return self.sae.decode(acts_BF), acts_BF
 
 
 # ---- factory, scaling, timing -------------------------------------------------------------------------------

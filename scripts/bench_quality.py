@@ -1,0 +1,203 @@
+"""Quality at equal width, token budget and activations: SAELens (TopK, JumpReLU) and sparsify (TopK) against
+ours, FVU and L0 on held-out tokens, all measured by the same code (sae_cli.metrics).
+
+Run from the repository root in the peers virtualenv:
+
+    .venv-peers/bin/python scripts/bench_quality.py --ours               # peers + ours trained here
+    .venv-peers/bin/python scripts/bench_quality.py --ours-runs runs/a runs/b   # + finished `sae train` runs
+
+Data: layer 15 resid_post of --store (default stores/demo). The held-out tokens are the last whole windows of
+the store, exactly as `sae train`/`sae eval` hold them out (sae_cli.data.split; default 10 % of the store, at
+most 1M tokens); training reads the rest, shuffled, BOS dropped, through one ActivationReader: every
+contender is stepped on the same batch before the next batch is read, so all see identical data in identical
+order. The evaluation also drops BOS (as `sae eval`); FVU is also given without massive-norm tokens.
+
+Hyper-parameters (what we chose and why):
+- width 8x = 4608, batch 4096, the same token budget for every contender (--tokens);
+- lr for every contender: 2e-4 / sqrt(d_sae / 2^14) (OpenAI / sparsify TopK heuristic; SAELens's default is
+  3e-4, close at 4608 latents), linear warm-up over min(1000, 5 %) of the steps, linear decay to 0 over the
+  last 20 % for SAELens (as ours does; sparsify's own schedule decays linearly over the whole run);
+- SAELens inputs scaled by its ActivationScaler (E||c x|| = sqrt(d_in)), folded at the end as its fit() does;
+- SAELens JumpReLU is steered to the target L0 with its own settings, one contender per --jumprelu entry:
+  "quadratic:C" = Gemma Scope 2's quadratic L0 penalty C * 2/target * (L0 - target)^2 with target_l0 = k
+  (the mode SAELens offers for a target L0), "step:C" = DeepMind's L0 penalty with l0_coefficient C (no
+  target: L0 lands where C puts it). Coefficient warm-up over 5 % of the steps; their bandwidth 0.05 and
+  threshold init 0.01 (defaults);
+- sparsify TopK: AuxK alpha 1/32 (its default is 0), dead window 10 % of the run, Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+
+
+def parse_jumprelu(spec: str) -> list[tuple[str, float]]:
+    out = []
+    for item in filter(None, spec.split(",")):
+        mode, _, coef = item.partition(":")
+        if mode not in ("quadratic", "step", "tanh") or not coef:
+            raise SystemExit(
+                f"bad --jumprelu entry {item!r}: use MODE:COEF with MODE quadratic, step or tanh"
+            )
+        out.append((mode, float(coef)))
+    return out
+
+
+def build_contenders(
+    args: argparse.Namespace, sample_BD: Tensor, scale: float, n_steps: int
+) -> dict[str, peers.Peer]:
+    d_in = sample_BD.shape[1]
+    key = (args.layer, args.site)
+    warm = max(1, min(1000, int(0.05 * n_steps)))
+    decay = int(0.2 * n_steps)
+    out: dict[str, peers.Peer] = {}
+    for k in args.k:
+        base = peers.PeerConfig(
+            d_in=d_in,
+            d_sae=args.width,
+            k=k,
+            total_steps=n_steps,
+            batch_size=args.batch,
+            lr_warmup_steps=warm,
+            lr_decay_steps=decay,
+            sparsity_warmup_steps=warm,
+            dead_window_steps=max(1, n_steps // 10),
+        )
+        out[f"SAELens topk k={k}"] = peers.make_peer("saelens", "topk", base, scale)
+        for mode, coef in args.jumprelu:
+            cfg = dataclasses.replace(base, jumprelu_mode=mode, sparsity_coef=coef)
+            target = f" target {k}" if mode == "quadratic" else ""
+            out[f"SAELens jumprelu {mode} coef {coef:g}{target}"] = peers.make_peer(
+                "saelens", "jumprelu", cfg, scale
+            )
+        if args.sparsify:
+            out[f"sparsify topk k={k}"] = peers.make_peer("sparsify", "topk", base, scale)
+        if args.ours:
+            for variant in args.ours_variants:
+                out[f"ours {variant} l0={k}"] = peers.OursAdapter(
+                    variant, args.width, k, key, sample_BD, n_steps, args.batch
+                )
+    return out
+
+
+def evaluate(contender: peers.Peer, batches: list[Tensor], d_sae: int) -> dict[str, float]:
+    """FVU, L0, dead % ... of the inference rule on the held-out batches: sae_cli.metrics, the code `sae eval` uses."""
+    from sae_cli.metrics import ReconstructionMetrics
+
+    metrics = ReconstructionMetrics(batches[0].shape[1], d_sae)
+    for x_BD in batches:
+        x_hat_BD, acts_BF = contender.reconstruct(x_BD)
+        metrics.update(x_BD, x_hat_BD, acts_BF)
+    return metrics.result()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default="stores/demo")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--site", default="resid_post")
+    ap.add_argument("--width", type=int, default=4608, help="d_sae for every contender (8x of 576)")
+    ap.add_argument("--k", default="32,64", help="comma-separated k / L0 targets")
+    ap.add_argument("--tokens", type=int, default=2_048_000, help="training tokens per contender")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument(
+        "--eval-tokens", type=int, default=0, help="held-out tokens; 0: as `sae train` (10 %%, <= 1M)"
+    )
+    ap.add_argument("--jumprelu", default="quadratic:1", help="SAELens JumpReLU settings, MODE:COEF,...")
+    ap.add_argument("--no-sparsify", dest="sparsify", action="store_false", help="leave sparsify TopK out")
+    ap.add_argument("--ours", action="store_true", help="also train ours here (library, same batches)")
+    ap.add_argument("--ours-variants", default="topk,jumprelu", help="our variants trained with --ours")
+    ap.add_argument(
+        "--ours-runs", nargs="*", default=[], help="finished `sae train --out` folders to evaluate"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.k = [int(k) for k in args.k.split(",")]
+    args.jumprelu = parse_jumprelu(args.jumprelu)
+    args.ours_variants = args.ours_variants.split(",")
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    from sae_cli import data
+    from sae_cli.config import LoopConfig
+
+    if not Path(args.store).exists():
+        raise SystemExit(f"no store at {args.store}: harvest one (make demo) or pass --store PATH")
+    store = data.open_store(args.store)
+    key = (args.layer, args.site)
+    loop = LoopConfig(batch_size=args.batch, eval_tokens=args.eval_tokens, seed=args.seed)
+    train_range, eval_range = data.split(store, args.eval_tokens)
+    n_steps = max(1, math.ceil(args.tokens / args.batch))
+    sample_BD = data.sample(store, [key], loop, train_range)[key]
+    scale = peers.saelens_scaling_factor([sample_BD], sample_BD.shape[1])
+    eval_batches = list(data.eval_batches(store, key, eval_range, args.batch, drop_bos=True))
+    n_eval = sum(len(x) for x in eval_batches)
+    source = (
+        f"store {args.store}: train tokens {train_range[0]}..{train_range[1]} (shuffled, BOS dropped), "
+        f"held out {eval_range[0]}..{eval_range[1]} ({n_eval:,} tokens after dropping BOS); layer {key[0]} {key[1]}"
+    )
+    print(peers.header("bench_quality", sys.argv, source, args.threads))
+    print(
+        f"budget: {n_steps} steps x {args.batch} = {n_steps * args.batch:,} tokens per contender; width {args.width}"
+    )
+
+    contenders = build_contenders(args, sample_BD, scale, n_steps)
+    seconds = {name: 0.0 for name in contenders}
+    reader = data.train_reader(store, [key], loop, train_range)
+    t_start = time.perf_counter()
+    for step, batch in zip(range(n_steps), reader, strict=False):
+        x_BD = batch.acts[key]
+        for name, c in contenders.items():
+            t0 = time.perf_counter()
+            c.step(x_BD)
+            seconds[name] += time.perf_counter() - t0
+        if (step + 1) % max(1, n_steps // 10) == 0 or step + 1 == n_steps:
+            print(f"  step {step + 1}/{n_steps} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    for c in contenders.values():
+        c.finish()
+    for folder in args.ours_runs:
+        loaded = peers.LoadedSAE(folder)
+        contenders[loaded.label] = loaded
+        seconds[loaded.label] = math.nan
+
+    rows = []
+    for name, c in contenders.items():
+        d_sae = c.sae.cfg.d_sae if isinstance(c, peers.LoadedSAE) else args.width
+        rows.append(
+            {"name": name, "d_sae": d_sae, "train_s": seconds[name], **evaluate(c, eval_batches, d_sae)}
+        )
+    print()
+    print(markdown_table(rows, n_steps * args.batch))
+    return 0
+
+
+def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
+    lines = [
+        f"| SAE ({tokens:,} training tokens) | d_sae | L0 | FVU | FVU w/o massive tokens | dead % | shrinkage | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        train_s = "-" if r["train_s"] != r["train_s"] else f"{r['train_s']:.0f}"
+        lines.append(
+            f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['fvu_typical']:.4f} | "
+            f"{r['dead_pct']:.1f} | {r['shrinkage']:.3f} | {train_s} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
