@@ -64,7 +64,8 @@ class JumpReLUSAE(SAE):
         acts_BF = kernels.jumprelu(pre_BF, self.theta_F, bw)
         x_hat_BD = self.decode(acts_BF)
         mse = C.mse(x_hat_BD, x_BD)
-        l0_penalty = kernels.step(pre_BF, self.theta_F, bw).sum(-1).mean()
+        # fp32 sum: under bf16 autocast a bf16 count is not exact beyond 256
+        l0_penalty = kernels.step(pre_BF, self.theta_F, bw).sum(-1, dtype=torch.float32).mean()
         loss = mse + state.sparsity_coef * l0_penalty
         fired_F = C.fired_from_dense(acts_BF)
         l0 = fired_F.sum().float() / x_BD.shape[0]
