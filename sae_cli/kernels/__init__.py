@@ -1,33 +1,148 @@
-"""Kernels with one entry point each. Fast paths run only where they are valid (Triton: CUDA tensors only);
-`SAE_KERNELS=eager` turns every fast path off. The eager references live in `reference.py`."""
+"""Kernels with one entry point each. Fast paths run only where they are valid (Triton: CUDA tensors only, and only
+if triton imports; CPU tensors never touch Triton); `SAE_KERNELS=eager` turns every fast path off. The eager
+references live in `reference.py`; docs/kernels.md describes each kernel and the dispatch rule.
+
+    op                CUDA + triton                     CPU                                    other / eager
+    topk_decode       triton sparse decoder             embedding_bag if k/d_sae <= r_dec,     reference
+                                                        else dense scatter + matmul
+    topk_encode       matmul + topk, triton sparse bwd  same, embedding_bag sparse backward    reference
+                                                        if k/d_sae <= r_enc, else reference
+    jumprelu, step    triton elementwise fwd + bwd      reference                              reference
+    jumprelu_encode   matmul + triton threshold pass    reference                              reference
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
+import torch
 from torch import Tensor
 
-from .reference import jumprelu_ref, step_ref, topk_decode_ref, topk_encode_ref
+from . import cpu_sparse
+from .reference import (
+    jumprelu_encode_ref,
+    jumprelu_ref,
+    step_ref,
+    topk_decode_dense,
+    topk_decode_ref,
+    topk_encode_ref,
+)
+from .sparse_topk import sparse_topk_decode, sparse_topk_encode
+
+logger = logging.getLogger(__name__)
+
+# Crossovers measured on the 2-core CPU with scripts/bench_kernels.py (d_in 576, batch 4096, fp32, forward +
+# backward; table in docs/benchmarks.md, "Kernels"): the sparse path is faster while k / d_sae stays at or below
+# these densities.
+CPU_SPARSE_DECODE_MAX_DENSITY = 0.125
+CPU_SPARSE_ENCODE_MAX_DENSITY = 0.125
 
 
 def fast_paths_enabled() -> bool:
-    return os.environ.get("SAE_KERNELS", "auto").lower() != "eager"
+    """False when the environment says SAE_KERNELS=eager (every entry point then runs its eager reference)."""
+    return os.environ.get("SAE_KERNELS", "auto").strip().lower() != "eager"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install that fails at import
+        logger.info("triton is not importable (%s); CUDA tensors use the eager kernels", exc)
+        return False
+    return True
+
+
+def kernel_path(op: str, device: torch.device | str, k: int = 0, d_sae: int = 1) -> str:
+    """Which implementation an entry point runs for tensors on `device` (for logs and tests):
+    "eager" (the reference), "triton", "cpu-sparse" or "cpu-dense"."""
+    device = torch.device(device)
+    if not fast_paths_enabled():
+        return "eager"
+    if device.type == "cuda":
+        return "triton" if _triton_importable() else "eager"
+    if device.type == "cpu" and op in ("topk_decode", "topk_encode"):
+        limit = CPU_SPARSE_DECODE_MAX_DENSITY if op == "topk_decode" else CPU_SPARSE_ENCODE_MAX_DENSITY
+        if k / max(d_sae, 1) <= limit:
+            return "cpu-sparse"
+        return "cpu-dense" if op == "topk_decode" else "eager"
+    return "eager"
 
 
 def topk_encode(x_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """ReLU(TopK(x W_enc^T + b_enc)) as (values [B, k], indices [B, k]); the backward touches only the selected
+    latents on the fast paths."""
+    path = kernel_path("topk_encode", x_BD.device, k, W_enc_FD.shape[0]) if x_BD.dim() == 2 else "eager"
+    if path == "triton":
+        from . import triton_topk
+
+        return sparse_topk_encode(x_BD, W_enc_FD, b_enc_F, k, triton_topk)
+    if path == "cpu-sparse":
+        return sparse_topk_encode(x_BD, W_enc_FD, b_enc_F, k, cpu_sparse)
     return topk_encode_ref(x_BD, W_enc_FD, b_enc_F, k)
 
 
 def topk_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
+    """x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (no bias)."""
+    k = idx_BK.shape[-1]
+    path = kernel_path("topk_decode", W_dec_FD.device, k, W_dec_FD.shape[0]) if idx_BK.dim() == 2 else "eager"
+    if path == "triton":
+        from . import triton_topk
+
+        return sparse_topk_decode(idx_BK, vals_BK, W_dec_FD, triton_topk)
+    if path == "cpu-sparse":
+        return sparse_topk_decode(idx_BK, vals_BK, W_dec_FD, cpu_sparse)
+    if path == "cpu-dense":
+        return topk_decode_dense(idx_BK, vals_BK, W_dec_FD)
     return topk_decode_ref(idx_BK, vals_BK, W_dec_FD)
 
 
 def jumprelu(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    """f = pre * H(pre - theta) with the straight-through gradient to theta."""
+    if pre_BF.dim() == 2 and kernel_path("jumprelu", pre_BF.device) == "triton":
+        from .triton_jumprelu import TritonJumpReLU
+
+        return TritonJumpReLU.apply(pre_BF, theta_F, bandwidth)
     return jumprelu_ref(pre_BF, theta_F, bandwidth)
 
 
 def step(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    """H(pre - theta) with the straight-through gradient to theta (for the L0 penalty)."""
+    if pre_BF.dim() == 2 and kernel_path("step", pre_BF.device) == "triton":
+        from .triton_jumprelu import TritonStep
+
+        return TritonStep.apply(pre_BF, theta_F, bandwidth)
     return step_ref(pre_BF, theta_F, bandwidth)
 
 
-__all__ = ["fast_paths_enabled", "jumprelu", "step", "topk_decode", "topk_encode"]
+def jumprelu_encode(
+    x_BD: Tensor,
+    W_enc_FD: Tensor,
+    b_enc_F: Tensor,
+    theta_F: Tensor,
+    bandwidth: float,
+    *,
+    fuse_matmul: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(f [B, F], L0 per token [B] fp32) with f = jumprelu(x W_enc^T + b_enc, theta) and L0 = sum_F step(...),
+    both with the straight-through gradients (theta gets both). On CUDA the threshold runs as one pass over the
+    pre-activations (fuse_matmul=True: inside a Triton matmul; not yet measured against cuBLAS, so off by
+    default) and backward keeps 1 byte per (token, latent) instead of pre."""
+    if x_BD.dim() == 2 and kernel_path("jumprelu_encode", x_BD.device) == "triton":
+        from .triton_jumprelu import TritonJumpReLUEncode
+
+        return TritonJumpReLUEncode.apply(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, fuse_matmul)
+    return jumprelu_encode_ref(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth)
+
+
+__all__ = [
+    "fast_paths_enabled",
+    "jumprelu",
+    "jumprelu_encode",
+    "kernel_path",
+    "step",
+    "topk_decode",
+    "topk_encode",
+]

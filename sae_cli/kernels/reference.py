@@ -64,3 +64,22 @@ def jumprelu_ref(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
 def step_ref(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
     """H(pre - theta) with the straight-through gradient to theta (for the L0 penalty)."""
     return _Step.apply(pre_BF, theta_F, bandwidth)
+
+
+def jumprelu_encode_ref(
+    x_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor, theta_F: Tensor, bandwidth: float
+) -> tuple[Tensor, Tensor]:
+    """(f, L0 per token): f = jumprelu(x W_enc^T + b_enc), L0 = sum_F step(...) in fp32 (a bf16 sum is not exact
+    beyond 256). Both carry the straight-through gradient to theta; f also to x, W_enc and b_enc."""
+    pre_BF = x_BD @ W_enc_FD.T + b_enc_F
+    return jumprelu_ref(pre_BF, theta_F, bandwidth), step_ref(pre_BF, theta_F, bandwidth).sum(
+        -1, dtype=torch.float32
+    )
+
+
+def topk_decode_dense(idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
+    """topk_decode_ref as a dense product: scatter the codes into [B, F] and multiply by W_dec (sums duplicate
+    indices like the reference). Faster than gathering when k / d_sae is large (docs/benchmarks.md, "Kernels")."""
+    dtype = torch.promote_types(vals_BK.dtype, W_dec_FD.dtype)
+    acts_BF = vals_BK.new_zeros(vals_BK.shape[0], W_dec_FD.shape[0], dtype=dtype)
+    return acts_BF.scatter_add(1, idx_BK, vals_BK.to(dtype)) @ W_dec_FD.to(dtype)
