@@ -27,22 +27,42 @@ class ControllerConfig:
     target: float
     """Target L0 (mean active latents per token)."""
     init_coef: float
-    """Initial lambda; small, so the integral term ramps it up (the warm-up of steered members)."""
+    """Initial lambda; small, so the integral term ramps it up (the warm-up of steered members). The trainer
+    sets it so that the sparsity term is INIT_RATIO of the MSE at initialisation (`initial_coef`)."""
     k_i: float
     """Integral gain: change of log lambda per step per unit of log error."""
-    k_p: float
-    """Proportional gain on the log error."""
+    horizon: float
+    """Steps ahead the error is predicted from its trend (anti-windup)."""
     ema: float = 0.9
     """EMA decay of the measured L0 (batch-to-batch noise)."""
+    deadband: float = 0.03
+    """|log error| below this counts as on target (no sign, so noise does not count as a crossing)."""
+    gain_decay: float = 0.7
+    """Factor on both gains at each crossing of the target."""
+    min_gain: float = 0.25
+    """Floor of that factor."""
     min_coef: float = 1e-9
     max_coef: float = 1e6
 
     @classmethod
     def for_run(cls, target: float, total_steps: int, init_coef: float = 1e-4) -> ControllerConfig:
-        """Gains scaled to the run: log lambda may move by ~e-fold per (total_steps / 40) steps at a 2x error,
-        clipped to [0.002, 0.1] per step; k_p = 10 steps' worth of integral."""
-        k_i = min(0.1, max(0.002, 40.0 / max(total_steps, 1) / math.log(2)))
-        return cls(target=float(target), init_coef=float(init_coef), k_i=k_i, k_p=min(1.0, 10 * k_i))
+        """Gains for a run of `total_steps`: k_i = 15 / steps within [0.005, 0.05], horizon 50 steps (an SAE
+        answers a change of lambda within ~20-100 steps; tuned on ReLU, Gated and JumpReLU, docs/training.md)."""
+        k_i = min(0.05, max(0.005, 15.0 / max(total_steps, 1)))
+        return cls(target=float(target), init_coef=float(init_coef), k_i=k_i, horizon=50.0)
+
+
+INIT_RATIO = 0.01
+"""lambda_0 * sparsity term / MSE at initialisation: small enough that the first steps learn to reconstruct,
+large enough that the integral needs only a few e-folds to reach the lambda that holds the target."""
+
+
+def initial_coef(mse: float, sparsity: float, fallback: float = 1e-4) -> float:
+    """lambda_0 from the variant's loss parts on the first batch: scale-free across variants (an L0 penalty
+    and an L1 penalty differ by orders of magnitude) and data."""
+    if math.isfinite(mse) and math.isfinite(sparsity) and mse > 0 and sparsity > 0:
+        return INIT_RATIO * mse / sparsity
+    return fallback
 
 
 class L0Controller:
@@ -50,26 +70,57 @@ class L0Controller:
 
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
-        self.integral = math.log(cfg.init_coef)
+        self.log_coef = math.log(cfg.init_coef)
         self.l0_ema: float | None = None
+        self.err = 0.0
+        self.slope = 0.0
+        self.gain = 1.0
+        self.sign = 0
         self.coef = cfg.init_coef
 
     def update(self, l0: float) -> float:
         cfg = self.cfg
         if not math.isfinite(l0):
             return self.coef
-        self.l0_ema = l0 if self.l0_ema is None else cfg.ema * self.l0_ema + (1 - cfg.ema) * l0
-        # +1 in both keeps the log finite when the SAE goes fully silent (L0 = 0) early on.
-        err = math.log((self.l0_ema + 1.0) / (cfg.target + 1.0))
-        lo, hi = math.log(cfg.min_coef), math.log(cfg.max_coef)
-        self.integral = min(hi, max(lo, self.integral + cfg.k_i * err))  # clamped: no wind-up
-        self.coef = math.exp(min(hi, max(lo, self.integral + cfg.k_p * err)))
+        first = self.l0_ema is None
+        self.l0_ema = l0 if first else cfg.ema * self.l0_ema + (1 - cfg.ema) * l0
+        # +1 in both keeps the log finite when the SAE goes fully silent (L0 = 0) early on; the clip bounds the
+        # rate: lambda moves by at most a factor e^(k_i) per step however far the L0 is from the target.
+        err = max(-1.0, min(1.0, math.log((self.l0_ema + 1.0) / (cfg.target + 1.0))))
+        if first:
+            self.err = err  # bumpless start: the P term acts on changes of the error only
+        sign = (err > cfg.deadband) - (err < -cfg.deadband)
+        if sign and self.sign and sign != self.sign:
+            # The L0 crossed the target: each crossing (overshoot, or a limit cycle on a fast, high-gain
+            # plant such as ReLU's L1) lowers the loop gain, down to min_gain.
+            self.gain = max(cfg.min_gain, self.gain * cfg.gain_decay)
+        self.sign = sign or self.sign
+        # Anti-windup for slow plants (JumpReLU thresholds move at the learning rate): integrate the error
+        # predicted `horizon` steps ahead from the current trend, but never against the present error, so a
+        # falling L0 that will reach the target soon holds lambda instead of raising it further.
+        self.slope = 0.9 * self.slope + 0.1 * (err - self.err)
+        ahead = err + cfg.horizon * self.slope
+        ahead = max(min(0.0, err), min(max(0.0, err), ahead))
+        step = self.gain * cfg.k_i * ahead
+        self.err = err
+        self.log_coef = min(math.log(cfg.max_coef), max(math.log(cfg.min_coef), self.log_coef + step))
+        self.coef = math.exp(self.log_coef)
         return self.coef
 
     def state_dict(self) -> dict:
-        return {"integral": self.integral, "l0_ema": self.l0_ema, "coef": self.coef}
+        return {
+            "log_coef": self.log_coef,
+            "l0_ema": self.l0_ema,
+            "err": self.err,
+            "slope": self.slope,
+            "gain": self.gain,
+            "sign": self.sign,
+            "coef": self.coef,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.integral = float(state["integral"])
+        self.log_coef = float(state["log_coef"])
         self.l0_ema = None if state["l0_ema"] is None else float(state["l0_ema"])
+        self.err, self.slope = float(state["err"]), float(state["slope"])
+        self.gain, self.sign = float(state["gain"]), int(state["sign"])
         self.coef = float(state["coef"])

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import io
 from .config import LoopConfig, MemberConfig, resolve_width
-from .l0_control import ControllerConfig, L0Controller
+from .l0_control import ControllerConfig, L0Controller, initial_coef
 from .registry import get_variant
 from .variants.base import SAE, SAEConfig, StepState
 
@@ -259,13 +259,25 @@ class Trainer:
             c = scales[plan.key] if scales and plan.key in scales else input_scale(x_BD)
             sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
             sae.init_from_data(x_BD * c)
-            self.members.append(self._member(plan, sae.to(self.device), c))
+            member = self._member(plan, sae.to(self.device), c)
+            if member.controller is not None:
+                self._init_controller(member, x_BD[: self.loop.batch_size] * c)
+            self.members.append(member)
         log.info(
             "training %d member(s) for %d steps; dead window %d tokens",
             len(self.plans),
             self.n_steps,
             self.window,
         )
+
+    @torch.no_grad()
+    def _init_controller(self, m: Member, x_BD: Tensor) -> None:
+        """lambda_0 from the loss parts of the freshly initialised SAE (l0_control.initial_coef)."""
+        out = m.sae.training_loss(x_BD.to(self.device), StepState(0, self.n_steps, 0.0))
+        mse, sparsity = (float(out.parts.get(k, math.nan)) for k in ("mse", "sparsity"))
+        init = initial_coef(mse, sparsity)
+        m.controller = L0Controller(ControllerConfig.for_run(m.plan.sae_cfg.l0_target, self.n_steps, init))
+        log.info("%s: initial sparsity coefficient %.3g", m.plan.name, init)
 
     def _member(self, plan: MemberPlan, sae: SAE, scale: float) -> Member:
         opt = torch.optim.Adam(sae.parameters(), lr=plan.lr, betas=plan.betas, eps=ADAM_EPS)
