@@ -21,6 +21,8 @@ L0S ?= 20 50 100 200
 WIDTHS ?= 8x
 SWEEP ?= sweeps/$(subst $(space),-,$(VARIANTS))-L$(LAYER)-$(SITE)
 TOKENS ?= 0
+# Extra `sae sweep` flags: a rerun replaces the sweep; e.g. SWEEP_ARGS=--resume, SWEEP_ARGS="--overwrite --no-model".
+SWEEP_ARGS ?= --overwrite
 empty :=
 space := $(empty) $(empty)
 comma := ,
@@ -65,7 +67,7 @@ sweep: setup
 		--variants $(subst $(space),$(comma),$(strip $(VARIANTS))) \
 		--l0-target $(subst $(space),$(comma),$(strip $(L0S))) \
 		--width $(subst $(space),$(comma),$(strip $(WIDTHS))) \
-		--tokens $(TOKENS) --out $(SWEEP)
+		--tokens $(TOKENS) --out $(SWEEP) $(SWEEP_ARGS)
 
 sweep-all: setup
 	$(MAKE) sweep VARIANTS="$$($(BIN)/sae variants --plain)" SWEEP=sweeps/all-L$(LAYER)-$(SITE)
