@@ -169,10 +169,14 @@ def check_sweep_memory(
             fit < len(plans) and estimate_memory(plans[: fit + 1], loop, extra_bytes) <= MEMORY_MARGIN * free
         ):
             fit += 1
+        fix = (
+            f"train fewer members per sweep ({fit} of these fit), a smaller --width, or a smaller --batch-size"
+            if fit
+            else "not even one member fits: use a smaller --width or a smaller --batch-size"
+        )
         raise SweepError(
             f"the sweep needs about {need / 2**30:.1f} GiB ({len(plans)} members, widest {widest} latents, "
-            f"batch {loop.batch_size}) but {device.type} has {free / 2**30:.1f} GiB free; train fewer members "
-            f"per sweep ({fit} of these fit), smaller --width, or a smaller --batch-size"
+            f"batch {loop.batch_size}) but {device.type} has {free / 2**30:.1f} GiB free; {fix}"
         )
     return need, free
 

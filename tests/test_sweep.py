@@ -118,7 +118,9 @@ def test_a_sweep_that_cannot_fit_is_refused_before_anything_is_written(store: Pa
         "sweep", "--store", store, "--layer", 0, "--variants", "topk,jumprelu", "--l0-target", "20,50",
         "--width", "4000000000", "--out", out, *COMMON,
     )  # fmt: skip
-    one_line_error(res, "the sweep needs about", "GiB (4 members", "fewer members", "--width", "--batch-size")
+    one_line_error(
+        res, "the sweep needs about", "GiB (4 members", "not even one member fits", "--width", "--batch-size"
+    )
     assert not out.exists()
     for args, needle in (
         (("--layer", 0, "--variants", "topk,nope"), "unknown SAE variant 'nope'"),
@@ -144,7 +146,9 @@ def test_memory_check_names_how_many_members_fit(monkeypatch: pytest.MonkeyPatch
     free = int((2 * one + acts + 1) / sw.MEMORY_MARGIN) + 1  # room for exactly two members
     monkeypatch.setattr(sw, "available_memory", lambda device: free)
     assert sw.check_sweep_memory(plans[:2], loop, torch.device("cpu")) == (2 * one + acts, free)
-    with pytest.raises(sw.SweepError, match=r"3 members, widest 32 latents, batch 10\).*\(2 of these fit\)"):
+    with pytest.raises(
+        sw.SweepError, match=r"3 members, widest 32 latents, batch 10\).*fewer members .*\(2 of these fit\)"
+    ):
         sw.check_sweep_memory(plans, loop, torch.device("cpu"))
 
 
