@@ -20,11 +20,11 @@ from sae_cli import sweep as sw
 from sae_cli.cli import app
 from sae_cli.config import ConfigError, LoopConfig
 from sae_cli.pareto import pareto_front
-from sae_cli.trainer import estimate_memory
+from sae_cli.trainer import Trainer, estimate_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
-COMMON = ("--batch-size", 256, "--tokens", 256 * 12, "--eval-tokens", 512, "--device", "cpu", "--seed", 3)
+COMMON = ("--batch-size", 256, "--tokens", 256 * 8, "--eval-tokens", 512, "--device", "cpu", "--seed", 3)
 
 
 def invoke(*args):
@@ -55,7 +55,7 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(store: Pat
     meta = json.loads((out / "sweep.json").read_text())
     names = [m["name"] for m in meta["members"]]
     assert len(names) == 8 and names[0] == "topk-L0-resid_post-w128-l0_4"
-    assert meta["status"] == "done" and meta["tokens"] == 256 * 12
+    assert meta["status"] == "done" and meta["tokens"] == 256 * 8
     # Equal-shape groups: (variant, layer, site, shape); the two L0 targets of each share one.
     assert len(meta["shape_groups"]) == 4 and all(len(g) == 2 for g in meta["shape_groups"])
 
@@ -80,7 +80,7 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(store: Pat
     assert [r["name"] for r in rows] == names
     for r in rows:
         ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
-        assert r["fvu"] == ev["fvu"] and r["l0"] == ev["l0"] and r["train_tokens"] == 256 * 12
+        assert r["fvu"] == ev["fvu"] and r["l0"] == ev["l0"] and r["train_tokens"] == 256 * 8
     assert all(r["l0"] <= 4 for r in rows if r["variant"] == "topk" and r["l0_target"] == 4)
     md = (out / "summary.md").read_text().splitlines()
     assert len(md) == 2 + 8 and "delta_lm_loss" not in md[0] and "fvu" in md[0]
@@ -214,3 +214,44 @@ def test_sweep_with_the_model_draws_both_charts(tmp_path: Path, tiny_llama_dir: 
         "L1-resid_post-delta_lm_loss.png", "L1-resid_post-fvu.png",
     ]  # fmt: skip
     assert "delta_lm_loss" in (out / "summary.md").read_text().splitlines()[0]
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_weights(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after 3 of 8 steps, then `sae sweep --resume`: the weights of an uninterrupted sweep."""
+    loop = LoopConfig(batch_size=256, seed=3, eval_tokens=512)
+    cfg = sw.SweepConfig(
+        store=str(store),
+        variants=("topk", "jumprelu"),
+        layers=(0,),
+        l0_targets=(4.0,),
+        widths=("8x",),
+        loop=loop,
+    )
+    full, _ = sw.run_sweep(cfg, tmp_path / "full", tokens=256 * 8)
+    prep = sw.prepare_sweep(cfg, tmp_path / "part", tokens=256 * 8)
+    calls = iter(range(100))
+    prep.trainer.should_stop = lambda: next(calls) >= 3
+    assert sw.run_training(prep).status == "interrupted"
+    assert json.loads((tmp_path / "part" / "sweep.json").read_text())["status"] == "interrupted"
+    steps = []
+    real_step = Trainer._step
+    monkeypatch.setattr(
+        Trainer, "_step", lambda self, batch: steps.append(self.step) or real_step(self, batch)
+    )
+    res = invoke(
+        "sweep", "--store", store, "--layer", 0, "--variants", "topk,jumprelu", "--l0-target", 4, "--no-model",
+        "--out", tmp_path / "part", "--resume", *COMMON,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert steps == list(range(3, 8))  # continued from the checkpoint, did not start over
+    for p in full.plans:
+        a = load_file(p.out_dir / "sae.safetensors")
+        b = load_file(tmp_path / "part" / "members" / p.name / "sae.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), p.name
+    assert (tmp_path / "part" / "summary.md").is_file()
+    one_line_error(
+        invoke("sweep", "--store", store, "--layer", 0, "--out", tmp_path / "none", "--resume"),
+        "nothing to resume",
+    )
