@@ -281,6 +281,8 @@ def _device(name: str) -> str:
 
 
 def _header(cfg: TrainConfig, plan: Any, n_tokens: int, resolved: dict[str, Any]) -> None:
+    from .trainer import dead_window
+
     m, loop = cfg.member, cfg.loop
     steps = math.ceil(n_tokens / loop.batch_size)
     epochs = n_tokens / max(1, resolved["train_range"][1] - resolved["train_range"][0])
@@ -288,7 +290,8 @@ def _header(cfg: TrainConfig, plan: Any, n_tokens: int, resolved: dict[str, Any]
         f"[bold]sae train {m.variant}[/bold] layer {m.layer} {m.site}: d_in {resolved['d_in']} -> d_sae "
         f"{resolved['d_sae']}, L0 target {m.l0_target:g} ({'steered' if plan.steered else 'by the rule'}), "
         f"lr {plan.lr:.3g}, {n_tokens:,} tokens = {steps} steps of {loop.batch_size} (~{epochs:.1f} epochs), "
-        f"held out {resolved['eval_range'][1] - resolved['eval_range'][0]:,} tokens, {resolved['device']}"
+        f"held out {resolved['eval_range'][1] - resolved['eval_range'][0]:,} tokens, {resolved['device']}; "
+        f"dead = no firing in {dead_window(loop, n_tokens):,} tokens"
     )
 
 
@@ -334,7 +337,10 @@ def _run_live(trainer: Any) -> Any:
         trainer.callback = callback
         with stop_on_signals() as should_stop:
             trainer.should_stop = should_stop
-            return trainer.run()
+            result = trainer.run()
+    if not console.is_terminal:
+        console.print()  # the last live frame ends without a newline when not on a terminal
+    return result
 
 
 # ---- sae eval ------------------------------------------------------------------------------------------------

@@ -84,11 +84,10 @@ class L0Controller:
             return self.coef
         first = self.l0_ema is None
         self.l0_ema = l0 if first else cfg.ema * self.l0_ema + (1 - cfg.ema) * l0
-        # +1 in both keeps the log finite when the SAE goes fully silent (L0 = 0) early on; the clip bounds the
-        # rate: lambda moves by at most a factor e^(k_i) per step however far the L0 is from the target.
-        err = max(-1.0, min(1.0, math.log((self.l0_ema + 1.0) / (cfg.target + 1.0))))
+        # +1 in both keeps the log finite when the SAE goes fully silent (L0 = 0) early on.
+        err = math.log((self.l0_ema + 1.0) / (cfg.target + 1.0))
         if first:
-            self.err = err  # bumpless start: the P term acts on changes of the error only
+            self.err = err
         sign = (err > cfg.deadband) - (err < -cfg.deadband)
         if sign and self.sign and sign != self.sign:
             # The L0 crossed the target: each crossing (overshoot, or a limit cycle on a fast, high-gain
@@ -97,11 +96,11 @@ class L0Controller:
         self.sign = sign or self.sign
         # Anti-windup for slow plants (JumpReLU thresholds move at the learning rate): integrate the error
         # predicted `horizon` steps ahead from the current trend, but never against the present error, so a
-        # falling L0 that will reach the target soon holds lambda instead of raising it further.
+        # falling L0 that will reach the target soon holds lambda instead of raising it further. The clip to
+        # [-1, 1] bounds the rate: lambda moves by at most a factor e^(k_i) per step.
         self.slope = 0.9 * self.slope + 0.1 * (err - self.err)
-        ahead = err + cfg.horizon * self.slope
-        ahead = max(min(0.0, err), min(max(0.0, err), ahead))
-        step = self.gain * cfg.k_i * ahead
+        ahead = max(min(0.0, err), min(max(0.0, err), err + cfg.horizon * self.slope))
+        step = self.gain * cfg.k_i * max(-1.0, min(1.0, ahead))
         self.err = err
         self.log_coef = min(math.log(cfg.max_coef), max(math.log(cfg.min_coef), self.log_coef + step))
         self.coef = math.exp(self.log_coef)

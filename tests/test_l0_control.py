@@ -25,7 +25,7 @@ STEERED = [n for n in variant_names() if get_variant(n).steered]
 def test_controller_lands_a_lagged_noisy_plant(target: float, lag: int, slope: float) -> None:
     """A plant whose L0 settles to A * lambda^-slope with a lag of `lag` steps, 5 % noise per batch, starting
     at 10x the target with lambda_0 a factor e^3 below the lambda that holds the target: within 3 % over the
-    last 40 % of the run, without collapsing below a third of the target on the way."""
+    last 25 % of the run, approached from above (never more than 3 % below the target)."""
     steps = 600
     lam_star = 0.01
     ctl = L0Controller(ControllerConfig.for_run(target, steps, init_coef=lam_star * math.exp(-3)))
@@ -36,9 +36,9 @@ def test_controller_lands_a_lagged_noisy_plant(target: float, lag: int, slope: f
         log_l0 += (math.log(target) - slope * math.log(ctl.coef / lam_star) - log_l0) / lag
         ctl.update(math.exp(log_l0) * (1 + 0.05 * rng.gauss(0, 1)))
         low = min(low, math.exp(log_l0))
-        if step > 0.6 * steps:
+        if step > 0.75 * steps:
             assert abs(math.exp(log_l0) / target - 1) < 0.03, (step, math.exp(log_l0))
-    assert low > target / 3
+    assert low > 0.97 * target
     assert ctl.coef == pytest.approx(lam_star, rel=0.1)
 
 
