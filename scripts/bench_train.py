@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,11 @@ TARGETS = {
 
 
 def race(
-    contenders: dict[str, Any], pool: list[Tensor], warmup: int, steps: int
+    contenders: dict[str, Any],
+    pool: list[Tensor],
+    warmup: int,
+    steps: int,
+    before_step: Callable[[Any, Tensor], object] | None = None,
 ) -> dict[str, list[float] | str]:
     """Interleave the contenders step by step on the same batches (so that other jobs on the machine slow
     them alike); per-step seconds of the timed steps, or the error (one line) of a contender that failed."""
@@ -66,6 +71,8 @@ def race(
         for name, c in contenders.items():
             if isinstance(times[name], str):
                 continue
+            if before_step is not None:
+                before_step(c, x)  # untimed
             t0 = time.perf_counter()
             try:
                 c.step(x)
@@ -75,6 +82,72 @@ def race(
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)  # type: ignore[union-attr]
     return times
+
+
+@torch.no_grad()
+def start_at_l0(contender: Any, x_BD: Tensor, k: int) -> bool:
+    """(--hold-l0, called before every step, outside the timing.) Move a steered SAE (JumpReLU, ReLU, Gated; ours or SAELens's) to the sparse regime it trains in: each
+    latent's threshold (JumpReLU theta, or a shift of the ReLU / gate bias) is set to its (1 - k/d_sae) quantile
+    of the pre-activations on x, so that L0 is about k from the first step. Without this the first steps run at
+    the init L0 (about half the latents), which favours no one but hides what sparse paths would gain.
+    Returns False for contenders with nothing to move (TopK-like rules fix L0 themselves)."""
+
+    def quantile_F(pre_BF: Tensor) -> Tensor:
+        n = pre_BF.shape[0]
+        return pre_BF.kthvalue(max(1, min(n, round(n * (1 - k / pre_BF.shape[1])))), dim=0).values
+
+    if isinstance(contender, peers.OursAdapter):
+        m = contender.trainer.members[0]
+        sae, x = m.sae, x_BD * m.scale
+        if sae.cfg.variant == "jumprelu":
+            sae.theta_F.copy_(quantile_F(sae.pre_acts(x)).clamp_min(1e-6))
+        elif sae.cfg.variant == "relu":
+            sae.b_enc_F.sub_(quantile_F(x @ sae.W_enc_FD.T + sae.b_enc_F))
+        elif sae.cfg.variant == "gated":
+            sae.b_enc_F.sub_(quantile_F(sae.gate_and_mag(x)[0]))
+        else:
+            return False
+        return True
+    if isinstance(contender, peers.SAELensPeer):
+        sae, scale = contender.sae, contender.trainer.activation_scaler.scaling_factor or 1.0
+        x_in = sae.process_sae_in(x_BD * scale)
+        if contender.variant == "jumprelu":
+            sae.threshold.copy_(quantile_F(x_in @ sae.W_enc + sae.b_enc).clamp_min(1e-6))
+        elif contender.variant == "relu":
+            sae.b_enc.sub_(quantile_F(x_in @ sae.W_enc + sae.b_enc))
+        elif contender.variant == "gated":
+            sae.b_gate.sub_(quantile_F(x_in @ sae.W_enc + sae.b_gate))
+        else:
+            return False
+        return True
+    return False
+
+
+def profile(
+    contenders: dict[str, Any],
+    pool: list[Tensor],
+    steps: int,
+    before_step: Callable[[Any, Tensor], object] | None = None,
+    rows: int = 18,
+) -> str:
+    """torch.profiler table (ops by self CPU time) of `steps` steps of each contender after one warm-up step
+    (`before_step`, if any, runs before the warm-up step and before the profiled ones, outside the profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = []
+    for name, c in contenders.items():
+        if before_step is not None:
+            before_step(c, pool[0])
+        c.step(pool[0])
+        if before_step is not None:
+            before_step(c, pool[1 % len(pool)])
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                c.step(pool[(i + 1) % len(pool)])
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        out.append(f"### {name}: {steps} step(s)\n{table}")
+    return "\n".join(out)
 
 
 def reader_share(
@@ -136,6 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time SAELens TopK with use_sparse_activations",
     )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler op tables per contender instead of the race",
+    )
+    ap.add_argument(
+        "--hold-l0",
+        action="store_true",
+        help="time steered SAEs (jumprelu, relu, gated) at L0 ~ k: thresholds re-set before each step, untimed",
+    )
     ap.add_argument("--reader-steps", type=int, default=8, help="steps of the reader-wait run (0: skip)")
     ap.add_argument(
         "--synthetic", action="store_true", help="use synthetic activations even if the store exists"
@@ -179,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.saelens_sparse_topk and not args.no_peers and variant == "topk":
                 sparse_cfg = dataclasses.replace(cfg, topk_sparse=True)
                 contenders["saelens_sparse"] = peers.make_peer("saelens", "topk", sparse_cfg, scale)
-            times = race(contenders, pool, args.warmup, args.steps)
+            hold = (lambda c, x: start_at_l0(c, x, args.k)) if args.hold_l0 else None
+            if args.profile:
+                print(profile(contenders, pool, args.steps, hold), flush=True)
+                continue
+            times = race(contenders, pool, args.warmup, args.steps, before_step=hold)
             del contenders
             row: dict[str, Any] = {"variant": variant, "d_sae": d_sae}
             for name, t in times.items():
@@ -194,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{k} {fmt(v)} tok/s" for k, v in row.items() if k not in ("variant", "d_sae")),
                 flush=True,
             )
-    print()
-    print(markdown_table(results))
+    if results:
+        print()
+        print(markdown_table(results))
     for line in errors:
         print(f"- {line}")
     print(f"\n(benchmark wall time {time.perf_counter() - t_start:.0f} s)")

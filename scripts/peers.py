@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens progress bars (norm estimate) would garble the tables
 
 SAELENS_VARIANTS = ("topk", "jumprelu", "batchtopk", "relu", "gated")
 SPARSIFY_VARIANTS = ("topk",)
@@ -383,13 +382,10 @@ def make_peer(library: str, variant: str, cfg: PeerConfig, scaling_factor: float
 
 
 def saelens_scaling_factor(batches: Iterable[Tensor], d_in: int) -> float:
-    """SAELens's ActivationScaler estimate: sqrt(d_in) / mean token norm."""
-    from sae_lens.training.activation_scaler import ActivationScaler
-
-    batches = list(batches)
-    scaler = ActivationScaler()
-    scaler.estimate_scaling_factor(d_in, iter(batches), n_batches_for_norm_estimate=len(batches))
-    return float(scaler.scaling_factor)
+    """SAELens's ActivationScaler estimate (`estimate_scaling_factor`, "expected_average_only_in"):
+    sqrt(d_in) / mean token norm. Computed here with their formula to avoid their progress bar."""
+    norms = torch.cat([x.float().norm(dim=-1) for x in batches])
+    return float(d_in**0.5 / norms.mean())
 
 
 def time_steps(
