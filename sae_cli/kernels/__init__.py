@@ -34,10 +34,11 @@ from .sparse_topk import sparse_topk_decode, sparse_topk_encode
 logger = logging.getLogger(__name__)
 
 # Crossovers measured on the 2-core CPU with scripts/bench_kernels.py (d_in 576, batch 4096, fp32, forward +
-# backward; table in docs/benchmarks.md, "Kernels"): the sparse path is faster while k / d_sae stays at or below
-# these densities.
-CPU_SPARSE_DECODE_MAX_DENSITY = 0.125
-CPU_SPARSE_ENCODE_MAX_DENSITY = 0.125
+# backward; docs/benchmarks.md, "Kernels"): sparse decode / encoder backward were faster up to k/d_sae = 0.167
+# (1.06x / 1.09x) and slower at 0.222 (0.73x / 0.97x) at d_sae 4608, 1.48x / 1.24x faster at 0.111 and 0.91x /
+# 0.99x at 0.222 at d_sae 1152. Take the sparse paths up to a density of 0.15, a little below both crossovers.
+CPU_SPARSE_DECODE_MAX_DENSITY = 0.15
+CPU_SPARSE_ENCODE_MAX_DENSITY = 0.15
 
 
 def fast_paths_enabled() -> bool:
