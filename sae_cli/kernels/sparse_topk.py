@@ -50,14 +50,15 @@ class SparseEncode(torch.autograd.Function):
         pre_BF = torch.relu(x_BD @ W_enc_FD.T + b_enc_F)
         vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
         del pre_BF
-        ctx.save_for_backward(x_BD, W_enc_FD, b_enc_F, idx_BK, vals_BK)
+        ctx.save_for_backward(x_BD, W_enc_FD, idx_BK, vals_BK)
         ctx.ops = ops
+        ctx.b_dtype = b_enc_F.dtype
         ctx.mark_non_differentiable(idx_BK)
         return vals_BK, idx_BK
 
     @staticmethod
     def backward(ctx, grad_vals_BK: Tensor, _grad_idx):  # type: ignore[override]
-        x_BD, W_enc_FD, b_enc_F, idx_BK, vals_BK = ctx.saved_tensors
+        x_BD, W_enc_FD, idx_BK, vals_BK = ctx.saved_tensors
         # ReLU passes gradient only where its output is positive (torch's threshold_backward does the same).
         g_BK = grad_vals_BK * (vals_BK > 0)
         grad_x = grad_W = grad_b = None
@@ -68,7 +69,7 @@ class SparseEncode(torch.autograd.Function):
                 idx_BK, g_BK, x_BD, W_enc_FD.shape[0], W_enc_FD.dtype, with_sum=ctx.needs_input_grad[2]
             )
             grad_W = grad_W if ctx.needs_input_grad[1] else None
-            grad_b = grad_b.to(b_enc_F.dtype) if grad_b is not None else None
+            grad_b = grad_b.to(ctx.b_dtype) if grad_b is not None else None
         return grad_x, grad_W, grad_b, None, None
 
 
