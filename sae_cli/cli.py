@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_sweep import register as _register_sweep
-from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs
+from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs, resolve_loop
 from .registry import variant_names
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -28,9 +29,6 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 TRAIN_CONFIG_FILE = "train_config.json"
 DOC = {**field_docs(MemberConfig), **field_docs(LoopConfig), **field_docs(TrainConfig)}
-# Default tokens when --tokens is not given: enough optimiser steps for a usable SAE on a small store (the
-# reader loops over it), capped for big stores (docs/training.md, "Defaults for short runs").
-DEFAULT_MIN_STEPS, DEFAULT_MAX_TOKENS = 400, 50_000_000
 
 
 @app.callback()
@@ -149,11 +147,6 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def _default_tokens(train_tokens: int, batch_size: int) -> int:
-    """At least DEFAULT_MIN_STEPS steps, else one pass over the training range, at most DEFAULT_MAX_TOKENS."""
-    return int(min(DEFAULT_MAX_TOKENS, max(train_tokens, DEFAULT_MIN_STEPS * batch_size)))
-
-
 @app.command()
 def train(
     variant: str = typer.Argument(None, help=f"SAE variant: {', '.join(variant_names())}."),
@@ -201,7 +194,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     from .registry import get_variant
     from .trainer import Trainer, check_memory, input_scale, plan_member
 
-    loop, member = cfg.loop, cfg.member
+    member = cfg.member
     get_variant(member.variant)  # unknown name -> KeyError naming the choices
     store = data.open_store(cfg.store)
     key = (member.layer, member.site)
@@ -209,13 +202,18 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     plan = plan_member(member, store.d_model, out)
     get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options
     _prepare_out(out, resume, overwrite)
-    if resume:  # the split and length of the run being resumed, even if the store grew since
+    if resume:  # the split, batch and length of the run being resumed, even if the store grew since
         saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"]
         train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
-        n_tokens = loop.tokens or int(saved["tokens"])
+        loop = dataclasses.replace(
+            cfg.loop,
+            batch_size=cfg.loop.batch_size or int(saved["batch_size"]),
+            tokens=cfg.loop.tokens or int(saved["tokens"]),
+        )
     else:
-        train_range, eval_range = data.split(store, loop.eval_tokens)
-        n_tokens = loop.tokens or _default_tokens(train_range[1] - train_range[0], loop.batch_size)
+        train_range, eval_range = data.split(store, cfg.loop.eval_tokens)
+        loop = resolve_loop(cfg.loop, train_range[1] - train_range[0])
+    n_tokens = loop.tokens
     dev = torch.device(_device(loop.device))
     reader_bytes = 2 * loop.mix_chunks * store.spec.chunk_tokens * store.d_model * 4
     need = check_memory([plan], loop, dev, reader_bytes)
@@ -226,6 +224,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         "adam_betas": list(plan.betas),
         "steered": plan.steered,
         "tokens": n_tokens,
+        "batch_size": loop.batch_size,
         "train_range": list(train_range),
         "eval_range": list(eval_range),
         "device": str(dev),
@@ -257,7 +256,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(out)  # --overwrite of a run (_prepare_out refused anything else)
         out.mkdir(parents=True)
     write_json_atomic(out / TRAIN_CONFIG_FILE, {"config": cfg.to_flat(), "resolved": resolved})
-    _header(cfg, plan, n_tokens, resolved)
+    _header(cfg, loop, plan, resolved)
     result = _run_live(trainer)
     if result.status != "done":
         console.print(
@@ -280,10 +279,10 @@ def _device(name: str) -> str:
     return name
 
 
-def _header(cfg: TrainConfig, plan: Any, n_tokens: int, resolved: dict[str, Any]) -> None:
+def _header(cfg: TrainConfig, loop: LoopConfig, plan: Any, resolved: dict[str, Any]) -> None:
     from .trainer import dead_window
 
-    m, loop = cfg.member, cfg.loop
+    m, n_tokens = cfg.member, loop.tokens
     steps = math.ceil(n_tokens / loop.batch_size)
     epochs = n_tokens / max(1, resolved["train_range"][1] - resolved["train_range"][0])
     console.print(

@@ -30,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "field_docs",
     "flat_keys",
+    "resolve_loop",
     "resolve_width",
 ]
 
@@ -67,9 +68,9 @@ class LoopConfig:
     """Settings shared by every member trained in one loop."""
 
     tokens: int = 0
-    """Training tokens (the reader loops over the store for several epochs); 0: max(2M, 20 epochs), see docs."""
-    batch_size: int = 4096
-    """Tokens per optimiser step."""
+    """Training tokens (the reader loops over the store); 0: one pass, but at least 300 steps, at most 50M tokens."""
+    batch_size: int = 0
+    """Tokens per optimiser step; 0: 4096, smaller on a small store (train tokens / 32, a power of two, >= 1024)."""
     seed: int = 0
     """Seed of the SAE init, the reader's shuffle and every other random choice."""
     eval_tokens: int = 0
@@ -138,8 +139,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         loop, m = self.loop, self.member
-        if loop.batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {loop.batch_size}")
+        if loop.batch_size < 0:
+            raise ConfigError(f"batch_size must be positive (or 0: automatic), got {loop.batch_size}")
         if loop.tokens < 0 or loop.eval_tokens < 0 or loop.checkpoint_every < 0:
             raise ConfigError("tokens, eval_tokens and checkpoint_every must be >= 0")
         if loop.autocast not in ("none", "bf16"):
@@ -153,6 +154,24 @@ class TrainConfig:
         if m.lr is not None and not (m.lr > 0 and math.isfinite(m.lr)):
             raise ConfigError(f"lr must be a positive number, got {m.lr}")
         resolve_width(m.width, 1)  # syntax check only
+
+
+DEFAULT_BATCH, MIN_AUTO_BATCH, BATCHES_PER_EPOCH = 4096, 1024, 32
+DEFAULT_MIN_STEPS, DEFAULT_MAX_TOKENS = 300, 50_000_000
+
+
+def resolve_loop(loop: LoopConfig, train_tokens: int) -> LoopConfig:
+    """Fill the automatic batch size and token count from the size of the training range.
+
+    Short runs need optimiser steps more than tokens per step (docs/training.md, "Defaults for short runs"): on a
+    small store the batch shrinks so that an epoch holds >= 32 steps, and the run lasts at least 300 steps
+    (several epochs; the reader loops)."""
+    batch = loop.batch_size
+    if batch == 0:
+        fit = 1 << max(0, (train_tokens // BATCHES_PER_EPOCH).bit_length() - 1)  # power of two <= tokens / 32
+        batch = max(MIN_AUTO_BATCH, min(DEFAULT_BATCH, fit))
+    tokens = loop.tokens or int(min(DEFAULT_MAX_TOKENS, max(train_tokens, DEFAULT_MIN_STEPS * batch)))
+    return dataclasses.replace(loop, batch_size=batch, tokens=tokens)
 
 
 def resolve_width(width: str | int, d_in: int) -> int:

@@ -143,9 +143,10 @@ def save_density_png(freq_F: Tensor | np.ndarray, path: str | Path, title: str =
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if hist["counts"]:
         edges = np.asarray(hist["log10_edges"])
-        ax.stairs(hist["counts"], edges, fill=True, alpha=0.8, label=f"alive; dead: {hist['dead']}")
+        alive = sum(hist["counts"])
+        ax.stairs(hist["counts"], edges, fill=True, alpha=0.8, label=f"{alive} alive, {hist['dead']} dead")
         ax.legend(loc="upper left")
-    ax.axvline(math.log10(DENSE_FREQ), color="red", lw=0.8, ls="--")
+    ax.axvline(math.log10(DENSE_FREQ), color="red", lw=0.8, ls="--", label="dense (10 %)")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.set_title(title, fontsize=9)

@@ -232,6 +232,10 @@ class Trainer:
     ) -> None:
         if not plans:
             raise TrainingError("nothing to train: no members")
+        if loop.batch_size <= 0:
+            raise TrainingError(
+                "the loop's batch size is automatic (0): resolve it with config.resolve_loop first"
+            )
         if len({p.name for p in plans}) != len(plans):
             raise TrainingError("member names must be distinct")
         self.plans, self.loop, self.reader = plans, loop, reader
@@ -450,6 +454,7 @@ class Trainer:
                 "sparsity_coef": m.sums.get("sparsity_coef", math.nan),
                 "tokens_per_s": tokens_per_s,
                 "elapsed_s": self.elapsed_s,
+                "data_wait_s": float(getattr(self.reader, "wait_seconds", math.nan)),
             }
             row.update({k: v / n for k, v in m.sums.items() if k.startswith("part_")})
             rows.append(row)

@@ -14,7 +14,7 @@ import torch
 from actcache.stats import RunningStats
 from actcache.store import FLAG_BOS, Store, StoreSpec, StoreWriter
 from sae_cli import data
-from sae_cli.config import LoopConfig, MemberConfig
+from sae_cli.config import LoopConfig, MemberConfig, resolve_loop
 from sae_cli.trainer import (
     METRICS_FILE,
     Trainer,
@@ -252,3 +252,14 @@ def test_input_scale_gives_unit_mean_squared_norm() -> None:
     assert float((c * x).pow(2).sum(-1).mean()) == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(TrainingError):
         input_scale(torch.zeros(3, 4))
+
+
+def test_automatic_batch_and_tokens_for_small_and_large_stores() -> None:
+    demo = resolve_loop(LoopConfig(), 36_864)  # the demo store: 40,960 tokens minus 4,096 held out
+    assert (demo.batch_size, demo.tokens) == (1024, 300 * 1024)
+    big = resolve_loop(LoopConfig(), 10_000_000)
+    assert (big.batch_size, big.tokens) == (4096, 10_000_000)
+    assert resolve_loop(LoopConfig(), 10**9).tokens == 50_000_000
+    assert resolve_loop(LoopConfig(batch_size=512, tokens=7), 10).tokens == 7
+    assert resolve_loop(LoopConfig(), 100).batch_size == 1024
+    assert resolve_loop(LoopConfig(), 65_536 * 2).batch_size == 4096
