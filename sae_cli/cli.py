@@ -125,6 +125,11 @@ def _resolve_flat(cli: dict[str, Any], config: Path | None, out: Path, resume: b
     return flat
 
 
+def _default_tokens(train_tokens: int, batch_size: int) -> int:
+    """The `sae train` default run length for a training range (config.resolve_loop); `sae sweep` uses it."""
+    return resolve_loop(LoopConfig(batch_size=batch_size), train_tokens).tokens
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch a folder that is not a run; --overwrite removes only runs (after all checks passed)."""
     from .trainer import CHECKPOINT_DIR
@@ -423,3 +428,17 @@ def _eval_table(r: dict[str, Any]) -> Table:
 
 
 _register_sweep(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
+
+
+def _register_commands() -> None:
+    """`sae sweep` and `sae pareto` live in sae_cli/cli_sweep.py (their own module); they join this app here."""
+    try:
+        from .cli_sweep import register
+    except ModuleNotFoundError as e:  # a checkout without the sweep module; any other error surfaces
+        if e.name != f"{__package__}.cli_sweep":
+            raise
+        return
+    register(app)
+
+
+_register_commands()
