@@ -13,7 +13,8 @@ contender is stepped on the same batch before the next batch is read, so all see
 order. The evaluation also drops BOS (as `sae eval`); FVU is also given without massive-norm tokens.
 
 Hyper-parameters (what we chose and why):
-- width 8x = 4608, batch 4096, the same token budget for every contender (--tokens);
+- width 8x = 4608; batch size and token budget as `sae train` chooses them for the store (sae_cli.config.
+  resolve_loop: on the 40,960-token demo store 300 steps of 1024 tokens), the same for every contender;
 - lr for every contender: 2e-4 / sqrt(d_sae / 2^14) (OpenAI / sparsify TopK heuristic; SAELens's default is
   3e-4, close at 4608 latents), linear warm-up over min(1000, 5 %) of the steps, linear decay to 0 over the
   last 20 % for SAELens (as ours does; sparsify's own schedule decays linearly over the whole run);
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site", default="resid_post")
     ap.add_argument("--width", type=int, default=4608, help="d_sae for every contender (8x of 576)")
     ap.add_argument("--k", default="32,64", help="comma-separated k / L0 targets")
-    ap.add_argument("--tokens", type=int, default=2_048_000, help="training tokens per contender")
-    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=0, help="training tokens per contender; 0: as `sae train`")
+    ap.add_argument("--batch", type=int, default=0, help="tokens per step; 0: as `sae train`")
     ap.add_argument(
         "--eval-tokens", type=int, default=0, help="held-out tokens; 0: as `sae train` (10 %%, <= 1M)"
     )
@@ -133,14 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from sae_cli import data
-    from sae_cli.config import LoopConfig
+    from sae_cli.config import LoopConfig, resolve_loop
 
     if not Path(args.store).exists():
         raise SystemExit(f"no store at {args.store}: harvest one (make demo) or pass --store PATH")
     store = data.open_store(args.store)
     key = (args.layer, args.site)
-    loop = LoopConfig(batch_size=args.batch, eval_tokens=args.eval_tokens, seed=args.seed)
     train_range, eval_range = data.split(store, args.eval_tokens)
+    # The same automatic batch size and run length as `sae train` on this store (sae_cli.config.resolve_loop).
+    loop = LoopConfig(batch_size=args.batch, tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed)
+    loop = resolve_loop(loop, train_range[1] - train_range[0])
+    args.batch, args.tokens = loop.batch_size, loop.tokens
     n_steps = max(1, math.ceil(args.tokens / args.batch))
     sample_BD = data.sample(store, [key], loop, train_range)[key]
     scale = peers.saelens_scaling_factor([sample_BD], sample_BD.shape[1])
