@@ -62,10 +62,11 @@ def race(
     warmup: int,
     steps: int,
     before_step: Callable[[Any, Tensor], object] | None = None,
-) -> dict[str, list[float] | str]:
+) -> dict[str, list[tuple[float, float]] | str]:
     """Interleave the contenders step by step on the same batches (so that other jobs on the machine slow
-    them alike); per-step seconds of the timed steps, or the error (one line) of a contender that failed."""
-    times: dict[str, list[float] | str] = {name: [] for name in contenders}
+    them alike); per timed step (wall seconds, process CPU seconds), or the error (one line) of a contender
+    that failed. CPU time (all threads of this process) does not count time spent waiting for a core."""
+    times: dict[str, list[tuple[float, float]] | str] = {name: [] for name in contenders}
     for i in range(warmup + steps):
         x = pool[i % len(pool)]
         for name, c in contenders.items():
@@ -73,14 +74,14 @@ def race(
                 continue
             if before_step is not None:
                 before_step(c, x)  # untimed
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 c.step(x)
             except Exception as e:  # a peer's mode that does not run here is a result, not a crash
                 times[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 continue
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)  # type: ignore[union-attr]
+                times[name].append((time.perf_counter() - t0, time.process_time() - c0))  # type: ignore[union-attr]
     return times
 
 
@@ -274,11 +275,16 @@ def main(argv: list[str] | None = None) -> int:
                     errors.append(f"{name} {variant} d_sae {d_sae} failed: {t}")
                     row[name] = float("nan")
                 else:
-                    row[name] = tok_s(args.batch, t)
+                    row[name] = tok_s(args.batch, [w for w, _ in t])
+                    row[f"{name}_cpu"] = tok_s(args.batch, [c for _, c in t])
             results.append(row)
             print(
                 f"  {variant:>14} d_sae {d_sae}: "
-                + ", ".join(f"{k} {fmt(v)} tok/s" for k, v in row.items() if k not in ("variant", "d_sae")),
+                + ", ".join(
+                    f"{k} {fmt(v)} tok/s"
+                    for k, v in row.items()
+                    if k not in ("variant", "d_sae") and "_cpu" not in k
+                ),
                 flush=True,
             )
     if results:
@@ -297,31 +303,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ok(v: float | None) -> bool:
+    return v is not None and v == v and v > 0
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per (variant, width): wall tokens/s of each library, ours / peer as wall-time and CPU-time ratios
+    (CPU time leaves out waiting for a core, steadier on a shared machine), and our target."""
     lines = [
-        "| variant | d_sae | ours tok/s | SAELens tok/s | sparsify tok/s | ratio | target |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| variant | d_sae | ours tok/s | SAELens tok/s | sparsify tok/s | ratio (wall) | ratio (CPU time) | target (wall) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in results:
-        ours, sl, sp = r.get("ours"), r.get("saelens"), r.get("sparsify")
-        sl_text = fmt(sl)
+        r = dict(r)
+        sl_text = fmt(r.get("saelens"))
         if "saelens_sparse" in r:
             # Compare with SAELens's faster setting, and show both.
-            sl_text = f"{fmt(sl)} (sparse acts: {fmt(r['saelens_sparse'])})"
-            sl = max(sl or 0.0, r["saelens_sparse"] if r["saelens_sparse"] == r["saelens_sparse"] else 0.0)
-        ratios = []
-        if ours and sl:
-            ratios.append(f"{ours / sl:.2f}x SAELens")
-        if ours and sp:
-            ratios.append(f"{ours / sp:.2f}x sparsify")
+            sl_text = f"{fmt(r.get('saelens'))} (sparse acts: {fmt(r['saelens_sparse'])})"
+            for suffix in ("", "_cpu"):
+                alt = r.get(f"saelens_sparse{suffix}")
+                if _ok(alt) and alt > (r.get(f"saelens{suffix}") or 0.0):
+                    r[f"saelens{suffix}"] = alt
+        ratio: dict[str, list[str]] = {"": [], "_cpu": []}
+        for suffix in ratio:
+            ours = r.get(f"ours{suffix}")
+            for peer, label in (("saelens", "SAELens"), ("sparsify", "sparsify")):
+                theirs = r.get(f"{peer}{suffix}")
+                if _ok(ours) and _ok(theirs):
+                    ratio[suffix].append(f"{ours / theirs:.2f}x {label}")
         target = ""
-        if r["variant"] in TARGETS and ours:
+        if r["variant"] in TARGETS and _ok(r.get("ours")):
             peer, want = TARGETS[r["variant"]]
-            have = {"SAELens": sl, "sparsify": sp}[peer]
-            if have:
-                target = f">= {want:g}x {peer}: {'met' if ours / have >= want else 'NOT met'}"
+            have = r.get({"SAELens": "saelens", "sparsify": "sparsify"}[peer])
+            if _ok(have):
+                target = f">= {want:g}x {peer}: {'met' if r['ours'] / have >= want else 'NOT met'}"
         lines.append(
-            f"| {r['variant']} | {r['d_sae']} | {fmt(ours)} | {sl_text} | {fmt(sp)} | {', '.join(ratios)} | {target} |"
+            f"| {r['variant']} | {r['d_sae']} | {fmt(r.get('ours'))} | {sl_text} | {fmt(r.get('sparsify'))} | "
+            f"{', '.join(ratio[''])} | {', '.join(ratio['_cpu'])} | {target} |"
         )
     return "\n".join(lines)
 
