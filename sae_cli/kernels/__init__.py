@@ -9,6 +9,8 @@ references live in `reference.py`; docs/kernels.md describes each kernel and the
                                                         if k/d_sae <= r_enc, else reference
     jumprelu, step    triton elementwise fwd + bwd      reference                              reference
     jumprelu_encode   matmul + triton threshold pass    reference                              reference
+    threshold_encode_decode  reference                  COO sparse decode + encoder backward   reference
+                                                        if the active density <= r_enc, else reference
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .reference import (
     topk_decode_ref,
     topk_encode_ref,
 )
+from .sparse_latents import CooDecode, ThresholdEncode, support
 from .sparse_topk import sparse_topk_decode, sparse_topk_encode
 
 logger = logging.getLogger(__name__)
@@ -138,12 +141,85 @@ def jumprelu_encode(
     return jumprelu_encode_ref(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth)
 
 
+def threshold_encode_decode_ref(
+    x_BD: Tensor,
+    W_enc_FD: Tensor,
+    b_enc_F: Tensor,
+    theta_F: Tensor | None,
+    bandwidth: float,
+    W_dec_FD: Tensor,
+    weight_F: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Dense reference of `threshold_encode_decode`."""
+    pre_BF = x_BD @ W_enc_FD.T + b_enc_F
+    return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
+
+
+def _threshold_dense(
+    pre_BF: Tensor, theta_F: Tensor | None, bandwidth: float, W_dec_FD: Tensor, weight_F: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    if theta_F is None:
+        acts_BF = torch.relu(pre_BF)
+        l0_B = (acts_BF > 0).sum(-1, dtype=torch.float32)
+    else:
+        acts_BF = jumprelu(pre_BF, theta_F, bandwidth)  # Triton on CUDA, else the reference
+        # fp32 sum: under bf16 autocast a bf16 count is not exact beyond 256
+        l0_B = step(pre_BF, theta_F, bandwidth).sum(-1, dtype=torch.float32)
+    x_hat_BD = acts_BF @ W_dec_FD
+    l1 = (acts_BF * weight_F).sum(-1).mean() if weight_F is not None else None
+    return x_hat_BD, l0_B, l1, (acts_BF != 0).sum(0).detach()
+
+
+def threshold_encode_decode(
+    x_BD: Tensor,
+    W_enc_FD: Tensor,
+    b_enc_F: Tensor,
+    theta_F: Tensor | None,
+    bandwidth: float,
+    W_dec_FD: Tensor,
+    weight_F: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """One training pass of a threshold rule: f = pre * 1[pre > theta] with pre = x W_enc^T + b_enc (JumpReLU with
+    its straight-through theta gradients; theta_F=None: ReLU, no theta). Returns (f W_dec [B, D] without the
+    decoder bias, L0 per token [B] fp32 (with theta's straight-through gradient for JumpReLU; detached for
+    ReLU), sum_F f * weight_F averaged over tokens (None without weight_F), fired count per latent [F]).
+
+    On CPU fp32 without autocast, when the pairs carrying gradient are at most CPU_SPARSE_ENCODE_MAX_DENSITY of
+    [B, F], everything after the encoder's forward matmul runs on those pairs only (`sparse_latents`); else,
+    on other devices and with SAE_KERNELS=eager, the dense reference (`threshold_encode_decode_ref`)."""
+    pre_BF = x_BD @ W_enc_FD.T + b_enc_F
+    fp32 = all(t.dtype == torch.float32 for t in (x_BD, W_enc_FD, b_enc_F, W_dec_FD))
+    if (
+        not fast_paths_enabled()
+        or x_BD.device.type != "cpu"
+        or x_BD.dim() != 2
+        or not fp32
+        or torch.is_autocast_enabled(x_BD.device.type)
+    ):
+        return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
+    with torch.no_grad():
+        mask_BF = support(pre_BF, theta_F, bandwidth)
+        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)  # row-major: rows sorted
+    if rows_N.numel() > CPU_SPARSE_ENCODE_MAX_DENSITY * mask_BF.numel():
+        return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
+    del mask_BF
+    vals_N, l0_B = ThresholdEncode.apply(
+        x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, pre_BF.detach(), rows_N, cols_N
+    )
+    x_hat_BD = CooDecode.apply(rows_N, cols_N, vals_N, W_dec_FD, x_BD.shape[0])
+    l1 = (vals_N * weight_F[cols_N]).sum() / x_BD.shape[0] if weight_F is not None else None
+    fired_F = torch.bincount(cols_N[vals_N.detach() != 0], minlength=W_enc_FD.shape[0])
+    return x_hat_BD, l0_B, l1, fired_F
+
+
 __all__ = [
     "fast_paths_enabled",
     "jumprelu",
     "jumprelu_encode",
     "kernel_path",
     "step",
+    "threshold_encode_decode",
+    "threshold_encode_decode_ref",
     "topk_decode",
     "topk_encode",
 ]

@@ -88,6 +88,10 @@ def aux_residual_loss_from_pre(
     back as -1 and are clamped to 0. No host synchronisation (no data-dependent shapes)."""
     if eligible_F is None or k_aux <= 0:
         return pre_BF.new_zeros(())
+    # No eligible (dead) latent, the usual case: skip the second top-k over [B, F] and the aux decode (about 20 %
+    # of a BatchTopK step, docs/benchmarks.md "Training speed"). One host sync, as SAELens's check.
+    if not bool(eligible_F.any()):
+        return pre_BF.new_zeros(())
     masked_BF = pre_BF.masked_fill(~eligible_F, -1.0)
     vals_BK, idx_BK = masked_BF.topk(min(k_aux, pre_BF.shape[1]), dim=-1, sorted=False)
     loss = _residual_fvu(idx_BK, vals_BK.clamp_min(0.0), W_dec_FD, residual_BD)

@@ -59,15 +59,14 @@ class JumpReLUSAE(SAE):
         return pre_BF * (pre_BF > self.theta_F)
 
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
-        pre_BF = self.pre_acts(x_BD)
-        bw = self.opts.bandwidth
-        acts_BF = kernels.jumprelu(pre_BF, self.theta_F, bw)
-        x_hat_BD = self.decode(acts_BF)
+        # f W_dec and L0 per token (fp32) in one pass; sparse after the encoder matmul at low L0 (kernels)
+        x_hat_BD, l0_B, _, fired_F = kernels.threshold_encode_decode(
+            x_BD, self.W_enc_FD, self.b_enc_F, self.theta_F, self.opts.bandwidth, self.W_dec_FD
+        )
+        x_hat_BD = x_hat_BD + self.b_dec_D
         mse = C.mse(x_hat_BD, x_BD)
-        # fp32 sum: under bf16 autocast a bf16 count is not exact beyond 256
-        l0_penalty = kernels.step(pre_BF, self.theta_F, bw).sum(-1, dtype=torch.float32).mean()
+        l0_penalty = l0_B.mean()
         loss = mse + state.sparsity_coef * l0_penalty
-        fired_F = C.fired_from_dense(acts_BF)
         l0 = fired_F.sum().float() / x_BD.shape[0]
         return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": l0_penalty.detach()}, l0, fired_F)
 

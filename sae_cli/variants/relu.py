@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -39,12 +40,13 @@ class ReLUSAE(SAE):
         return torch.relu(x_BD @ self.W_enc_FD.T + self.b_enc_F)
 
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
-        acts_BF = self.encode(x_BD)
-        x_hat_BD = self.decode(acts_BF)
+        # sparse after the encoder matmul once few latents fire (kernels.threshold_encode_decode; dense at init)
+        x_hat_BD, _, sparsity, fired_F = kernels.threshold_encode_decode(
+            x_BD, self.W_enc_FD, self.b_enc_F, None, 0.0, self.W_dec_FD, self.W_dec_FD.norm(dim=1)
+        )
+        x_hat_BD = x_hat_BD + self.b_dec_D
         mse = C.mse(x_hat_BD, x_BD)
-        sparsity = (acts_BF * self.W_dec_FD.norm(dim=1)).sum(-1).mean()
         loss = mse + state.sparsity_coef * sparsity
-        fired_F = C.fired_from_dense(acts_BF)
         l0 = fired_F.sum().float() / x_BD.shape[0]
         return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": sparsity.detach()}, l0, fired_F)
 

@@ -1,0 +1,155 @@
+"""Sparse training path of the threshold rules (JumpReLU, ReLU): only the encoder's forward matmul is dense.
+
+After the nonlinearity the latents are sparse at the L0 a model trains at (32-64 of 4608), so the decoder, the
+decoder's backward and the encoder's backward need only the (token, latent) pairs that carry gradient. They are
+kept as a flat COO list in row-major order (`nonzero` of a [B, F] mask): rows_N, cols_N (int64), and the products
+are embedding bags over it:
+
+    combine    y[b]      = sum_{n: rows[n] = b} v[n] W[cols[n]]     embedding_bag, bags = tokens
+    row_dots   out[n]    = W[cols[n]] . g[rows[n]]                   its per_sample_weights gradient
+    scatter    G[f]      = sum_{n: cols[n] = f} v[n] X[rows[n]]      sort by latent, bags = latents
+
+The support of a JumpReLU is {pre > theta} plus the rectangle window {|pre - theta| / eps < 1/2} (arXiv
+2407.14435, eq. 11-12): entries in the window but below theta output 0 yet their output gradient feeds theta's
+straight-through estimate, so they are kept with value 0 (they add nothing to the decode). ReLU is theta = 0
+without the theta gradient. Above a density of `CPU_SPARSE_*_MAX_DENSITY` (ReLU at init fires on half the
+latents) the caller takes the dense reference instead (`kernels.threshold_encode_decode`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _offsets(sorted_keys_N: Tensor, n_bags: int) -> Tensor:
+    return torch.searchsorted(sorted_keys_N, torch.arange(n_bags, device=sorted_keys_N.device))
+
+
+def coo_combine(rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, W_FD: Tensor, n_rows: int) -> Tensor:
+    """y[b] = sum over n with rows[n] = b of vals[n] * W[cols[n]]: [n_rows, D]; rows_N sorted ascending."""
+    return F.embedding_bag(
+        cols_N, W_FD, _offsets(rows_N, n_rows), mode="sum", per_sample_weights=vals_N.to(W_FD.dtype)
+    )
+
+
+def coo_row_dots(rows_N: Tensor, cols_N: Tensor, W_FD: Tensor, g_BD: Tensor) -> Tensor:
+    """out[n] = W[cols[n]] . g[rows[n]] ([N]) through embedding_bag's fused per_sample_weights backward (no
+    [N, D] intermediate; cpu_sparse.row_dots does the same for a padded [B, K] list)."""
+    with torch.enable_grad():
+        ones_N = torch.ones(cols_N.shape, dtype=g_BD.dtype, device=g_BD.device, requires_grad=True)
+        bag_BD = F.embedding_bag(
+            cols_N,
+            W_FD.detach().to(g_BD.dtype),
+            _offsets(rows_N, g_BD.shape[0]),
+            mode="sum",
+            per_sample_weights=ones_N,
+        )
+        (out_N,) = torch.autograd.grad(bag_BD, ones_N, g_BD)
+    return out_N
+
+
+def coo_scatter(rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, X_BD: Tensor, n_cols: int) -> Tensor:
+    """G[f] = sum over n with cols[n] = f of vals[n] * X[rows[n]]: [n_cols, D]. A stable sort keeps each latent's
+    pairs in token order (deterministic sums)."""
+    sorted_cols, perm = cols_N.sort(stable=True)
+    return F.embedding_bag(
+        rows_N[perm],
+        X_BD,
+        _offsets(sorted_cols, n_cols),
+        mode="sum",
+        per_sample_weights=vals_N[perm].to(X_BD.dtype),
+    )
+
+
+class CooDecode(torch.autograd.Function):
+    """x_hat (no bias) = combine(rows, cols, vals, W_dec); gradients to vals and W_dec."""
+
+    @staticmethod
+    def forward(ctx, rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, W_dec_FD: Tensor, n_rows: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows_N, cols_N, vals_N, W_dec_FD)
+        return coo_combine(rows_N, cols_N, vals_N, W_dec_FD, n_rows)
+
+    @staticmethod
+    def backward(ctx, grad_BD: Tensor):  # type: ignore[override]
+        rows_N, cols_N, vals_N, W_dec_FD = ctx.saved_tensors
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[2]:
+            grad_vals = coo_row_dots(rows_N, cols_N, W_dec_FD, grad_BD).to(vals_N.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_W = coo_scatter(rows_N, cols_N, vals_N, grad_BD.to(W_dec_FD.dtype), W_dec_FD.shape[0])
+        return None, None, grad_vals, grad_W, None
+
+
+class ThresholdEncode(torch.autograd.Function):
+    """(vals_N, l0_B) of f = pre * 1[pre > theta] on the support (rows_N, cols_N), given the pre-activations
+    pre = x W_enc^T + b_enc (computed by the caller, passed detached). Backward: the pre gradient is
+    grad_vals * 1[pre > theta] on the support only, so dL/dx, dL/dW_enc and dL/db_enc are sparse products;
+    theta (when given) gets the rectangle-kernel straight-through terms of both f and L0 = sum_F H(pre - theta)
+    (kernels.reference._JumpReLU and _Step), summed per latent over the window pairs."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_BD: Tensor,
+        W_enc_FD: Tensor,
+        b_enc_F: Tensor,
+        theta_F: Tensor | None,
+        bandwidth: float,
+        pre_BF: Tensor,
+        rows_N: Tensor,
+        cols_N: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        pre_N = pre_BF[rows_N, cols_N]
+        if theta_F is None:
+            act_N = pre_N > 0
+            l0_B = (pre_BF > 0).sum(-1, dtype=torch.float32)
+        else:
+            act_N = pre_N > theta_F[cols_N]
+            l0_B = (pre_BF > theta_F).sum(-1, dtype=torch.float32)
+        vals_N = pre_N * act_N
+        ctx.save_for_backward(x_BD, W_enc_FD, rows_N, cols_N, pre_N, act_N, theta_F)
+        ctx.bandwidth = bandwidth
+        ctx.b_dtype = b_enc_F.dtype
+        ctx.has_theta = theta_F is not None
+        if theta_F is None:
+            ctx.mark_non_differentiable(l0_B)
+        return vals_N, l0_B
+
+    @staticmethod
+    def backward(ctx, grad_vals_N: Tensor, grad_l0_B: Tensor | None):  # type: ignore[override]
+        x_BD, W_enc_FD, rows_N, cols_N, pre_N, act_N, theta_F = ctx.saved_tensors
+        n_rows, n_lat = x_BD.shape[0], W_enc_FD.shape[0]
+        if grad_vals_N is None:
+            grad_vals_N = pre_N.new_zeros(pre_N.shape)
+        g_N = grad_vals_N * act_N
+        grad_x = grad_W = grad_b = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = coo_combine(rows_N, cols_N, g_N, W_enc_FD, n_rows).to(x_BD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = coo_scatter(rows_N, cols_N, g_N, x_BD.to(W_enc_FD.dtype), n_lat)
+        if ctx.needs_input_grad[2]:
+            grad_b = (
+                g_N.new_zeros(n_lat, dtype=torch.float32).index_add_(0, cols_N, g_N.float()).to(ctx.b_dtype)
+            )
+        if ctx.has_theta and ctx.needs_input_grad[3]:
+            eps = ctx.bandwidth
+            theta_N = theta_F[cols_N]
+            win_N = ((pre_N - theta_N) / eps).abs() < 0.5
+            # d f / d theta = -(theta / eps) K(.), d H / d theta = -(1 / eps) K(.) (reference._JumpReLU, _Step)
+            per_N = -(theta_N / eps) * grad_vals_N
+            if grad_l0_B is not None:
+                per_N = per_N - grad_l0_B[rows_N] / eps
+            per_N = torch.where(win_N, per_N, torch.zeros_like(per_N))
+            grad_theta = torch.zeros_like(theta_F, dtype=torch.float32).index_add_(0, cols_N, per_N.float())
+            grad_theta = grad_theta.to(theta_F.dtype)
+        return grad_x, grad_W, grad_b, grad_theta, None, None, None, None
+
+
+def support(pre_BF: Tensor, theta_F: Tensor | None, bandwidth: float) -> Tensor:
+    """[B, F] bool: the pairs that carry gradient (active, plus theta's rectangle window)."""
+    if theta_F is None:
+        return pre_BF > 0
+    u_BF = (pre_BF - theta_F) / bandwidth
+    return (pre_BF > theta_F) | (u_BF.abs() < 0.5)

@@ -1,0 +1,113 @@
+"""Parity of the sparse threshold training path (kernels.threshold_encode_decode, sae_cli/kernels/sparse_latents.py)
+with its dense reference: forward and every gradient (x, W_enc, b_enc, theta, W_dec), fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_cli import kernels
+from sae_cli.kernels import sparse_latents as SL
+
+B, D, F_ = 64, 24, 96
+
+
+def _inputs(seed: int, theta: bool, density: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g)
+    W_enc = torch.randn(F_, D, generator=g) / D**0.5
+    W_dec = torch.randn(F_, D, generator=g) / D**0.5
+    pre = x @ W_enc.T
+    # a per-latent bias that puts each latent's (1 - density) quantile at 0: about density*B*F active pairs
+    b_enc = -pre.quantile(1 - density, dim=0)
+    th = None
+    if theta:
+        th = torch.full((F_,), 0.05)
+        b_enc = b_enc + 0.05
+    ps = [x, W_enc, b_enc, W_dec] + ([th] if theta else [])
+    return [p.clone().requires_grad_(True) for p in ps]
+
+
+def _run(fn, params, theta: bool, bw: float, weighted: bool):
+    x, W_enc, b_enc, W_dec = params[:4]
+    th = params[4] if theta else None
+    weight = W_dec.norm(dim=1) if weighted else None
+    x_hat, l0, l1, fired = fn(x, W_enc, b_enc, th, bw, W_dec, weight)
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(x_hat.shape, generator=g)
+    loss = (x_hat - target).pow(2).sum() + 0.3 * l0.mean() if theta else (x_hat - target).pow(2).sum()
+    if l1 is not None:
+        loss = loss + 0.7 * l1
+    grads = torch.autograd.grad(loss, params)
+    return x_hat.detach(), l0.detach(), None if l1 is None else l1.detach(), fired, grads
+
+
+@pytest.mark.parametrize("theta", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_sparse_matches_dense(theta: bool, weighted: bool) -> None:
+    # bandwidth wide enough that many inactive pairs sit in theta's rectangle window
+    bw = 0.2
+    ref = _run(kernels.threshold_encode_decode_ref, _inputs(0, theta), theta, bw, weighted)
+    params = _inputs(0, theta)
+    with torch.no_grad():
+        x, W_enc, b_enc = params[:3]
+        mask = SL.support(x @ W_enc.T + b_enc, params[4] if theta else None, bw)
+        assert 0 < mask.float().mean() <= kernels.CPU_SPARSE_ENCODE_MAX_DENSITY  # the sparse path is taken
+        if theta:
+            window = ((x @ W_enc.T + b_enc - params[4]) / bw).abs() < 0.5
+            assert window.sum() > 50  # the theta gradient is exercised on many pairs
+    out = _run(kernels.threshold_encode_decode, params, theta, bw, weighted)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], ref[1])
+    if weighted:
+        torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[3], ref[3])
+    for a, b in zip(out[4], ref[4], strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_with_no_active_latent() -> None:
+    params = _inputs(1, theta=True)
+    with torch.no_grad():
+        params[0][:5] = 0.0  # pre = b_enc: rows 0-4 fire only where b_enc > theta (few or none)
+    ref = _run(
+        kernels.threshold_encode_decode_ref,
+        [p.detach().clone().requires_grad_(True) for p in params],
+        True,
+        0.001,
+        False,
+    )
+    out = _run(kernels.threshold_encode_decode, params, True, 0.001, False)
+    assert (out[1][:5] == ref[1][:5]).all()
+    assert (ref[1] == 0).any()
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[4], ref[4], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_fallback_above_threshold(monkeypatch) -> None:
+    calls = []
+    real = SL.ThresholdEncode.apply
+    monkeypatch.setattr(SL.ThresholdEncode, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels.ThresholdEncode, "apply", SL.ThresholdEncode.apply)
+    _run(kernels.threshold_encode_decode, _inputs(2, False, density=0.5), False, 0.001, True)
+    assert calls == []  # half the latents active: dense
+    _run(kernels.threshold_encode_decode, _inputs(2, False, density=0.05), False, 0.001, True)
+    assert calls == [1]
+    monkeypatch.setenv("SAE_KERNELS", "eager")
+    _run(kernels.threshold_encode_decode, _inputs(2, False, density=0.05), False, 0.001, True)
+    assert calls == [1]  # eager: the reference
+
+
+def test_coo_products_with_duplicate_latents() -> None:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.tensor([0, 0, 1, 1, 1, 3])
+    cols = torch.tensor([2, 2, 0, 5, 2, 5])  # latent 2 twice in row 0; row 2 empty
+    vals = torch.randn(6, generator=g)
+    W = torch.randn(6, 4, generator=g)
+    X = torch.randn(4, 4, generator=g)
+    dense = torch.zeros(4, 6).index_put_((rows, cols), vals, accumulate=True)
+    torch.testing.assert_close(SL.coo_combine(rows, cols, vals, W, 4), dense @ W)
+    torch.testing.assert_close(SL.coo_row_dots(rows, cols, W, X), (W[cols] * X[rows]).sum(-1))
+    torch.testing.assert_close(SL.coo_scatter(rows, cols, vals, X, 6), dense.T @ X)
