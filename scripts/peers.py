@@ -17,6 +17,13 @@ peer's own classes:
   sparsify defaults to SignSGD + schedule-free; we use its `optimizer="adam"` branch (torch Adam, lr
   2e-4 / sqrt(d_sae / 2^14)) so that every library runs the same optimiser.
 
+- ours: `OursAdapter` drives our real `sae_cli.trainer.Trainer` (its loop body, `Trainer._step`) behind the
+  same interface (`step`, `finish`, `reconstruct`), so that one loop can interleave every contender on the same
+  batches; `LoadedSAE` wraps a finished `sae train` run folder for evaluation.
+
+Also here, for both bench scripts: `activation_pool` (batches from a store through our ActivationReader, or
+synthetic), `saelens_scaling_factor`, `header` (machine, command, date, versions above every table).
+
 `SPARSIFY_DISABLE_TRITON=1` is set before sparsify is imported: with triton installed on a machine with no
 GPU, sparsify's Triton decoder crashes.
 """
