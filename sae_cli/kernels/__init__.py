@@ -141,6 +141,39 @@ def jumprelu_encode(
     return jumprelu_encode_ref(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth)
 
 
+def sparse_latents_ok(x_BD: Tensor, *weights: Tensor) -> bool:
+    """Whether the COO latent paths (`sparse_latents`) may run: fast paths on, CPU, a 2-D batch, fp32 throughout
+    and no autocast (the dense references keep every other case, CUDA included)."""
+    return (
+        fast_paths_enabled()
+        and x_BD.device.type == "cpu"
+        and x_BD.dim() == 2
+        and all(t.dtype == torch.float32 for t in (x_BD, *weights))
+        and not torch.is_autocast_enabled(x_BD.device.type)
+    )
+
+
+def batch_topk_encode_decode(
+    x_in_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor, n_keep: int, W_dec_FD: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK's training pass without AuxK: keep the n_keep largest entries of ReLU(x_in W_enc^T + b_enc) over
+    the whole [B, F] matrix (the same flat top-k as the variant's dense `select`, so the same pairs); returns
+    (f W_dec [B, D] without bias, the kept values [n_keep] detached (for the threshold cut-off), fired count per
+    latent [F]). Everything after the encoder matmul and the selection runs on the kept pairs: decode and
+    encoder backward as COO products (`sparse_latents`). The caller checks `sparse_latents_ok` and takes its
+    dense path otherwise (and whenever the AuxK term needs the full pre-activations)."""
+    pre_BF = x_in_BD @ W_enc_FD.T + b_enc_F
+    n_lat = W_enc_FD.shape[0]
+    with torch.no_grad():
+        vals_N, idx_N = torch.relu(pre_BF).flatten().topk(n_keep, sorted=False)
+        idx_N = idx_N.sort().values  # row-major, as the bags need
+        rows_N, cols_N = idx_N // n_lat, idx_N % n_lat
+    f_N, _ = ThresholdEncode.apply(x_in_BD, W_enc_FD, b_enc_F, None, 0.0, pre_BF.detach(), rows_N, cols_N)
+    x_hat_BD = CooDecode.apply(rows_N, cols_N, f_N, W_dec_FD, x_in_BD.shape[0])
+    fired_F = torch.bincount(cols_N[f_N.detach() != 0], minlength=n_lat)
+    return x_hat_BD, vals_N, fired_F
+
+
 def threshold_encode_decode_ref(
     x_BD: Tensor,
     W_enc_FD: Tensor,
@@ -188,14 +221,7 @@ def threshold_encode_decode(
     [B, F], everything after the encoder's forward matmul runs on those pairs only (`sparse_latents`); else,
     on other devices and with SAE_KERNELS=eager, the dense reference (`threshold_encode_decode_ref`)."""
     pre_BF = x_BD @ W_enc_FD.T + b_enc_F
-    fp32 = all(t.dtype == torch.float32 for t in (x_BD, W_enc_FD, b_enc_F, W_dec_FD))
-    if (
-        not fast_paths_enabled()
-        or x_BD.device.type != "cpu"
-        or x_BD.dim() != 2
-        or not fp32
-        or torch.is_autocast_enabled(x_BD.device.type)
-    ):
+    if not sparse_latents_ok(x_BD, W_enc_FD, b_enc_F, W_dec_FD):
         return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
     with torch.no_grad():
         mask_BF = support(pre_BF, theta_F, bandwidth)
@@ -217,6 +243,8 @@ __all__ = [
     "jumprelu",
     "jumprelu_encode",
     "kernel_path",
+    "batch_topk_encode_decode",
+    "sparse_latents_ok",
     "step",
     "threshold_encode_decode",
     "threshold_encode_decode_ref",

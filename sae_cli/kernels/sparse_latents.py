@@ -102,12 +102,9 @@ class ThresholdEncode(torch.autograd.Function):
         cols_N: Tensor,
     ) -> tuple[Tensor, Tensor]:
         pre_N = pre_BF[rows_N, cols_N]
-        if theta_F is None:
-            act_N = pre_N > 0
-            l0_B = (pre_BF > 0).sum(-1, dtype=torch.float32)
-        else:
-            act_N = pre_N > theta_F[cols_N]
-            l0_B = (pre_BF > theta_F).sum(-1, dtype=torch.float32)
+        act_N = pre_N > 0 if theta_F is None else pre_N > theta_F[cols_N]
+        # every active pair is in the support: count them there, not over [B, F]
+        l0_B = torch.bincount(rows_N[act_N], minlength=x_BD.shape[0]).to(torch.float32)
         vals_N = pre_N * act_N
         ctx.save_for_backward(x_BD, W_enc_FD, rows_N, cols_N, pre_N, act_N, theta_F)
         ctx.bandwidth = bandwidth

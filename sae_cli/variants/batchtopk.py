@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -73,7 +74,31 @@ class BatchTopKSAE(SAE):
         x_hat_BD = self.decode(acts_BF)
         return C.mse(x_hat_BD, x_BD), x_hat_BD, {}
 
+    def _sparse_training_loss(self, x_BD: Tensor) -> LossOutput:
+        """The training loss while AuxK is off (no eligible latent), on the kept pairs only (kernels)."""
+        n_keep = min(self.k * x_BD.shape[0], x_BD.shape[0] * self.cfg.d_sae)
+        x_hat_BD, vals_N, fired_F = kernels.batch_topk_encode_decode(
+            x_BD - self.b_dec_D, self.W_enc_FD, self.b_enc_F, n_keep, self.W_dec_FD
+        )
+        self._pending_cutoff = C.smallest_positive(vals_N, dim=0)
+        x_hat_BD = x_hat_BD + self.b_dec_D
+        mse = C.mse(x_hat_BD, x_BD)
+        l0 = fired_F.sum().float() / x_BD.shape[0]
+        parts = {"mse": mse.detach(), "aux": x_BD.new_zeros(())}
+        return LossOutput(mse, x_hat_BD, parts, l0, fired_F)
+
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
+        eligible_F = self.aux_eligible(state)
+        # The sparse pass computes this class's own rule and loss: subclasses that change them stay dense.
+        plain = type(self).select is BatchTopKSAE.select and type(self).recon_loss is BatchTopKSAE.recon_loss
+        if (
+            plain
+            and kernels.sparse_latents_ok(x_BD, self.W_enc_FD, self.b_enc_F, self.W_dec_FD)
+            and self.k / self.cfg.d_sae <= kernels.CPU_SPARSE_DECODE_MAX_DENSITY
+            and eligible_F is not None  # None (no dead-latent bookkeeping, direct calls): dense reference
+            and (self.k_aux <= 0 or not bool(eligible_F.any()))
+        ):
+            return self._sparse_training_loss(x_BD)
         pre_BF = self.pre_acts(x_BD - self.b_dec_D)
         acts_BF, cutoff = self.select(pre_BF)
         self._pending_cutoff = cutoff
