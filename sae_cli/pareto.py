@@ -52,14 +52,36 @@ def plot_sweep(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
                 log.info("no %s values for layer %d %s: no chart", metric, layer, site)
                 continue
             path = chart_path(folder, layer, site, metric)
-            plot_chart(group, metric, label, f"layer {layer} {site}", path)
+            plot_chart(group, metric, label, f"layer {layer} {site}", path, useless_level(group, metric))
             written.append(path)
     return written
 
 
-def plot_chart(rows: list[dict[str, Any]], metric: str, label: str, title: str, path: Path) -> None:
+def useless_level(rows: list[dict[str, Any]], metric: str) -> tuple[float, str] | None:
+    """The value at which an SAE explains nothing, with its label: FVU 1 (the mean predicts as well) and, for the
+    delta LM loss, zeroing the site (CE recovered 0; the mean over members of the measured zero-ablation delta)."""
+    if metric == "fvu":
+        return 1.0, "FVU 1: no better than the mean"
+    if metric == "delta_lm_loss":
+        zs = [r["ce_zero_ablation"] - r["ce_clean"] for r in rows if _finite(r.get("ce_zero_ablation"))]
+        zs = [z for z in zs if math.isfinite(z)]
+        if zs:
+            return sum(zs) / len(zs), "zero ablation of the site"
+    return None
+
+
+def plot_chart(
+    rows: list[dict[str, Any]],
+    metric: str,
+    label: str,
+    title: str,
+    path: Path,
+    useless: tuple[float, str] | None = None,
+) -> None:
     """Measured L0 (log x) against `metric`: one colour and marker per variant, one line per (variant, width)
-    through its L0 targets, the Pareto frontier over all of them as a black staircase."""
+    through its L0 targets, the Pareto frontier over all of them as a black staircase. `useless` (value, label):
+    drawn as a dashed line; members beyond it (short or failed runs) are left above the chart, with a count, so
+    that they do not squash the useful range."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator
@@ -104,6 +126,17 @@ def plot_chart(rows: list[dict[str, Any]], metric: str, label: str, title: str, 
         fx, fy = [pts[i]["l0"] for i in front], [pts[i][metric] for i in front]
         ax.step(fx, fy, where="post", color="black", linewidth=1.2, alpha=0.6, label="Pareto frontier")
         ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
+    if useless is not None:
+        level, text = useless
+        ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=text)
+        above = [r for r in pts if r[metric] > 1.05 * level]
+        if above and len(above) < len(pts):
+            lo = min(0.0, min(r[metric] for r in pts))
+            ax.set_ylim(lo, 1.08 * level)
+            ax.text(
+                0.99, 0.98, f"{len(above)} member(s) above the chart", transform=ax.transAxes, ha="right",
+                va="top", fontsize=8, color="grey",
+            )  # fmt: skip
     ax.set_xscale("log")
     # Plain numbers (20, 50, 100) on the log axis instead of 2 x 10^1.
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))

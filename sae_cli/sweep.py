@@ -49,7 +49,8 @@ MEMORY_MARGIN = 0.9
 # Columns of the summary table, in order (eval.json keys; LM columns only when the model was run).
 SUMMARY_COLUMNS = (
     "name", "layer", "site", "variant", "d_sae", "l0_target", "l0", "fvu", "mse", "dead_pct", "dense_pct",
-    "shrinkage", "delta_lm_loss", "ce_recovered", "kl_clean_spliced", "train_tokens", "eval_tokens",
+    "shrinkage", "delta_lm_loss", "ce_recovered", "kl_clean_spliced", "ce_clean", "ce_zero_ablation",
+    "train_tokens", "eval_tokens",
 )  # fmt: skip
 
 
