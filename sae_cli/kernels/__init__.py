@@ -31,7 +31,7 @@ from .reference import (
     topk_decode_ref,
     topk_encode_ref,
 )
-from .sparse_latents import CooDecode, ThresholdEncode, support
+from .sparse_latents import CooDecode, GatedEncode, ThresholdEncode, support
 from .sparse_topk import sparse_topk_decode, sparse_topk_encode
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,61 @@ def batch_topk_encode_decode(
     return x_hat_BD, vals_N, fired_F
 
 
+def gated_encode_decode(
+    x_in_BD: Tensor,
+    W_FD: Tensor,
+    b_gate_F: Tensor,
+    r_mag_F: Tensor,
+    b_mag_F: Tensor,
+    W_dec_FD: Tensor,
+    weight_F: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gated SAE training pass (arXiv 2404.16014, weight tying): with proj = x_in W^T, f = 1[proj + b_gate > 0]
+    ReLU(exp(r_mag) proj + b_mag). Returns (f W_dec, sum_F ReLU(gate) weight_F averaged over tokens,
+    ReLU(gate) sg(W_dec), fired count per latent [F]); both products without bias. On CPU fp32 with at most
+    CPU_SPARSE_ENCODE_MAX_DENSITY of the gates open, everything after the matmul runs on the open gates
+    (`sparse_latents.GatedEncode`); else the dense reference (`gated_encode_decode_ref`)."""
+    proj_BF = x_in_BD @ W_FD.T
+    if sparse_latents_ok(x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_FD):
+        with torch.no_grad():
+            rows_N, cols_N = ((proj_BF + b_gate_F) > 0).nonzero(as_tuple=True)
+        if rows_N.numel() <= CPU_SPARSE_ENCODE_MAX_DENSITY * proj_BF.numel():
+            f_N, gate_N = GatedEncode.apply(
+                x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, proj_BF.detach(), rows_N, cols_N
+            )
+            n = x_in_BD.shape[0]
+            x_hat_BD = CooDecode.apply(rows_N, cols_N, f_N, W_dec_FD, n)
+            sparsity = (gate_N * weight_F[cols_N]).sum() / n
+            x_frozen_BD = CooDecode.apply(rows_N, cols_N, gate_N, W_dec_FD.detach(), n)
+            fired_F = torch.bincount(cols_N[f_N.detach() != 0], minlength=W_FD.shape[0])
+            return x_hat_BD, sparsity, x_frozen_BD, fired_F
+    return _gated_dense(proj_BF, b_gate_F, r_mag_F, b_mag_F, W_dec_FD, weight_F)
+
+
+def gated_encode_decode_ref(
+    x_in_BD: Tensor,
+    W_FD: Tensor,
+    b_gate_F: Tensor,
+    r_mag_F: Tensor,
+    b_mag_F: Tensor,
+    W_dec_FD: Tensor,
+    weight_F: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dense reference of `gated_encode_decode`."""
+    return _gated_dense(x_in_BD @ W_FD.T, b_gate_F, r_mag_F, b_mag_F, W_dec_FD, weight_F)
+
+
+def _gated_dense(
+    proj_BF: Tensor, b_gate_F: Tensor, r_mag_F: Tensor, b_mag_F: Tensor, W_dec_FD: Tensor, weight_F: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gate_BF, mag_BF = proj_BF + b_gate_F, proj_BF * r_mag_F.exp() + b_mag_F
+    acts_BF = (gate_BF > 0) * torch.relu(mag_BF)
+    gate_pos_BF = torch.relu(gate_BF)
+    sparsity = (gate_pos_BF * weight_F).sum(-1).mean()
+    fired_F = (acts_BF != 0).sum(0).detach()
+    return acts_BF @ W_dec_FD, sparsity, gate_pos_BF @ W_dec_FD.detach(), fired_F
+
+
 def threshold_encode_decode_ref(
     x_BD: Tensor,
     W_enc_FD: Tensor,
@@ -240,6 +295,8 @@ def threshold_encode_decode(
 
 __all__ = [
     "fast_paths_enabled",
+    "gated_encode_decode",
+    "gated_encode_decode_ref",
     "jumprelu",
     "jumprelu_encode",
     "kernel_path",

@@ -150,3 +150,56 @@ def support(pre_BF: Tensor, theta_F: Tensor | None, bandwidth: float) -> Tensor:
         return pre_BF > 0
     u_BF = (pre_BF - theta_F) / bandwidth
     return (pre_BF > theta_F) | (u_BF.abs() < 0.5)
+
+
+class GatedEncode(torch.autograd.Function):
+    """Gated SAE (arXiv 2404.16014) on the support {pi_gate > 0} (rows_N, cols_N), given proj = (x - b_dec) W^T
+    (passed detached): returns f_N = ReLU(pi_mag) and ReLU(pi_gate)_N = pi_gate on the support, with
+    pi_gate = proj + b_gate and pi_mag = exp(r_mag) proj + b_mag. f is 0 off the support (the gate is closed),
+    ReLU(pi_gate) too, and neither passes gradient there, so the backward is sparse: the proj gradient is
+    dL/dgate_pos + dL/df 1[pi_mag > 0] exp(r_mag), then dL/dx and dL/dW as COO products."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_BD: Tensor,
+        W_FD: Tensor,
+        b_gate_F: Tensor,
+        r_mag_F: Tensor,
+        b_mag_F: Tensor,
+        proj_BF: Tensor,
+        rows_N: Tensor,
+        cols_N: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        proj_N = proj_BF[rows_N, cols_N]
+        scale_N = r_mag_F.exp()[cols_N]
+        mag_N = proj_N * scale_N + b_mag_F[cols_N]
+        gate_N = proj_N + b_gate_F[cols_N]
+        f_N = torch.relu(mag_N)
+        ctx.save_for_backward(x_BD, W_FD, rows_N, cols_N, proj_N, scale_N, mag_N, r_mag_F)
+        return f_N, gate_N
+
+    @staticmethod
+    def backward(ctx, grad_f_N: Tensor | None, grad_gate_N: Tensor | None):  # type: ignore[override]
+        x_BD, W_FD, rows_N, cols_N, proj_N, scale_N, mag_N, r_mag_F = ctx.saved_tensors
+        n_rows, n_lat = x_BD.shape[0], W_FD.shape[0]
+        g_mag_N = grad_f_N * (mag_N > 0) if grad_f_N is not None else torch.zeros_like(proj_N)
+        g_gate_N = grad_gate_N if grad_gate_N is not None else torch.zeros_like(proj_N)
+        g_proj_N = g_gate_N + g_mag_N * scale_N
+
+        def per_latent(v_N: Tensor) -> Tensor:
+            return torch.zeros(n_lat, dtype=torch.float32).index_add_(0, cols_N, v_N.float())
+
+        grad_x = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_x = coo_combine(rows_N, cols_N, g_proj_N, W_FD, n_rows).to(x_BD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = coo_scatter(rows_N, cols_N, g_proj_N, x_BD.to(W_FD.dtype), n_lat)
+        grad_b_gate = per_latent(g_gate_N).to(W_FD.dtype) if ctx.needs_input_grad[2] else None
+        grad_r = (
+            per_latent(g_mag_N * proj_N).to(r_mag_F.dtype) * r_mag_F.exp()
+            if ctx.needs_input_grad[3]
+            else None
+        )
+        grad_b_mag = per_latent(g_mag_N).to(W_FD.dtype) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_W, grad_b_gate, grad_r, grad_b_mag, None, None, None

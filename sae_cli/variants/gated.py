@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -46,16 +47,20 @@ class GatedSAE(SAE):
         return (gate_BF > 0) * torch.relu(mag_BF)
 
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
-        gate_BF, mag_BF = self.gate_and_mag(x_BD)
-        acts_BF = (gate_BF > 0) * torch.relu(mag_BF)
-        x_hat_BD = self.decode(acts_BF)
+        # sparse after the encoder matmul once few gates are open (kernels.gated_encode_decode; dense at init)
+        x_hat_BD, sparsity, x_frozen_BD, fired_F = kernels.gated_encode_decode(
+            x_BD - self.b_dec_D,
+            self.W_enc_FD,
+            self.b_enc_F,
+            self.r_mag_F,
+            self.b_mag_F,
+            self.W_dec_FD,
+            self.W_dec_FD.norm(dim=1),
+        )
+        x_hat_BD = x_hat_BD + self.b_dec_D
         mse = C.mse(x_hat_BD, x_BD)
-        gate_pos_BF = torch.relu(gate_BF)
-        sparsity = (gate_pos_BF * self.W_dec_FD.norm(dim=1)).sum(-1).mean()
-        x_frozen_BD = gate_pos_BF @ self.W_dec_FD.detach() + self.b_dec_D.detach()
-        aux = C.mse(x_frozen_BD, x_BD)
+        aux = C.mse(x_frozen_BD + self.b_dec_D.detach(), x_BD)
         loss = mse + state.sparsity_coef * sparsity + aux
-        fired_F = C.fired_from_dense(acts_BF)
         l0 = fired_F.sum().float() / x_BD.shape[0]
         parts = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach()}
         return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
