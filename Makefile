@@ -58,9 +58,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
+	$(PY) scripts/bench_codecs.py
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_reader.py
-	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_kernels.py --device cpu
+	$(PY) scripts/bench_sweep.py
 
 # A second virtualenv for the side-by-side benchmarks: SAELens and sparsify beside our package, one process.
 PEERS_VENV := .venv-peers
