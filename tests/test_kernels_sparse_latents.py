@@ -155,3 +155,19 @@ def test_variant_step_matches_eager(name: str, monkeypatch) -> None:
     for n, g in grads_ref.items():
         assert g.abs().max() > 0, n
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize(
+    ("B", "F", "k", "sparse"), [(256, 768, 32, False), (256, 768, 32, True), (64, 96, 8, True)]
+)
+def test_flat_topk_matches_topk(B: int, F: int, k: int, sparse: bool) -> None:
+    g = torch.Generator().manual_seed(B + F)
+    v = torch.relu(torch.randn(B, F, generator=g) + torch.randn(F, generator=g))  # per-column scales
+    if sparse:
+        v = v * (torch.rand(B, F, generator=g) < 0.01)  # fewer positives than n: ties at 0, the plain top-k
+    n = k * B
+    vals, idx = kernels.flat_topk(v.flatten(), n, row_len=F)
+    ref_vals, _ = v.flatten().topk(n, sorted=False)
+    assert idx.unique().numel() == n
+    assert torch.equal(v.flatten()[idx], vals)
+    assert torch.equal(vals.sort().values, ref_vals.sort().values)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -153,6 +154,31 @@ def sparse_latents_ok(x_BD: Tensor, *weights: Tensor) -> bool:
     )
 
 
+def flat_topk(v_N: Tensor, n: int, row_len: int = 1) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the n largest entries of a 1-D tensor, unsorted: the same entries as
+    `v_N.topk(n, sorted=False)` up to the order and which of equal values at the cut is taken.
+
+    torch's CPU topk over a long vector with a large n is slow (2.0 s for n = 131,072 of 18.9M, 4 ms over 164k
+    candidates; 2-core CPU, loaded). So on CPU: estimate the cut from a strided sample (stride coprime with
+    `row_len`, so every column is sampled), keep the entries at or above a cut set 25 % low, and take the top-k of
+    those candidates; if there are fewer than n candidates, the plain top-k. Exact either way: when at least n
+    entries are >= t, all n largest are among them."""
+    N = v_N.numel()
+    stride = max(1, min(64, n // 1000))
+    while math.gcd(stride, row_len) != 1:
+        stride += 1
+    if not fast_paths_enabled() or v_N.device.type != "cpu" or stride < 4 or n * 4 > N:
+        return v_N.topk(n, sorted=False)
+    sample = v_N[::stride]
+    n_sample = min(sample.numel(), math.ceil(n / stride * 1.25))
+    cut = sample.topk(n_sample, sorted=False).values.min()
+    cand_C = (v_N >= cut).nonzero().squeeze(1)
+    if cand_C.numel() < n:
+        return v_N.topk(n, sorted=False)
+    vals, j = v_N[cand_C].topk(n, sorted=False)
+    return vals, cand_C[j]
+
+
 def batch_topk_encode_decode(
     x_in_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor, n_keep: int, W_dec_FD: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,7 +191,7 @@ def batch_topk_encode_decode(
     pre_BF = x_in_BD @ W_enc_FD.T + b_enc_F
     n_lat = W_enc_FD.shape[0]
     with torch.no_grad():
-        vals_N, idx_N = torch.relu(pre_BF).flatten().topk(n_keep, sorted=False)
+        vals_N, idx_N = flat_topk(torch.relu(pre_BF).flatten(), n_keep, row_len=n_lat)
         idx_N = idx_N.sort().values  # row-major, as the bags need
         rows_N, cols_N = idx_N // n_lat, idx_N % n_lat
     f_N, _ = ThresholdEncode.apply(x_in_BD, W_enc_FD, b_enc_F, None, 0.0, pre_BF.detach(), rows_N, cols_N)
@@ -295,6 +321,7 @@ def threshold_encode_decode(
 
 __all__ = [
     "fast_paths_enabled",
+    "flat_topk",
     "gated_encode_decode",
     "gated_encode_decode_ref",
     "jumprelu",

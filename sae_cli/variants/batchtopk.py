@@ -62,7 +62,7 @@ class BatchTopKSAE(SAE):
     def select(self, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
         """Training rule: (acts [B, F], the cut-off that the inference threshold tracks)."""
         n_keep = min(self.k * pre_BF.shape[0], pre_BF.numel())
-        vals_N, idx_N = pre_BF.flatten().topk(n_keep, sorted=False)
+        vals_N, idx_N = kernels.flat_topk(pre_BF.flatten(), n_keep, row_len=pre_BF.shape[1])
         acts_BF = torch.zeros_like(pre_BF).flatten().scatter(0, idx_N, vals_N).view_as(pre_BF)
         return acts_BF, C.smallest_positive(vals_N.detach(), dim=0)
 
