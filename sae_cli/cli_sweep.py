@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -152,7 +153,8 @@ def _finish(out: Path) -> None:
     from .sweep import finish_sweep
 
     rows, paths = finish_sweep(out)
-    out_console.print(_summary_table(rows))
+    # Piped or logged (make): no terminal width to fit, so no column is cut to "..." at rich's default 80.
+    (out_console if out_console.is_terminal else Console(width=160)).print(_summary_table(rows))
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

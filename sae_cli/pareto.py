@@ -80,8 +80,8 @@ def plot_chart(
 ) -> None:
     """Measured L0 (log x) against `metric`: one colour and marker per variant, one line per (variant, width)
     through its L0 targets, the Pareto frontier over all of them as a black staircase. `useless` (value, label):
-    drawn as a dashed line; members beyond it (short or failed runs) are left above the chart, with a count, so
-    that they do not squash the useful range."""
+    drawn as a dashed line when the data comes near it; members beyond it (short or failed runs) are left above
+    the chart, with a count, so that they do not squash the useful range."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator
@@ -128,11 +128,12 @@ def plot_chart(
         ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
     if useless is not None:
         level, text = useless
-        ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=text)
-        above = [r for r in pts if r[metric] > 1.05 * level]
-        if above and len(above) < len(pts):
-            lo = min(0.0, min(r[metric] for r in pts))
-            ax.set_ylim(lo, 1.08 * level)
+        ys = [r[metric] for r in pts]
+        above = [y for y in ys if y > 1.05 * level]
+        if above or max(ys) > 0.5 * level:  # the level is near the data: draw it (a far one would squash it)
+            ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=text)
+        if above and len(above) < len(ys):
+            ax.set_ylim(min(0.0, *ys), 1.08 * level)
             ax.text(
                 0.99, 0.98, f"{len(above)} member(s) above the chart", transform=ax.transAxes, ha="right",
                 va="top", fontsize=8, color="grey",
