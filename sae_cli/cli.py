@@ -17,7 +17,6 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .cli_sweep import register as _register_sweep
 from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs, resolve_loop
 from .registry import variant_names
 
@@ -425,9 +424,6 @@ def _eval_table(r: dict[str, Any]) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
-
-
-_register_sweep(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
 
 
 def _register_commands() -> None:

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
 
 
 def sweep(
-    store: str = typer.Option(..., help="Path of the actcache store."),
+    store: str = typer.Option(None, help="Path of the actcache store (with --resume: the sweep's)."),
     variants: str = typer.Option(
         "topk", help=f"Comma-separated SAE variants ({', '.join(variant_names())})."
     ),
@@ -39,11 +39,9 @@ def sweep(
     site: str = typer.Option("resid_post", help="Site: resid_pre, resid_post, mlp_out or attn_out."),
     layers: str = typer.Option(None, help="Several layers (3,15 or 0-3); replaces --layer."),
     sites: str = typer.Option(None, help="Several sites (resid_post,mlp_out); replaces --site."),
-    tokens: int = typer.Option(
-        0, help="Training tokens, shared by every member; 0: the `sae train` default."
-    ),
+    tokens: int = typer.Option(0, help=f"Shared by every member. {DOC['tokens']}"),
     out: Path = typer.Option(..., help="Sweep folder: every member's SAE and eval, the table, the plots."),
-    batch_size: int = typer.Option(4096, help=DOC["batch_size"]),
+    batch_size: int = typer.Option(0, help=DOC["batch_size"]),
     seed: int = typer.Option(0, help=DOC["seed"]),
     eval_tokens: int = typer.Option(0, help=DOC["eval_tokens"]),
     lm_tokens: int = typer.Option(0, help="Evaluate on at most this many held-out tokens (0: all of them)."),
@@ -57,40 +55,47 @@ def sweep(
     normalize: str = typer.Option("sample", help=DOC["normalize"]),
     checkpoint_every: int = typer.Option(0, help=DOC["checkpoint_every"]),
     log_every: int = typer.Option(10, help=DOC["log_every"]),
-    resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out from its checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the sweep in --out from its checkpoint, with its saved settings."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the sweep in --out."),
 ) -> None:
     """Train variants x L0 targets x widths (x layers x sites) in one loop; evaluate, tabulate, plot."""
-    from .cli import _bad_input_errors, _default_tokens, _device, _fail, _run_live, console
+    from .cli import _bad_input_errors, _device, _fail, _run_live, console
     from .config import ConfigError
-    from .sweep import SweepConfig, SweepError, parse_layers, parse_list, prepare_sweep, run_training
+    from .sweep import (
+        SweepConfig,
+        SweepError,
+        parse_layers,
+        parse_list,
+        prepare_sweep,
+        run_training,
+        saved_config,
+    )
 
     try:
-        if layers is None and layer is None:
-            raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
-        loop = LoopConfig(
-            tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
-            normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
-        )  # fmt: skip
-        cfg = SweepConfig(
-            store=store,
-            variants=parse_list(variants, str, "--variants"),
-            layers=parse_layers(layers) if layers else (layer,),
-            sites=parse_list(sites, str, "--sites") if sites else (site,),
-            l0_targets=parse_list(l0_target, float, "--l0-target"),
-            widths=parse_list(width, str, "--width"),
-            loop=loop,
-        )
+        if resume:  # the saved member set and loop; only the device and the evaluation options apply
+            cfg = saved_config(out)
+        else:
+            if store is None:
+                raise ConfigError("no store given: pass --store PATH")
+            if layers is None and layer is None:
+                raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
+            loop = LoopConfig(
+                tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
+                normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
+            )  # fmt: skip
+            cfg = SweepConfig(
+                store=store,
+                variants=parse_list(variants, str, "--variants"),
+                layers=parse_layers(layers) if layers else (layer,),
+                sites=parse_list(sites, str, "--sites") if sites else (site,),
+                l0_targets=parse_list(l0_target, float, "--l0-target"),
+                widths=parse_list(width, str, "--width"),
+                loop=loop,
+            )
         dev = _device(device)
-        prep = prepare_sweep(
-            cfg,
-            out,
-            tokens=tokens,
-            device=dev,
-            resume=resume,
-            overwrite=overwrite,
-            default_tokens=_default_tokens,
-        )
+        prep = prepare_sweep(cfg, out, device=dev, resume=resume, overwrite=overwrite)
         _header(prep)
         result = run_training(prep, _run_live)
     except (*_bad_input_errors(), SweepError) as e:
@@ -98,7 +103,7 @@ def sweep(
     if result.status != "done":
         console.print(
             f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
-            f"Continue with: sae sweep ... --out {out} --resume[/yellow]"
+            f"Continue with: sae sweep --out {out} --resume[/yellow]"
         )
         raise typer.Exit(130)
     console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
@@ -114,7 +119,7 @@ def _header(prep: Any) -> None:
     from .cli import console
     from .sweep import shape_groups
 
-    cfg, loop = prep.cfg, prep.cfg.loop
+    cfg, loop = prep.cfg, prep.loop
     steps = math.ceil(prep.tokens / loop.batch_size)
     widths = sorted({p.sae_cfg.d_sae for p in prep.plans})
     free = f" of {prep.memory_free / 2**30:.1f} GiB free" if prep.memory_free else ""

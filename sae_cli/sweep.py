@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import data, io
-from .config import ConfigError, LoopConfig, MemberConfig, resolve_width
+from .config import ConfigError, LoopConfig, MemberConfig, resolve_loop, resolve_width
 from .registry import get_variant, variant_names
 from .trainer import MemberPlan, Trainer, TrainResult, available_memory, estimate_memory, plan_member
 
@@ -99,11 +99,19 @@ class SweepConfig:
                 raise ConfigError(f"L0 target {k} must be a positive number")
         for w in self.widths:
             resolve_width(w, 1)  # syntax only
-        if self.loop.batch_size <= 0 or self.loop.tokens < 0:
-            raise ConfigError("batch size must be positive and tokens >= 0")
+        if self.loop.batch_size < 0 or self.loop.tokens < 0:
+            raise ConfigError("batch size and tokens must be >= 0 (0: automatic, as `sae train`)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "loop": dataclasses.asdict(self.loop)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
+        """Inverse of to_dict (sweep.json); loop keys this version does not know are dropped."""
+        known = {f.name for f in dataclasses.fields(LoopConfig)}
+        loop = LoopConfig(**{k: v for k, v in d.get("loop", {}).items() if k in known})
+        lists = ("variants", "layers", "sites", "l0_targets", "widths")
+        return cls(store=str(d["store"]), loop=loop, **{k: tuple(d[k]) for k in lists})
 
 
 def parse_list(text: str | None, kind: type = str, what: str = "list") -> tuple[Any, ...]:
@@ -190,6 +198,8 @@ class PreparedSweep:
 
     cfg: SweepConfig
     out: Path
+    loop: LoopConfig
+    """cfg.loop with the automatic batch size and run length resolved (config.resolve_loop, as `sae train`)."""
     store: Any
     plans: list[MemberPlan]
     trainer: Trainer
@@ -228,36 +238,39 @@ def prepare_sweep(
     cfg: SweepConfig,
     out: str | Path,
     *,
-    tokens: int,
+    tokens: int = 0,
     device: str | torch.device = "cpu",
     resume: bool = False,
     overwrite: bool = False,
-    default_tokens: Callable[[int, int], int] | None = None,
 ) -> PreparedSweep:
-    """Validate the sweep, plan every member, check memory, build the reader and the trainer; writes nothing.
-    `tokens`: training tokens; 0: default_tokens(training-range tokens, batch size) (the CLI passes
-    `sae train`'s rule, so a member equals its solo run), else one pass over the training range."""
+    """Validate the sweep, plan every member, resolve the loop, check memory, build the reader and the trainer;
+    writes nothing. `tokens` overrides cfg.loop.tokens; 0 in either (and batch size 0) resolve as `sae train`
+    does (config.resolve_loop on the training range), so a member equals its solo run with the same options."""
     cfg.validate()
     out = Path(out)
-    loop = cfg.loop
     store = data.open_store(cfg.store)
     keys = [(layer, site) for layer in cfg.layers for site in cfg.sites]
     data.check_keys(store, keys)
     plans = plan_sweep(cfg, store.d_model, out)
+    requested = dataclasses.replace(cfg.loop, tokens=tokens or cfg.loop.tokens)
+    if resume:  # the split, batch and length of the sweep being resumed, even if the store grew since
+        if not (out / SWEEP_FILE).is_file():
+            raise SweepError(f"nothing to resume in {out}; start without --resume")
+        saved = io.read_json(out / SWEEP_FILE)
+        train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
+        loop = dataclasses.replace(
+            requested,
+            batch_size=requested.batch_size or int(saved["batch_size"]),
+            tokens=requested.tokens or int(saved["tokens"]),
+        )
+    else:
+        train_range, eval_range = data.split(store, requested.eval_tokens)
+        loop = resolve_loop(requested, train_range[1] - train_range[0])
     dev = torch.device(device)
     need, free = check_sweep_memory(plans, loop, dev, reader_bytes(store, keys, loop))
     for p in plans:  # the variants validate their options (uninitialised weights: nothing is touched)
         get_variant(p.sae_cfg.variant)(p.sae_cfg)
     _prepare_out(out, resume, overwrite)
-    if resume:
-        saved = io.read_json(out / SWEEP_FILE)
-        train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
-        tokens = int(saved["tokens"])
-    else:
-        train_range, eval_range = data.split(store, loop.eval_tokens)
-        if not tokens:
-            n_train = train_range[1] - train_range[0]
-            tokens = default_tokens(n_train, loop.batch_size) if default_tokens else n_train
     summary = {
         "store": str(store.path),
         "store_model": store.spec.model,
@@ -269,18 +282,18 @@ def prepare_sweep(
         "sweep": str(out),
     }
     reader = data.train_reader(store, keys, loop, train_range)
-    trainer = Trainer(plans, loop, reader, out, tokens, device=dev, extra_summary=summary)
+    trainer = Trainer(plans, loop, reader, out, loop.tokens, device=dev, extra_summary=summary)
     return PreparedSweep(
-        cfg=cfg, out=out, store=store, plans=plans, trainer=trainer, reader=reader, keys=keys, tokens=int(tokens),
-        train_range=train_range, eval_range=eval_range, device=dev, memory_bytes=need, memory_free=free,
-        resume=resume,
+        cfg=cfg, out=out, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=keys,
+        tokens=loop.tokens, train_range=train_range, eval_range=eval_range, device=dev, memory_bytes=need,
+        memory_free=free, resume=resume,
     )  # fmt: skip
 
 
 def start_training(prep: PreparedSweep) -> None:
     """Initialise (or resume) the members and write sweep.json; after this the folder is a sweep."""
     t0 = time.perf_counter()
-    loop = prep.cfg.loop
+    loop = prep.loop
     if prep.resume:
         prep.trainer.resume()
     else:
@@ -306,6 +319,7 @@ def write_sweep_json(prep: PreparedSweep, result: TrainResult | None = None) -> 
             "format_version": 1,
             "config": prep.cfg.to_dict(),
             "tokens": prep.tokens,
+            "batch_size": prep.loop.batch_size,
             "train_range": list(prep.train_range),
             "eval_range": list(prep.eval_range),
             "device": str(prep.device),
@@ -448,6 +462,13 @@ def summary_rows(out: str | Path) -> list[dict[str, Any]]:
                 row[col] = float(ev[col]) if isinstance(ev.get(col), int | float) else math.nan
         rows.append({c: row[c] for c in SUMMARY_COLUMNS})
     return rows
+
+
+def saved_config(out: str | Path) -> SweepConfig:
+    """The config of the sweep in `out` (to resume it); SweepError when there is none."""
+    if not (Path(out) / SWEEP_FILE).is_file():
+        raise SweepError(f"nothing to resume in {out}; start without --resume")
+    return SweepConfig.from_dict(read_sweep(out)["config"])
 
 
 def read_sweep(out: str | Path) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from sae_cli.trainer import Trainer, estimate_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
-COMMON = ("--batch-size", 256, "--tokens", 256 * 8, "--eval-tokens", 512, "--device", "cpu", "--seed", 3)
+# No --batch-size: the sweep must resolve the automatic batch (1024 on this store) exactly as `sae train` does.
+COMMON = ("--tokens", 1024 * 6, "--eval-tokens", 512, "--device", "cpu", "--seed", 3)
 
 
 def invoke(*args):
@@ -55,7 +56,7 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(store: Pat
     meta = json.loads((out / "sweep.json").read_text())
     names = [m["name"] for m in meta["members"]]
     assert len(names) == 8 and names[0] == "topk-L0-resid_post-w128-l0_4"
-    assert meta["status"] == "done" and meta["tokens"] == 256 * 8
+    assert meta["status"] == "done" and meta["tokens"] == 1024 * 6 and meta["batch_size"] == 1024
     # Equal-shape groups: (variant, layer, site, shape); the two L0 targets of each share one.
     assert len(meta["shape_groups"]) == 4 and all(len(g) == 2 for g in meta["shape_groups"])
 
@@ -80,7 +81,7 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(store: Pat
     assert [r["name"] for r in rows] == names
     for r in rows:
         ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
-        assert r["fvu"] == ev["fvu"] and r["l0"] == ev["l0"] and r["train_tokens"] == 256 * 8
+        assert r["fvu"] == ev["fvu"] and r["l0"] == ev["l0"] and r["train_tokens"] == 1024 * 6
     assert all(r["l0"] <= 4 for r in rows if r["variant"] == "topk" and r["l0_target"] == 4)
     md = (out / "summary.md").read_text().splitlines()
     assert len(md) == 2 + 8 and "delta_lm_loss" not in md[0] and "fvu" in md[0]
@@ -240,10 +241,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_weights(
     monkeypatch.setattr(
         Trainer, "_step", lambda self, batch: steps.append(self.step) or real_step(self, batch)
     )
-    res = invoke(
-        "sweep", "--store", store, "--layer", 0, "--variants", "topk,jumprelu", "--l0-target", 4, "--no-model",
-        "--out", tmp_path / "part", "--resume", *COMMON,
-    )  # fmt: skip
+    res = invoke("sweep", "--out", tmp_path / "part", "--resume", "--no-model", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert steps == list(range(3, 8))  # continued from the checkpoint, did not start over
     for p in full.plans:
