@@ -10,7 +10,11 @@ references live in `reference.py`; docs/kernels.md describes each kernel and the
     jumprelu, step    triton elementwise fwd + bwd      reference                              reference
     jumprelu_encode   matmul + triton threshold pass    reference                              reference
     threshold_encode_decode  reference                  COO sparse decode + encoder backward   reference
-                                                        if the active density <= r_enc, else reference
+    gated_encode_decode                                 (sparse_latents) if the density of
+                                                        pairs carrying gradient <= r_enc,
+                                                        else reference (fp32, no autocast)
+    batch_topk_encode_decode COO sparse on CPU (the caller checks sparse_latents_ok)
+    flat_topk         topk                              sampled cut + top-k of the candidates  topk
 """
 
 from __future__ import annotations
@@ -301,9 +305,9 @@ def threshold_encode_decode(
     On CPU fp32 without autocast, when the pairs carrying gradient are at most CPU_SPARSE_ENCODE_MAX_DENSITY of
     [B, F], everything after the encoder's forward matmul runs on those pairs only (`sparse_latents`); else,
     on other devices and with SAE_KERNELS=eager, the dense reference (`threshold_encode_decode_ref`)."""
-    pre_BF = x_BD @ W_enc_FD.T + b_enc_F
     if not sparse_latents_ok(x_BD, W_enc_FD, b_enc_F, W_dec_FD):
-        return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
+        return threshold_encode_decode_ref(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, W_dec_FD, weight_F)
+    pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)  # bias fused into the matmul: one pass less over [B, F]
     with torch.no_grad():
         mask_BF = support(pre_BF, theta_F, bandwidth)
         rows_N, cols_N = mask_BF.nonzero(as_tuple=True)  # row-major: rows sorted
