@@ -39,4 +39,6 @@ def get_variant(name: str) -> type[SAE]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown SAE variant {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(
+            f"unknown SAE variant {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}"
+        ) from None

@@ -86,7 +86,9 @@ class SAE(nn.Module):
             self.opts = self.Options(**dict(cfg.options))
         except TypeError as e:
             known = ", ".join(f.name for f in dataclasses.fields(self.Options)) or "none"
-            raise ValueError(f"bad option for SAE variant {cfg.variant!r}: {e}; known options: {known}") from None
+            raise ValueError(
+                f"bad option for SAE variant {cfg.variant!r}: {e}; known options: {known}"
+            ) from None
         d, f = cfg.d_in, cfg.d_sae
         self.W_dec_FD = nn.Parameter(torch.empty(f, d))
         self.W_enc_FD = nn.Parameter(torch.empty(f, d))
