@@ -203,8 +203,6 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     store = data.open_store(cfg.store)
     key = (member.layer, member.site)
     data.check_keys(store, [key])
-    plan = plan_member(member, store.d_model, out)
-    get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options
     _prepare_out(out, resume, overwrite)
     if resume:  # the split, batch and length of the run being resumed, even if the store grew since
         saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"]
@@ -218,6 +216,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         train_range, eval_range = data.split(store, cfg.loop.eval_tokens)
         loop = resolve_loop(cfg.loop, train_range[1] - train_range[0])
     n_tokens = loop.tokens
+    plan = plan_member(member, store.d_model, out, steps=math.ceil(n_tokens / loop.batch_size))
+    get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options
     dev = torch.device(_device(loop.device))
     reader_bytes = 2 * loop.mix_chunks * store.spec.chunk_tokens * store.d_model * 4
     need = check_memory([plan], loop, dev, reader_bytes)
