@@ -54,7 +54,7 @@ class MemberConfig:
     l0_target: float = 50.0
     """Target L0 (mean active latents per token): k for TopK-like variants, the steering target otherwise."""
     lr: float | None = None
-    """Peak learning rate; default derived from the width and the variant family (see docs/training.md)."""
+    """Peak learning rate; default 2e-4 / sqrt(d_sae / 2^14), doubled for short runs (docs/training.md)."""
     sparsity_coef: float | None = None
     """Fixed sparsity coefficient for steered variants (disables L0 steering); default: steer to --l0-target."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +114,9 @@ class TrainConfig:
     store: str
     """Path of the actcache store."""
     member: MemberConfig = field(default_factory=MemberConfig)
+    """The SAE to train."""
     loop: LoopConfig = field(default_factory=LoopConfig)
+    """How to train it."""
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from sae_cli.trainer import (
     input_scale,
     lr_multiplier,
     plan_member,
+    stop_on_signals,
 )
 
 Key = tuple[int, str]
@@ -263,3 +266,14 @@ def test_automatic_batch_and_tokens_for_small_and_large_stores() -> None:
     assert resolve_loop(LoopConfig(batch_size=512, tokens=7), 10).tokens == 7
     assert resolve_loop(LoopConfig(), 100).batch_size == 1024
     assert resolve_loop(LoopConfig(), 65_536 * 2).batch_size == 4096
+
+
+def test_sigterm_and_ctrl_c_set_the_stop_flag_instead_of_killing() -> None:
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as should_stop:
+        assert not should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert should_stop()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
