@@ -22,8 +22,10 @@ Hyper-parameters (what we chose and why):
 - SAELens JumpReLU is steered to the target L0 with its own settings, one contender per --jumprelu entry:
   "quadratic:C" = Gemma Scope 2's quadratic L0 penalty C * 2/target * (L0 - target)^2 with target_l0 = k
   (the mode SAELens offers for a target L0), "step:C" = DeepMind's L0 penalty with l0_coefficient C (no
-  target: L0 lands where C puts it). Coefficient warm-up over 5 % of the steps; their bandwidth 0.05 and
-  threshold init 0.01 (defaults);
+  target: L0 lands where C puts it), optionally ":T" = `jumprelu_init_threshold` T instead of their 0.01.
+  Coefficient warm-up over 5 % of the steps; their bandwidth 0.05. Default "quadratic:1:0.2": with their init
+  0.01 the threshold, which Adam moves by about lr per step, cannot reach the ~0.16-0.24 that L0 32 needs on
+  these activations within a short run (measured: L0 stayed near 4000 of 4608 after 300 steps; docs/benchmarks.md);
 - sparsify TopK: AuxK alpha 1/32 (its default is 0), dead window 10 % of the run, Adam.
 """
 
@@ -45,15 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 
-def parse_jumprelu(spec: str) -> list[tuple[str, float]]:
+def parse_jumprelu(spec: str) -> list[tuple[str, float, float | None]]:
+    """MODE:COEF[:INIT_THRESHOLD],... -> [(mode, coef, init threshold or None for SAELens's default)]."""
     out = []
     for item in filter(None, spec.split(",")):
-        mode, _, coef = item.partition(":")
-        if mode not in ("quadratic", "step", "tanh") or not coef:
+        parts = item.split(":")
+        if parts[0] not in ("quadratic", "step", "tanh") or len(parts) not in (2, 3):
             raise SystemExit(
-                f"bad --jumprelu entry {item!r}: use MODE:COEF with MODE quadratic, step or tanh"
+                f"bad --jumprelu entry {item!r}: use MODE:COEF[:INIT_THRESHOLD] with MODE quadratic, step or tanh"
             )
-        out.append((mode, float(coef)))
+        out.append((parts[0], float(parts[1]), float(parts[2]) if len(parts) == 3 else None))
     return out
 
 
@@ -117,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--eval-tokens", type=int, default=0, help="held-out tokens; 0: as `sae train` (10 %%, <= 1M)"
     )
-    ap.add_argument("--jumprelu", default="quadratic:1", help="SAELens JumpReLU settings, MODE:COEF,...")
+    ap.add_argument(
+        "--jumprelu",
+        default="quadratic:1:0.2",
+        help="SAELens JumpReLU settings, MODE:COEF[:INIT_THRESHOLD],... (empty: none)",
+    )
+    ap.add_argument(
+        "--no-saelens-topk", dest="saelens_topk", action="store_false", help="leave SAELens TopK out"
+    )
     ap.add_argument("--no-sparsify", dest="sparsify", action="store_false", help="leave sparsify TopK out")
     ap.add_argument("--ours", action="store_true", help="also train ours here (library, same batches)")
     ap.add_argument("--ours-variants", default="topk,jumprelu", help="our variants trained with --ours")
