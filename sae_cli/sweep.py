@@ -139,10 +139,11 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 # ---- planning ------------------------------------------------------------------------------------------------
-def plan_sweep(cfg: SweepConfig, d_in: int, out: str | Path) -> list[MemberPlan]:
-    """Resolve every member against the data width; SweepError when two members resolve to the same SAE
-    (e.g. --width 8x,4608 at d_model 576)."""
-    plans = [plan_member(m, d_in, Path(out) / MEMBERS_DIR) for m in cfg.members()]
+def plan_sweep(cfg: SweepConfig, d_in: int, out: str | Path, steps: int | None = None) -> list[MemberPlan]:
+    """Resolve every member against the data width and the run length in steps (the default lr depends on it,
+    exactly as in `sae train`); SweepError when two members resolve to the same SAE (e.g. --width 8x,4608 at
+    d_model 576)."""
+    plans = [plan_member(m, d_in, Path(out) / MEMBERS_DIR, steps=steps) for m in cfg.members()]
     plans = [dataclasses.replace(p, out_dir=Path(out) / MEMBERS_DIR / p.name) for p in plans]
     seen: set[str] = set()
     for p in plans:
@@ -251,7 +252,6 @@ def prepare_sweep(
     store = data.open_store(cfg.store)
     keys = [(layer, site) for layer in cfg.layers for site in cfg.sites]
     data.check_keys(store, keys)
-    plans = plan_sweep(cfg, store.d_model, out)
     requested = dataclasses.replace(cfg.loop, tokens=tokens or cfg.loop.tokens)
     if resume:  # the split, batch and length of the sweep being resumed, even if the store grew since
         if not (out / SWEEP_FILE).is_file():
@@ -266,6 +266,7 @@ def prepare_sweep(
     else:
         train_range, eval_range = data.split(store, requested.eval_tokens)
         loop = resolve_loop(requested, train_range[1] - train_range[0])
+    plans = plan_sweep(cfg, store.d_model, out, steps=math.ceil(loop.tokens / loop.batch_size))
     dev = torch.device(device)
     need, free = check_sweep_memory(plans, loop, dev, reader_bytes(store, keys, loop))
     for p in plans:  # the variants validate their options (uninitialised weights: nothing is touched)
