@@ -80,13 +80,16 @@ def build_contenders(
             sparsity_warmup_steps=warm,
             dead_window_steps=max(1, n_steps // 10),
         )
-        out[f"SAELens topk k={k}"] = peers.make_peer("saelens", "topk", base, scale)
-        for mode, coef in args.jumprelu:
+        if args.saelens_topk:
+            out[f"SAELens topk k={k}"] = peers.make_peer("saelens", "topk", base, scale)
+        for mode, coef, theta0 in args.jumprelu:
             cfg = dataclasses.replace(base, jumprelu_mode=mode, sparsity_coef=coef)
-            target = f" target {k}" if mode == "quadratic" else ""
-            out[f"SAELens jumprelu {mode} coef {coef:g}{target}"] = peers.make_peer(
-                "saelens", "jumprelu", cfg, scale
-            )
+            if theta0 is not None:
+                cfg = dataclasses.replace(cfg, jumprelu_init_threshold=theta0)
+            label = f"SAELens jumprelu {mode} coef {coef:g}"
+            label += f" target {k}" if mode == "quadratic" else f" (k={k} run)"
+            label += f", init threshold {cfg.jumprelu_init_threshold:g}"
+            out[label] = peers.make_peer("saelens", "jumprelu", cfg, scale)
         if args.sparsify:
             out[f"sparsify topk k={k}"] = peers.make_peer("sparsify", "topk", base, scale)
         if args.ours:
