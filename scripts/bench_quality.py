@@ -19,13 +19,15 @@ Hyper-parameters (what we chose and why):
   3e-4, close at 4608 latents), linear warm-up over min(1000, 5 %) of the steps, linear decay to 0 over the
   last 20 % for SAELens (as ours does; sparsify's own schedule decays linearly over the whole run);
 - SAELens inputs scaled by its ActivationScaler (E||c x|| = sqrt(d_in)), folded at the end as its fit() does;
-- SAELens JumpReLU is steered to the target L0 with its own settings, one contender per --jumprelu entry:
-  "quadratic:C" = Gemma Scope 2's quadratic L0 penalty C * 2/target * (L0 - target)^2 with target_l0 = k
-  (the mode SAELens offers for a target L0), "step:C" = DeepMind's L0 penalty with l0_coefficient C (no
-  target: L0 lands where C puts it), optionally ":T" = `jumprelu_init_threshold` T instead of their 0.01.
-  Coefficient warm-up over 5 % of the steps; their bandwidth 0.05. Default "quadratic:1:0.2": with their init
-  0.01 the threshold, which Adam moves by about lr per step, cannot reach the ~0.16-0.24 that L0 32 needs on
-  these activations within a short run (measured: L0 stayed near 4000 of 4608 after 300 steps; docs/benchmarks.md);
+- SAELens JumpReLU is steered to the target L0 with its own settings, one contender per --jumprelu entry
+  (`parse_jumprelu`): mode "quadratic" = Gemma Scope 2's penalty coef * 2/target * (L0 - target)^2 with
+  target_l0 = k (the mode SAELens offers for a target L0), "step" = DeepMind's coef * L0 (no target: L0
+  lands where coef puts it); theta/bw = their `jumprelu_init_threshold` / `jumprelu_bandwidth` (defaults 0.01,
+  0.05); scale "saelens" (their E||c x|| = sqrt(d_in)) or "unit" (E||c x||^2 = 1, the scale Gemma Scope's
+  theta0 = bw = 0.001 assume, and ours). Coefficient warm-up over 5 % of the steps. The default entry is
+  quadratic, coef 1, theta0 = bw = 0.001 on unit scale: with their scale and defaults the threshold, which Adam
+  moves by about lr per step, cannot keep up with pre-activations 24x larger, and L0 stays in the thousands
+  within a short run (measured: docs/benchmarks.md, "Quality vs SAELens");
 - sparsify TopK: AuxK alpha 1/32 (its default is 0), dead window 10 % of the run, Adam.
 """
 
@@ -46,17 +48,26 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
+JUMPRELU_KEYS = {"mode": str, "coef": float, "theta": float, "bw": float, "scale": str, "lr": float}
 
-def parse_jumprelu(spec: str) -> list[tuple[str, float, float | None]]:
-    """MODE:COEF[:INIT_THRESHOLD],... -> [(mode, coef, init threshold or None for SAELens's default)]."""
+
+def parse_jumprelu(spec: str) -> list[dict[str, Any]]:
+    """SAELens JumpReLU settings: entries separated by ';', each `key=value,...` with keys mode (quadratic, step,
+    tanh), coef (their l0_coefficient), theta (jumprelu_init_threshold), bw (jumprelu_bandwidth), lr, and scale
+    (`saelens`: their E||c x|| = sqrt(d_in); `unit`: E||c x||^2 = 1, the scale Gemma Scope's values assume)."""
     out = []
-    for item in filter(None, spec.split(",")):
-        parts = item.split(":")
-        if parts[0] not in ("quadratic", "step", "tanh") or len(parts) not in (2, 3):
-            raise SystemExit(
-                f"bad --jumprelu entry {item!r}: use MODE:COEF[:INIT_THRESHOLD] with MODE quadratic, step or tanh"
-            )
-        out.append((parts[0], float(parts[1]), float(parts[2]) if len(parts) == 3 else None))
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        entry: dict[str, Any] = {"mode": "quadratic", "coef": 1.0, "scale": "saelens"}
+        for kv in item.split(","):
+            key, _, value = kv.partition("=")
+            if key not in JUMPRELU_KEYS or not value:
+                raise SystemExit(
+                    f"bad --jumprelu entry {item!r}: use key=value with keys {', '.join(JUMPRELU_KEYS)}"
+                )
+            entry[key] = JUMPRELU_KEYS[key](value)
+        if entry["mode"] not in ("quadratic", "step", "tanh") or entry["scale"] not in ("saelens", "unit"):
+            raise SystemExit(f"bad --jumprelu entry {item!r}: mode quadratic|step|tanh, scale saelens|unit")
+        out.append(entry)
     return out
 
 
@@ -65,6 +76,7 @@ def build_contenders(
 ) -> dict[str, peers.Peer]:
     d_in = sample_BD.shape[1]
     key = (args.layer, args.site)
+    unit_scale = float(1.0 / sample_BD.double().pow(2).sum(-1).mean().sqrt())
     warm = max(1, min(1000, int(0.05 * n_steps)))
     decay = int(0.2 * n_steps)
     out: dict[str, peers.Peer] = {}
@@ -82,14 +94,20 @@ def build_contenders(
         )
         if args.saelens_topk:
             out[f"SAELens topk k={k}"] = peers.make_peer("saelens", "topk", base, scale)
-        for mode, coef, theta0 in args.jumprelu:
-            cfg = dataclasses.replace(base, jumprelu_mode=mode, sparsity_coef=coef)
-            if theta0 is not None:
-                cfg = dataclasses.replace(cfg, jumprelu_init_threshold=theta0)
-            label = f"SAELens jumprelu {mode} coef {coef:g}"
-            label += f" target {k}" if mode == "quadratic" else f" (k={k} run)"
-            label += f", init threshold {cfg.jumprelu_init_threshold:g}"
-            out[label] = peers.make_peer("saelens", "jumprelu", cfg, scale)
+        for e in args.jumprelu:
+            cfg = dataclasses.replace(base, jumprelu_mode=e["mode"], sparsity_coef=e["coef"])
+            if "theta" in e:
+                cfg = dataclasses.replace(cfg, jumprelu_init_threshold=e["theta"])
+            if "bw" in e:
+                cfg = dataclasses.replace(cfg, jumprelu_bandwidth=e["bw"])
+            if "lr" in e:
+                cfg = dataclasses.replace(cfg, lr=e["lr"])
+            c = unit_scale if e["scale"] == "unit" else scale
+            label = f"SAELens jumprelu {e['mode']} coef {e['coef']:g}"
+            label += f" target {k}" if e["mode"] == "quadratic" else f" (k={k} run)"
+            label += f", theta0 {cfg.jumprelu_init_threshold:g}, bw {cfg.jumprelu_bandwidth:g}"
+            label += f", lr {cfg.resolved_lr():.2g}, {e['scale']} scale"
+            out[label] = peers.make_peer("saelens", "jumprelu", cfg, c)
         if args.sparsify:
             out[f"sparsify topk k={k}"] = peers.make_peer("sparsify", "topk", base, scale)
         if args.ours:
@@ -125,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--jumprelu",
-        default="quadratic:1:0.2",
-        help="SAELens JumpReLU settings, MODE:COEF[:INIT_THRESHOLD],... (empty: none)",
+        default="mode=quadratic,coef=1,theta=0.001,bw=0.001,scale=unit",
+        help="SAELens JumpReLU settings: entries 'key=value,...' separated by ';' (see parse_jumprelu; empty: none)",
     )
     ap.add_argument(
         "--no-saelens-topk", dest="saelens_topk", action="store_false", help="leave SAELens TopK out"
