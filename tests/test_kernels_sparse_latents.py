@@ -108,9 +108,15 @@ def test_coo_products_with_duplicate_latents() -> None:
     W = torch.randn(6, 4, generator=g)
     X = torch.randn(4, 4, generator=g)
     dense = torch.zeros(4, 6).index_put_((rows, cols), vals, accumulate=True)
-    torch.testing.assert_close(SL.coo_combine(rows, cols, vals, W, 4), dense @ W)
-    torch.testing.assert_close(SL.coo_row_dots(rows, cols, W, X), (W[cols] * X[rows]).sum(-1))
-    torch.testing.assert_close(SL.coo_scatter(rows, cols, vals, X, 6), dense.T @ X)
+    pairs = SL.Pairs(rows, cols, 4, 6)
+    torch.testing.assert_close(SL.coo_combine(pairs, vals, W), dense @ W)
+    torch.testing.assert_close(SL.coo_row_dots(pairs, W, X), (W[cols] * X[rows]).sum(-1))
+    torch.testing.assert_close(SL.coo_scatter(pairs, vals, X), dense.T @ X)
+    # the latent-major order is computed once and shared by every scatter of the step
+    order = pairs.by_col()
+    assert pairs.by_col() is order
+    assert order[1].tolist() == [1, 0, 0, 1, 1, 3]  # rows of latents 0, 2, 2, 2, 5, 5 in token order
+    torch.testing.assert_close(SL.coo_scatter(pairs, 2 * vals, X), 2 * dense.T @ X)
 
 
 @pytest.mark.parametrize("name", ["batchtopk", "jumprelu", "relu", "gated"])

@@ -36,7 +36,7 @@ from .reference import (
     topk_decode_ref,
     topk_encode_ref,
 )
-from .sparse_latents import CooDecode, GatedEncode, ThresholdEncode, support
+from .sparse_latents import CooDecode, GatedEncode, Pairs, ThresholdEncode, support
 from .sparse_topk import sparse_topk_decode, sparse_topk_encode
 
 logger = logging.getLogger(__name__)
@@ -197,10 +197,10 @@ def batch_topk_encode_decode(
     with torch.no_grad():
         vals_N, idx_N = flat_topk(torch.relu(pre_BF).flatten(), n_keep, row_len=n_lat)
         idx_N = idx_N.sort().values  # row-major, as the bags need
-        rows_N, cols_N = idx_N // n_lat, idx_N % n_lat
-    f_N, _ = ThresholdEncode.apply(x_in_BD, W_enc_FD, b_enc_F, None, 0.0, pre_BF.detach(), rows_N, cols_N)
-    x_hat_BD = CooDecode.apply(rows_N, cols_N, f_N, W_dec_FD, x_in_BD.shape[0])
-    fired_F = torch.bincount(cols_N[f_N.detach() != 0], minlength=n_lat)
+        pairs = Pairs(idx_N // n_lat, idx_N % n_lat, x_in_BD.shape[0], n_lat)
+    f_N, _ = ThresholdEncode.apply(x_in_BD, W_enc_FD, b_enc_F, None, 0.0, pre_BF.detach(), pairs)
+    x_hat_BD = CooDecode.apply(pairs, f_N, W_dec_FD)
+    fired_F = torch.bincount(pairs.cols_N[f_N.detach() != 0], minlength=n_lat)
     return x_hat_BD, vals_N, fired_F
 
 
@@ -223,13 +223,14 @@ def gated_encode_decode(
         with torch.no_grad():
             rows_N, cols_N = ((proj_BF + b_gate_F) > 0).nonzero(as_tuple=True)
         if rows_N.numel() <= CPU_SPARSE_ENCODE_MAX_DENSITY * proj_BF.numel():
-            f_N, gate_N = GatedEncode.apply(
-                x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, proj_BF.detach(), rows_N, cols_N
-            )
             n = x_in_BD.shape[0]
-            x_hat_BD = CooDecode.apply(rows_N, cols_N, f_N, W_dec_FD, n)
+            pairs = Pairs(rows_N, cols_N, n, W_FD.shape[0])
+            f_N, gate_N = GatedEncode.apply(
+                x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, proj_BF.detach(), pairs
+            )
+            x_hat_BD = CooDecode.apply(pairs, f_N, W_dec_FD)
             sparsity = (gate_N * weight_F[cols_N]).sum() / n
-            x_frozen_BD = CooDecode.apply(rows_N, cols_N, gate_N, W_dec_FD.detach(), n)
+            x_frozen_BD = CooDecode.apply(pairs, gate_N, W_dec_FD.detach())
             fired_F = torch.bincount(cols_N[f_N.detach() != 0], minlength=W_FD.shape[0])
             return x_hat_BD, sparsity, x_frozen_BD, fired_F
     return _gated_dense(proj_BF, b_gate_F, r_mag_F, b_mag_F, W_dec_FD, weight_F)
@@ -314,10 +315,9 @@ def threshold_encode_decode(
     if rows_N.numel() > CPU_SPARSE_ENCODE_MAX_DENSITY * mask_BF.numel():
         return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
     del mask_BF
-    vals_N, l0_B = ThresholdEncode.apply(
-        x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, pre_BF.detach(), rows_N, cols_N
-    )
-    x_hat_BD = CooDecode.apply(rows_N, cols_N, vals_N, W_dec_FD, x_BD.shape[0])
+    pairs = Pairs(rows_N, cols_N, x_BD.shape[0], W_enc_FD.shape[0])
+    vals_N, l0_B = ThresholdEncode.apply(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, pre_BF.detach(), pairs)
+    x_hat_BD = CooDecode.apply(pairs, vals_N, W_dec_FD)
     l1 = (vals_N * weight_F[cols_N]).sum() / x_BD.shape[0] if weight_F is not None else None
     fired_F = torch.bincount(cols_N[vals_N.detach() != 0], minlength=W_enc_FD.shape[0])
     return x_hat_BD, l0_B, l1, fired_F

@@ -27,22 +27,47 @@ def _offsets(sorted_keys_N: Tensor, n_bags: int) -> Tensor:
     return torch.searchsorted(sorted_keys_N, torch.arange(n_bags, device=sorted_keys_N.device))
 
 
-def coo_combine(rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, W_FD: Tensor, n_rows: int) -> Tensor:
-    """y[b] = sum over n with rows[n] = b of vals[n] * W[cols[n]]: [n_rows, D]; rows_N sorted ascending."""
+class Pairs:
+    """The (token, latent) pairs of one step, row-major (rows_N ascending), with the bag offsets by token and the
+    latent-major order computed once and shared by every product over them: the decoder's and the encoder's
+    weight gradients both scatter by latent, so the stable sort by latent runs once per step, not once each."""
+
+    def __init__(self, rows_N: Tensor, cols_N: Tensor, n_rows: int, n_cols: int) -> None:
+        self.rows_N, self.cols_N, self.n_rows, self.n_cols = rows_N, cols_N, n_rows, n_cols
+        self._row_offsets: Tensor | None = None
+        self._by_col: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def row_offsets(self) -> Tensor:
+        if self._row_offsets is None:
+            self._row_offsets = _offsets(self.rows_N, self.n_rows)
+        return self._row_offsets
+
+    def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(perm_N, rows in latent-major order, bag offsets by latent); a stable sort keeps each latent's pairs
+        in token order (deterministic sums)."""
+        if self._by_col is None:
+            sorted_cols, perm = self.cols_N.sort(stable=True)
+            self._by_col = (perm, self.rows_N[perm], _offsets(sorted_cols, self.n_cols))
+        return self._by_col
+
+
+def coo_combine(pairs: Pairs, vals_N: Tensor, W_FD: Tensor) -> Tensor:
+    """y[b] = sum over n with rows[n] = b of vals[n] * W[cols[n]]: [n_rows, D]."""
     return F.embedding_bag(
-        cols_N, W_FD, _offsets(rows_N, n_rows), mode="sum", per_sample_weights=vals_N.to(W_FD.dtype)
+        pairs.cols_N, W_FD, pairs.row_offsets, mode="sum", per_sample_weights=vals_N.to(W_FD.dtype)
     )
 
 
-def coo_row_dots(rows_N: Tensor, cols_N: Tensor, W_FD: Tensor, g_BD: Tensor) -> Tensor:
+def coo_row_dots(pairs: Pairs, W_FD: Tensor, g_BD: Tensor) -> Tensor:
     """out[n] = W[cols[n]] . g[rows[n]] ([N]) through embedding_bag's fused per_sample_weights backward (no
     [N, D] intermediate; cpu_sparse.row_dots does the same for a padded [B, K] list)."""
     with torch.enable_grad():
-        ones_N = torch.ones(cols_N.shape, dtype=g_BD.dtype, device=g_BD.device, requires_grad=True)
+        ones_N = torch.ones(pairs.cols_N.shape, dtype=g_BD.dtype, device=g_BD.device, requires_grad=True)
         bag_BD = F.embedding_bag(
-            cols_N,
+            pairs.cols_N,
             W_FD.detach().to(g_BD.dtype),
-            _offsets(rows_N, g_BD.shape[0]),
+            pairs.row_offsets,
             mode="sum",
             per_sample_weights=ones_N,
         )
@@ -50,36 +75,33 @@ def coo_row_dots(rows_N: Tensor, cols_N: Tensor, W_FD: Tensor, g_BD: Tensor) -> 
     return out_N
 
 
-def coo_scatter(rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, X_BD: Tensor, n_cols: int) -> Tensor:
-    """G[f] = sum over n with cols[n] = f of vals[n] * X[rows[n]]: [n_cols, D]. A stable sort keeps each latent's
-    pairs in token order (deterministic sums)."""
-    sorted_cols, perm = cols_N.sort(stable=True)
+def coo_scatter(pairs: Pairs, vals_N: Tensor, X_BD: Tensor) -> Tensor:
+    """G[f] = sum over n with cols[n] = f of vals[n] * X[rows[n]]: [n_cols, D]."""
+    perm, rows_by_col, col_offsets = pairs.by_col()
     return F.embedding_bag(
-        rows_N[perm],
-        X_BD,
-        _offsets(sorted_cols, n_cols),
-        mode="sum",
-        per_sample_weights=vals_N[perm].to(X_BD.dtype),
+        rows_by_col, X_BD, col_offsets, mode="sum", per_sample_weights=vals_N[perm].to(X_BD.dtype)
     )
 
 
 class CooDecode(torch.autograd.Function):
-    """x_hat (no bias) = combine(rows, cols, vals, W_dec); gradients to vals and W_dec."""
+    """x_hat (no bias) = combine(pairs, vals, W_dec); gradients to vals and W_dec."""
 
     @staticmethod
-    def forward(ctx, rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, W_dec_FD: Tensor, n_rows: int) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(rows_N, cols_N, vals_N, W_dec_FD)
-        return coo_combine(rows_N, cols_N, vals_N, W_dec_FD, n_rows)
+    def forward(ctx, pairs: Pairs, vals_N: Tensor, W_dec_FD: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(vals_N, W_dec_FD)
+        ctx.pairs = pairs
+        return coo_combine(pairs, vals_N, W_dec_FD)
 
     @staticmethod
     def backward(ctx, grad_BD: Tensor):  # type: ignore[override]
-        rows_N, cols_N, vals_N, W_dec_FD = ctx.saved_tensors
+        vals_N, W_dec_FD = ctx.saved_tensors
+        pairs = ctx.pairs
         grad_vals = grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_vals = coo_row_dots(pairs, W_dec_FD, grad_BD).to(vals_N.dtype)
         if ctx.needs_input_grad[2]:
-            grad_vals = coo_row_dots(rows_N, cols_N, W_dec_FD, grad_BD).to(vals_N.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_W = coo_scatter(rows_N, cols_N, vals_N, grad_BD.to(W_dec_FD.dtype), W_dec_FD.shape[0])
-        return None, None, grad_vals, grad_W, None
+            grad_W = coo_scatter(pairs, vals_N, grad_BD.to(W_dec_FD.dtype))
+        return None, grad_vals, grad_W
 
 
 class ThresholdEncode(torch.autograd.Function):
@@ -98,15 +120,16 @@ class ThresholdEncode(torch.autograd.Function):
         theta_F: Tensor | None,
         bandwidth: float,
         pre_BF: Tensor,
-        rows_N: Tensor,
-        cols_N: Tensor,
+        pairs: Pairs,
     ) -> tuple[Tensor, Tensor]:
+        rows_N, cols_N = pairs.rows_N, pairs.cols_N
         pre_N = pre_BF[rows_N, cols_N]
         act_N = pre_N > 0 if theta_F is None else pre_N > theta_F[cols_N]
         # every active pair is in the support: count them there, not over [B, F]
         l0_B = torch.bincount(rows_N[act_N], minlength=x_BD.shape[0]).to(torch.float32)
         vals_N = pre_N * act_N
-        ctx.save_for_backward(x_BD, W_enc_FD, rows_N, cols_N, pre_N, act_N, theta_F)
+        ctx.save_for_backward(x_BD, W_enc_FD, pre_N, act_N, theta_F)
+        ctx.pairs = pairs
         ctx.bandwidth = bandwidth
         ctx.b_dtype = b_enc_F.dtype
         ctx.has_theta = theta_F is not None
@@ -116,16 +139,17 @@ class ThresholdEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals_N: Tensor, grad_l0_B: Tensor | None):  # type: ignore[override]
-        x_BD, W_enc_FD, rows_N, cols_N, pre_N, act_N, theta_F = ctx.saved_tensors
-        n_rows, n_lat = x_BD.shape[0], W_enc_FD.shape[0]
+        x_BD, W_enc_FD, pre_N, act_N, theta_F = ctx.saved_tensors
+        pairs = ctx.pairs
+        rows_N, cols_N, n_lat = pairs.rows_N, pairs.cols_N, W_enc_FD.shape[0]
         if grad_vals_N is None:
             grad_vals_N = pre_N.new_zeros(pre_N.shape)
         g_N = grad_vals_N * act_N
         grad_x = grad_W = grad_b = grad_theta = None
         if ctx.needs_input_grad[0]:
-            grad_x = coo_combine(rows_N, cols_N, g_N, W_enc_FD, n_rows).to(x_BD.dtype)
+            grad_x = coo_combine(pairs, g_N, W_enc_FD).to(x_BD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W = coo_scatter(rows_N, cols_N, g_N, x_BD.to(W_enc_FD.dtype), n_lat)
+            grad_W = coo_scatter(pairs, g_N, x_BD.to(W_enc_FD.dtype))
         if ctx.needs_input_grad[2]:
             grad_b = (
                 g_N.new_zeros(n_lat, dtype=torch.float32).index_add_(0, cols_N, g_N.float()).to(ctx.b_dtype)
@@ -141,7 +165,7 @@ class ThresholdEncode(torch.autograd.Function):
             per_N = torch.where(win_N, per_N, torch.zeros_like(per_N))
             grad_theta = torch.zeros_like(theta_F, dtype=torch.float32).index_add_(0, cols_N, per_N.float())
             grad_theta = grad_theta.to(theta_F.dtype)
-        return grad_x, grad_W, grad_b, grad_theta, None, None, None, None
+        return grad_x, grad_W, grad_b, grad_theta, None, None, None
 
 
 def support(pre_BF: Tensor, theta_F: Tensor | None, bandwidth: float) -> Tensor:
@@ -171,21 +195,23 @@ class GatedEncode(torch.autograd.Function):
         r_mag_F: Tensor,
         b_mag_F: Tensor,
         proj_BF: Tensor,
-        rows_N: Tensor,
-        cols_N: Tensor,
+        pairs: Pairs,
     ) -> tuple[Tensor, Tensor]:
-        proj_N = proj_BF[rows_N, cols_N]
+        cols_N = pairs.cols_N
+        proj_N = proj_BF[pairs.rows_N, cols_N]
         scale_N = r_mag_F.exp()[cols_N]
         mag_N = proj_N * scale_N + b_mag_F[cols_N]
         gate_N = proj_N + b_gate_F[cols_N]
         f_N = torch.relu(mag_N)
-        ctx.save_for_backward(x_BD, W_FD, rows_N, cols_N, proj_N, scale_N, mag_N, r_mag_F)
+        ctx.save_for_backward(x_BD, W_FD, proj_N, scale_N, mag_N, r_mag_F)
+        ctx.pairs = pairs
         return f_N, gate_N
 
     @staticmethod
     def backward(ctx, grad_f_N: Tensor | None, grad_gate_N: Tensor | None):  # type: ignore[override]
-        x_BD, W_FD, rows_N, cols_N, proj_N, scale_N, mag_N, r_mag_F = ctx.saved_tensors
-        n_rows, n_lat = x_BD.shape[0], W_FD.shape[0]
+        x_BD, W_FD, proj_N, scale_N, mag_N, r_mag_F = ctx.saved_tensors
+        pairs = ctx.pairs
+        cols_N, n_lat = pairs.cols_N, W_FD.shape[0]
         g_mag_N = grad_f_N * (mag_N > 0) if grad_f_N is not None else torch.zeros_like(proj_N)
         g_gate_N = grad_gate_N if grad_gate_N is not None else torch.zeros_like(proj_N)
         g_proj_N = g_gate_N + g_mag_N * scale_N
@@ -195,9 +221,9 @@ class GatedEncode(torch.autograd.Function):
 
         grad_x = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_x = coo_combine(rows_N, cols_N, g_proj_N, W_FD, n_rows).to(x_BD.dtype)
+            grad_x = coo_combine(pairs, g_proj_N, W_FD).to(x_BD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W = coo_scatter(rows_N, cols_N, g_proj_N, x_BD.to(W_FD.dtype), n_lat)
+            grad_W = coo_scatter(pairs, g_proj_N, x_BD.to(W_FD.dtype))
         grad_b_gate = per_latent(g_gate_N).to(W_FD.dtype) if ctx.needs_input_grad[2] else None
         grad_r = (
             per_latent(g_mag_N * proj_N).to(r_mag_F.dtype) * r_mag_F.exp()
@@ -205,4 +231,4 @@ class GatedEncode(torch.autograd.Function):
             else None
         )
         grad_b_mag = per_latent(g_mag_N).to(W_FD.dtype) if ctx.needs_input_grad[4] else None
-        return grad_x, grad_W, grad_b_gate, grad_r, grad_b_mag, None, None, None
+        return grad_x, grad_W, grad_b_gate, grad_r, grad_b_mag, None, None
