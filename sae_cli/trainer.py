@@ -261,8 +261,8 @@ class Trainer:
     def start(self, sample: dict[Key, Tensor], scales: dict[Key, float] | None = None) -> None:
         """Fresh start: build every SAE (seeded), scale = `scales[key]` or estimated from `sample[key]`, and
         `init_from_data` on the scaled sample."""
-        torch.manual_seed(self.loop.seed)
         for plan in self.plans:
+            torch.manual_seed(self.loop.seed)  # per member: its init does not depend on the other members
             x_BD = sample[plan.key].float()
             c = scales[plan.key] if scales and plan.key in scales else input_scale(x_BD)
             sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)

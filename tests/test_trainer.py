@@ -277,3 +277,20 @@ def test_sigterm_and_ctrl_c_set_the_stop_flag_instead_of_killing() -> None:
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
+
+
+def test_seed_sets_the_init_and_members_do_not_share_rng_draws(tmp_path: Path) -> None:
+    """--seed changes the initial decoder; the same seed gives the same one whether a member trains alone or
+    after another member in the same loop."""
+    store = small_store(tmp_path)
+
+    def init_dec(members: list[MemberConfig], seed: int) -> torch.Tensor:
+        trainer, sample = make_trainer(store, tmp_path / f"run{seed}{len(members)}", members, 256, seed=seed)
+        trainer.start(sample)
+        return trainer.members[-1].sae.W_dec_FD.detach().clone()
+
+    solo = init_dec([JUMP], 0)
+    assert torch.equal(init_dec([TOPK, JUMP], 0), solo)
+    other = init_dec([JUMP], 1)
+    assert not torch.allclose(other, solo)
+    torch.testing.assert_close(other.norm(dim=1), solo.norm(dim=1))  # same rule, different draw

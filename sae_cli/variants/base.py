@@ -112,9 +112,10 @@ class SAE(nn.Module):
     # ---- hooks the trainer calls ------------------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
-        """Tied init (W_enc = W_dec), random unit decoder rows; subclasses may set b_dec from the data."""
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(self.W_dec_FD.shape, generator=gen)
+        """Tied init (W_enc = W_dec), random unit decoder rows drawn from torch's global RNG (the trainer seeds it
+        with --seed before each member, so a sweep member starts as its solo run); subclasses may set b_dec from
+        the data."""
+        w = torch.randn(self.W_dec_FD.shape)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec_FD.copy_(w)
         self.W_enc_FD.copy_(w)
