@@ -356,6 +356,9 @@ def eval_cmd(
         None, help="The store the SAE was trained on (default: the one the run recorded)."
     ),
     tokens: int = typer.Option(0, help="Evaluate on at most this many held-out tokens (0: all of them)."),
+    lm_tokens: int = typer.Option(
+        0, help="LM metrics (3 model passes per window) on at most this many of them (0: as --tokens)."
+    ),
     no_model: bool = typer.Option(
         False, "--no-model", help="Skip the LM metrics (no model load, no splicing)."
     ),
@@ -382,6 +385,7 @@ def eval_cmd(
                 run,
                 store,
                 tokens=tokens,
+                lm_tokens=lm_tokens,
                 with_model=not no_model,
                 device=dev,
                 batch_size=batch_size,

@@ -44,7 +44,10 @@ def sweep(
     batch_size: int = typer.Option(0, help=DOC["batch_size"]),
     seed: int = typer.Option(0, help=DOC["seed"]),
     eval_tokens: int = typer.Option(0, help=DOC["eval_tokens"]),
-    lm_tokens: int = typer.Option(0, help="Evaluate on at most this many held-out tokens (0: all of them)."),
+    lm_tokens: int = typer.Option(
+        0,
+        help="LM metrics (3 model passes per window) on at most this many held-out tokens (0: all of them).",
+    ),
     no_model: bool = typer.Option(
         False, "--no-model", help="Skip the LM metrics (no model load, no splicing)."
     ),
@@ -149,7 +152,7 @@ def _evaluate(prep: Any, *, with_model: bool, lm_tokens: int) -> None:
         progress.update(tasks[stage], completed=done, total=total)
 
     with progress:
-        evaluate_members(prep, with_model=with_model, eval_tokens=lm_tokens, progress=report)
+        evaluate_members(prep, with_model=with_model, lm_tokens=lm_tokens, progress=report)
     console.print(f"evaluated {len(prep.plans)} members in {prep.timings['eval_s']:.0f} s")
 
 

@@ -42,6 +42,7 @@ def evaluate(
     store_path: str | Path | None = None,
     *,
     tokens: int = 0,
+    lm_tokens: int = 0,
     with_model: bool = True,
     device: str = "cpu",
     batch_size: int = 4096,
@@ -50,7 +51,9 @@ def evaluate(
     model: Any = None,
 ) -> dict[str, Any]:
     """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json).
-    `model`: the store's LM, already loaded on `device` (a sweep evaluates many SAEs with one load)."""
+    `tokens`: at most this many held-out tokens for everything (0: all); `lm_tokens`: at most this many of them
+    for the LM metrics, which cost three model passes per window (0: as `tokens`). `model`: the store's LM,
+    already loaded on `device` (a sweep evaluates many SAEs with one load)."""
     run = Path(run)
     cfg = io.read_cfg(run)
     training = cfg.get("training", {})
@@ -87,12 +90,26 @@ def evaluate(
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
 
     if with_model:
-        result.update(_lm_metrics(sae, store, key, (lo, hi), device, lm_windows_per_batch, report, model))
+        lm_hi = held_out_range(training, store, min(lm_tokens, hi - lo))[1] if lm_tokens else hi
+        result.update(
+            lm_metrics(sae.forward, store, key, (lo, lm_hi), device, lm_windows_per_batch, report, model)
+        )
     io.write_json_atomic(run / EVAL_FILE, result)
     return result
 
 
-def _lm_metrics(sae, store, key, token_range, device, windows, report, model=None) -> dict[str, Any]:
+def lm_metrics(
+    sae_fn: Callable[[torch.Tensor], torch.Tensor],
+    store: Any,
+    key: tuple[int, str],
+    token_range: tuple[int, int],
+    device: str = "cpu",
+    windows: int = 4,
+    report: Callable[[str, int, int], None] | None = None,
+    model: Any = None,
+) -> dict[str, Any]:
+    """delta LM loss, CE recovered and KL of splicing `sae_fn` (activations -> reconstruction) into the store's
+    model at `key`, on the whole windows of `token_range` (sae_cli/splice.py)."""
     from actcache.models import load_config, load_model, parse_dtype, resolve_model, text_config
     from actcache.sites import ArchSites, arch_sites
 
@@ -117,10 +134,11 @@ def _lm_metrics(sae, store, key, token_range, device, windows, report, model=Non
     def step(n: int) -> None:
         nonlocal done
         done += n
-        report("lm", done, hi - lo)
+        if report is not None:
+            report("lm", done, hi - lo)
 
     out = splice_metrics(
-        model, arch, key[0], key[1], sae.forward, lm_windows(store, key, token_range, windows), progress=step
+        model, arch, key[0], key[1], sae_fn, lm_windows(store, key, token_range, windows), progress=step
     )
     out["model"] = spec.model
     if out.get("site_match_rel_err", 0) > 0.05:

@@ -360,7 +360,7 @@ def run_training(prep: PreparedSweep, run: Callable[[Trainer], TrainResult] | No
 
 # ---- evaluation and the summary --------------------------------------------------------------------------------
 def load_lm(store: Any, device: str) -> Any:
-    """The store's model, loaded once for every member's splice (same dtype rule as evaluate._lm_metrics)."""
+    """The store's model, loaded once for every member's splice (same dtype rule as evaluate.lm_metrics)."""
     from actcache.models import load_model, parse_dtype, resolve_model
 
     harvest = store.spec.harvest_config or {}
@@ -375,6 +375,7 @@ def evaluate_folders(
     device: str,
     with_model: bool,
     eval_tokens: int = 0,
+    lm_tokens: int = 0,
     batch_size: int = 4096,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -392,6 +393,7 @@ def evaluate_folders(
                 folder,
                 store.path,
                 tokens=eval_tokens,
+                lm_tokens=lm_tokens,
                 with_model=with_model,
                 device=device,
                 batch_size=batch_size,
