@@ -105,6 +105,9 @@ class LoopConfig:
     """Chunks the reader mixes to shuffle tokens."""
     threads: int = 2
     """Reader decode threads."""
+    member_threads: bool = True
+    """On CPU, train the members of a sweep concurrently, each on one intra-op thread (False: one after another,
+    each with every thread)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +36,7 @@ from . import io
 from .config import LoopConfig, MemberConfig, resolve_width
 from .l0_control import ControllerConfig, L0Controller, initial_coef
 from .registry import get_variant
-from .variants.base import SAE, SAEConfig, StepState
+from .variants.base import SAE, LossOutput, SAEConfig, StepState
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,11 @@ class Trainer:
         self.extra_summary = dict(extra_summary or {})
         self.members: list[Member] = []
         self.step = 0
+        # Members in parallel threads (_map_members): CPU, several members, several intra-op threads.
+        self._threads = torch.get_num_threads()
+        cpu = self.device.type == "cpu" and self.loop.member_threads
+        self._workers = min(len(plans), self._threads) if cpu else 1
+        self._pool: ThreadPoolExecutor | None = None
         self.tokens = 0
         self.elapsed_s = 0.0
         self.rows: list[dict[str, Any]] = []
@@ -332,6 +338,9 @@ class Trainer:
                 self.save_checkpoint()
                 next_ckpt = self._next_checkpoint()
                 self.callback(self._progress("checkpoint", 0.0, []))
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.save_checkpoint()
         if status == "done":
             result = self._finish()
@@ -346,13 +355,10 @@ class Trainer:
 
     def _step(self, batch: Any) -> None:
         lr_mult = lr_multiplier(self.step, self.n_steps, self.loop)
-        n_tokens = 0
-        checks: list[Tensor] = []
-        outs = []
-        autocast = self.loop.autocast == "bf16"
-        for m in self.members:
+        log_next = self._logging_next()
+
+        def forward_backward(m: Member) -> tuple[LossOutput, StepState, Tensor | None, Tensor]:
             x_BD = batch.acts[m.plan.key].to(self.device, non_blocking=True).float() * m.scale
-            n_tokens = x_BD.shape[0]
             state = StepState(
                 step=self.step,
                 total_steps=self.n_steps,
@@ -360,17 +366,20 @@ class Trainer:
                 dead_F=m.since_fired_F >= self.window,
                 freq_F=m.freq_F,
             )
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.loop.autocast == "bf16"):
                 out = m.sae.training_loss(x_BD, state)
             m.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
-            checks.append(torch.stack([torch.isfinite(x_BD).all().float(), *parts]))
-            outs.append((out, state, x_BD if self._logging_next() else None))
+            check = torch.stack([torch.isfinite(x_BD).all().float(), *parts])
+            return out, state, (x_BD if log_next else None), check
+
+        outs = self._map_members(forward_backward)
+        n_tokens = int(batch.acts[self.members[0].plan.key].shape[0])
         # One host sync per step: finiteness of data and losses, L0s and loss parts for logs and controllers.
-        values = torch.cat(checks).tolist()
+        values = torch.cat([o[3] for o in outs]).tolist()
         offset = 0
-        for m, (out, _, _) in zip(self.members, outs, strict=True):
+        for m, (out, _, _, _) in zip(self.members, outs, strict=True):
             n = 3 + len(out.parts)
             data_ok, loss, l0, *parts = values[offset : offset + n]
             offset += n
@@ -383,7 +392,9 @@ class Trainer:
                     f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}; lower --lr or check the data"
                 )
             self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)))
-        for m, (out, state, x_BD) in zip(self.members, outs, strict=True):
+
+        def update(item: tuple[Member, tuple[LossOutput, StepState, Tensor | None, Tensor]]) -> float | None:
+            m, (out, state, x_BD, _) = item
             m.sae.before_optimizer_step()
             if self.loop.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(m.sae.parameters(), self.loop.grad_clip)
@@ -392,15 +403,40 @@ class Trainer:
             m.opt.step()
             m.sae.after_optimizer_step()
             self._track(m, out.fired_F, n_tokens)
+            return _batch_fvu(x_BD, out.x_hat_BD) if x_BD is not None else None
+
+        fvus = self._map_members(update, list(zip(self.members, outs, strict=True)))
+        for m, (_, state, _, _), fvu in zip(self.members, outs, fvus, strict=True):
             if m.controller is not None:
                 m.controller.update(m.sums["l0_last"])
-            if x_BD is not None:
-                m.sums["fvu"] = m.sums.get("fvu", 0.0) + _batch_fvu(x_BD, out.x_hat_BD)
+            if fvu is not None:
+                m.sums["fvu"] = m.sums.get("fvu", 0.0) + fvu
                 m.sums["n_fvu"] = m.sums.get("n_fvu", 0.0) + 1
             m.sums["lr"] = m.plan.lr * lr_mult
             m.sums["sparsity_coef"] = state.sparsity_coef
         self.step += 1
         self.tokens += n_tokens
+
+    def _map_members(self, fn: Callable[[Any], Any], items: list[Any] | None = None) -> list[Any]:
+        """fn over the members (or `items`, one per member), in member order. On CPU with several members and
+        several intra-op threads, the members run concurrently, one per thread, each on one intra-op thread:
+        a member's numbers are then those of a solo run on one thread (bit-identical), and the cores stay busy
+        through the single-threaded parts of a step (sort, index, embedding bags, Python) that leave a core
+        idle when the members take turns (docs/benchmarks.md, "Sweeps")."""
+        items = self.members if items is None else items
+        if self._workers <= 1:
+            return [fn(it) for it in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="sae-member")
+
+        def one_thread(it: Any) -> Any:
+            torch.set_num_threads(1)
+            return fn(it)
+
+        try:
+            return list(self._pool.map(one_thread, items))
+        finally:
+            torch.set_num_threads(self._threads)
 
     def _logging_next(self) -> bool:
         return (self.step + 1) % self.loop.log_every == 0 or self.step + 1 >= self.n_steps

@@ -118,6 +118,18 @@ def build_contenders(
     return out
 
 
+def lm_metrics(
+    contender: peers.Peer, store: Any, key: tuple[int, str], token_range: tuple[int, int], model: Any
+) -> dict[str, float]:
+    """delta LM loss, CE recovered, KL of splicing the contender's reconstruction into the model: the code
+    `sae eval` runs (sae_cli.evaluate.lm_metrics), on the same held-out windows for every contender."""
+    from sae_cli.evaluate import lm_metrics as splice
+
+    return splice(
+        lambda x: contender.reconstruct(x.float())[0].to(x.dtype), store, key, token_range, model=model
+    )
+
+
 def evaluate(contender: peers.Peer, batches: list[Tensor], d_sae: int) -> dict[str, float]:
     """FVU, L0, dead % ... of the inference rule on the held-out batches: sae_cli.metrics, the code `sae eval` uses."""
     from sae_cli.metrics import ReconstructionMetrics
@@ -154,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-variants", default="topk,jumprelu", help="our variants trained with --ours")
     ap.add_argument(
         "--ours-runs", nargs="*", default=[], help="finished `sae train --out` folders to evaluate"
+    )
+    ap.add_argument(
+        "--lm-tokens",
+        type=int,
+        default=0,
+        help="also splice every SAE into the store's model on this many held-out tokens (delta LM loss, CE "
+        "recovered; 0: skip)",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -210,11 +229,20 @@ def main(argv: list[str] | None = None) -> int:
         seconds[loaded.label] = math.nan
 
     rows = []
+    model = None
+    if args.lm_tokens:
+        from sae_cli.sweep import load_lm
+
+        model = load_lm(store, "cpu")
+        ctx = store.spec.context
+        lm_range = (eval_range[0], min(eval_range[1], eval_range[0] + ctx * math.ceil(args.lm_tokens / ctx)))
     for name, c in contenders.items():
         d_sae = c.sae.cfg.d_sae if isinstance(c, peers.LoadedSAE) else args.width
-        rows.append(
-            {"name": name, "d_sae": d_sae, "train_s": seconds[name], **evaluate(c, eval_batches, d_sae)}
-        )
+        row = {"name": name, "d_sae": d_sae, "train_s": seconds[name], **evaluate(c, eval_batches, d_sae)}
+        if model is not None:
+            row.update(lm_metrics(c, store, key, lm_range, model))
+        rows.append(row)
+        print(f"  evaluated {name}", flush=True)
     print()
     print(markdown_table(rows, n_steps * args.batch))
     return 0
@@ -222,14 +250,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
     lines = [
-        f"| SAE ({tokens:,} training tokens) | d_sae | L0 | FVU | FVU w/o massive tokens | dead % | shrinkage | train s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| SAE ({tokens:,} training tokens) | d_sae | L0 | FVU | FVU w/o massive tokens | dead % | shrinkage "
+        "| delta LM loss | CE recovered | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         train_s = "-" if r["train_s"] != r["train_s"] else f"{r['train_s']:.0f}"
+        lm = f"{r['delta_lm_loss']:.4f} | {r['ce_recovered']:.4f}" if "delta_lm_loss" in r else "- | -"
         lines.append(
             f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['fvu_typical']:.4f} | "
-            f"{r['dead_pct']:.1f} | {r['shrinkage']:.3f} | {train_s} |"
+            f"{r['dead_pct']:.1f} | {r['shrinkage']:.3f} | {lm} | {train_s} |"
         )
     return "\n".join(lines)
 

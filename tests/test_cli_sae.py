@@ -79,7 +79,9 @@ def test_train_then_eval_with_splicing(harvested: Path, tmp_path: Path, site: st
     assert held == cfg["training"]["eval_range"][1] - cfg["training"]["eval_range"][0] and held % 32 == 0
     assert ev["lm_tokens"] > 0.9 * held * 31 / 32  # next-token targets: not the BOS, not padding
     assert (run / "density.png").is_file() and "CE recovered" in res.output
-    if site == "resid_post":  # --lm-tokens cuts the LM metrics to whole windows; reconstruction keeps them all
+    if (
+        site == "resid_post"
+    ):  # --lm-tokens cuts the LM metrics to whole windows; reconstruction keeps them all
         res = invoke("eval", run, "--store", harvested, "--device", "cpu", "--lm-tokens", 40)
         assert res.exit_code == 0, res.output
         short = json.loads((run / "eval.json").read_text())

@@ -4,6 +4,7 @@ refusal, the member plan and the Pareto frontier."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from actcache.harvest import HarvestConfig, plan_harvest, run_harvest
 from actcache.models import load_model
 from sae_cli import sweep as sw
+from sae_cli import trainer as sw_trainer
 from sae_cli.cli import app
 from sae_cli.config import ConfigError, LoopConfig
 from sae_cli.pareto import pareto_front
@@ -44,15 +46,26 @@ def store(tmp_path_factory) -> Path:
     return root / "store"
 
 
-def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(store: Path, tmp_path: Path) -> None:
+def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """2 layers x 2 variants x 2 L0 targets in one loop; two members against `sae train` of the same settings:
     identical weights (the sweep shares only the decoded batches). Then the table, the plot, `sae pareto`."""
     out = tmp_path / "sweep"
-    res = invoke(
-        "sweep", "--store", store, "--layers", "0,1", "--variants", "topk,jumprelu", "--l0-target", "4,8",
-        "--width", "8x", "--out", out, "--no-model", *COMMON,
-    )  # fmt: skip
+    pools = []
+    monkeypatch.setattr(
+        sw_trainer, "ThreadPoolExecutor", lambda *a, **k: pools.append(a) or ThreadPoolExecutor(*a, **k)
+    )
+    torch.set_num_threads(2)  # the sweep's members run in 2 threads, one intra-op thread each ...
+    try:
+        res = invoke(
+            "sweep", "--store", store, "--layers", "0,1", "--variants", "topk,jumprelu", "--l0-target", "4,8",
+            "--width", "8x", "--out", out, "--no-model", *COMMON,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(1)  # ... and the solo runs below on one thread: the same numbers, bit for bit
     assert res.exit_code == 0, res.output
+    assert pools == [(2,)]
     meta = json.loads((out / "sweep.json").read_text())
     names = [m["name"] for m in meta["members"]]
     assert len(names) == 8 and names[0] == "topk-L0-resid_post-w128-l0_4"
