@@ -20,6 +20,7 @@ WORK/bench_sweep.json; docs/benchmarks.md, "Sweeps".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -316,6 +317,10 @@ def main() -> None:
         if run is None:
             res["sweep"] = timed_sweep(sweep_cfg(store, loop), args.work / "sweep", T)
             print(f"sweep of 4: {res['sweep']}", flush=True)
+            if "b" in parts:  # what running the members concurrently (one intra-op thread each) buys
+                seq = dataclasses.replace(loop, member_threads=False)
+                res["sweep_sequential"] = timed_sweep(sweep_cfg(store, seq), args.work / "sweep-seq", T)
+                print(f"sweep of 4, members one after another: {res['sweep_sequential']}", flush=True)
         else:
             r = timed_sweep(
                 sweep_cfg(store, loop, (run[0],), (run[1],)), args.work / f"solo-{run[0]}-{run[1]:g}", T
@@ -376,7 +381,14 @@ def report(res: dict) -> None:
         print("\n| (b) | wall s | CPU s | waiting for data |\n| --- | --- | --- | --- |")
         s = res["sweep"]
         share = f"{s['wait_s']:.1f} s = {100 * res['b_wait_share']:.1f} % of training"
-        print(f"| one sweep of 4 | {s['seconds']:.1f} | {s['cpu_s']:.1f} | {share} |")
+        print(
+            f"| one sweep of 4 (members concurrent, 1 thread each) | {s['seconds']:.1f} | {s['cpu_s']:.1f} | {share} |"
+        )
+        if "sweep_sequential" in res:
+            q = res["sweep_sequential"]
+            print(
+                f"| one sweep of 4, members one after another | {q['seconds']:.1f} | {q['cpu_s']:.1f} | {q['wait_s']:.1f} s |"
+            )
         for r in res["solo"]:
             print(f"| solo {r['members'][0]} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['wait_s']:.1f} s |")
         print(

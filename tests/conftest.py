@@ -91,14 +91,24 @@ def write_corpus(folder: Path, n_docs: int = 6, words_per_doc: int = 150, seed: 
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on one intra-op thread: with several, OpenMP's spinning barriers make them 10-100x slower
-    on a loaded 2-core machine."""
+def _one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on one intra-op thread: with several, OpenMP's spinning barriers make them 10-100x slower
+    on a loaded 2-core machine."""
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module (`pytestmark = pytest.mark.usefixtures("one_thread_module")`)."""
+    yield from _one_thread()
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,7 @@ from synthetic import fit, make_sae, sparse_data
 D, N_FEATURES, ACTIVE, D_SAE = 64, 256, 5, 512
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
