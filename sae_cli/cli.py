@@ -328,6 +328,7 @@ def _run_live(trainer: Any) -> Any:
     )  # fmt: skip
     task = progress.add_task("train", total=trainer.tokens_total, completed=trainer.tokens)
     last_rows: list[dict[str, Any]] = []
+    next_line = [0.0]  # not a terminal (a log file): a plain progress line every 5 % of the run
     with Live(Group(progress), console=console, refresh_per_second=4, transient=False) as live:
 
         def callback(p: Any) -> None:
@@ -336,6 +337,13 @@ def _run_live(trainer: Any) -> Any:
             if p.rows:
                 last_rows = p.rows
                 live.update(Group(progress, _metrics_table(last_rows)))
+                if not console.is_terminal and p.tokens >= next_line[0]:
+                    next_line[0] = p.tokens + 0.05 * p.total_tokens
+                    l0s = ", ".join(f"{r['member']} {r['l0']:.1f}" for r in p.rows)
+                    console.log(
+                        f"step {p.step}/{p.total_steps}, {p.tokens:,}/{p.total_tokens:,} tokens, "
+                        f"{p.tokens_per_s:,.0f} tok/s; L0: {l0s}"
+                    )
 
         trainer.callback = callback
         with stop_on_signals() as should_stop:

@@ -125,13 +125,15 @@ def _header(prep: Any) -> None:
     cfg, loop = prep.cfg, prep.loop
     steps = math.ceil(prep.tokens / loop.batch_size)
     widths = sorted({p.sae_cfg.d_sae for p in prep.plans})
+    workers = prep.trainer.member_workers
+    how = f"{workers} members at a time, one thread each" if workers > 1 else "members one after another"
     free = f" of {prep.memory_free / 2**30:.1f} GiB free" if prep.memory_free else ""
     console.print(
         f"[bold]sae sweep[/bold]: {len(prep.plans)} members = {len(cfg.layers)} layer(s) x {len(cfg.sites)} site(s) "
         f"x {len(cfg.variants)} variant(s) x {len(cfg.widths)} width(s) x {len(cfg.l0_targets)} L0 target(s); "
         f"d_in {prep.store.d_model}, d_sae {', '.join(map(str, widths))}; {prep.tokens:,} tokens = {steps} steps "
-        f"of {loop.batch_size}; {len(shape_groups(prep.plans))} equal-shape group(s), trained as a loop over "
-        f"members; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}"
+        f"of {loop.batch_size}; {len(shape_groups(prep.plans))} equal-shape group(s); "
+        f"{how}; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}"
     )
 
 

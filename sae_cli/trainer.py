@@ -417,6 +417,11 @@ class Trainer:
         self.step += 1
         self.tokens += n_tokens
 
+    @property
+    def member_workers(self) -> int:
+        """Members trained at once (threads; 1: one after another)."""
+        return self._workers
+
     def _map_members(self, fn: Callable[[Any], Any], items: list[Any] | None = None) -> list[Any]:
         """fn over the members (or `items`, one per member), in member order. On CPU with several members and
         several intra-op threads, the members run concurrently, one per thread, each on one intra-op thread:
