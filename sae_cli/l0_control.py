@@ -45,10 +45,13 @@ class ControllerConfig:
     max_coef: float = 1e6
 
     @classmethod
-    def for_run(cls, target: float, total_steps: int, init_coef: float = 1e-4) -> ControllerConfig:
-        """Gains for a run of `total_steps`: k_i = 15 / steps within [0.005, 0.05], horizon 50 steps (an SAE
-        answers a change of lambda within ~20-100 steps; tuned on ReLU, Gated and JumpReLU, docs/training.md)."""
-        k_i = min(0.05, max(0.005, 15.0 / max(total_steps, 1)))
+    def for_run(
+        cls, target: float, total_steps: int, init_coef: float = 1e-4, gain: float = 1.0
+    ) -> ControllerConfig:
+        """Gains for a run of `total_steps`: k_i = gain * 15 / steps within gain * [0.005, 0.05], horizon 50 steps
+        (an SAE answers a change of lambda within ~20-100 steps; tuned on ReLU, Gated and JumpReLU,
+        docs/training.md). `gain` is the variant's `l0_gain`."""
+        k_i = gain * min(0.05, max(0.005, 15.0 / max(total_steps, 1)))
         return cls(target=float(target), init_coef=float(init_coef), k_i=k_i, horizon=50.0)
 
 

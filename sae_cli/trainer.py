@@ -290,14 +290,17 @@ class Trainer:
         out = m.sae.training_loss(x_BD.to(self.device), StepState(0, self.n_steps, 0.0))
         mse, sparsity = (float(out.parts.get(k, math.nan)) for k in ("mse", "sparsity"))
         init = initial_coef(mse, sparsity)
-        m.controller = L0Controller(ControllerConfig.for_run(m.plan.sae_cfg.l0_target, self.n_steps, init))
+        cfg = ControllerConfig.for_run(m.plan.sae_cfg.l0_target, self.n_steps, init, m.sae.l0_gain)
+        m.controller = L0Controller(cfg)
         log.info("%s: initial sparsity coefficient %.3g", m.plan.name, init)
 
     def _member(self, plan: MemberPlan, sae: SAE, scale: float) -> Member:
         opt = torch.optim.Adam(sae.parameters(), lr=plan.lr, betas=plan.betas, eps=ADAM_EPS)
         controller = None
         if plan.steered:
-            controller = L0Controller(ControllerConfig.for_run(plan.sae_cfg.l0_target, self.n_steps))
+            controller = L0Controller(
+                ControllerConfig.for_run(plan.sae_cfg.l0_target, self.n_steps, gain=sae.l0_gain)
+            )
         F = plan.sae_cfg.d_sae
         return Member(
             plan=plan,

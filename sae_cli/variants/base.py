@@ -74,6 +74,10 @@ class SAE(nn.Module):
     the rule itself fixes the L0 (TopK, BatchTopK, the choice variants, Matryoshka)."""
     unit_norm_decoder: ClassVar[bool] = True
     """True: decoder rows kept at unit norm (gradient projected, rows renormalised after each step)."""
+    l0_gain: ClassVar[float] = 1.0
+    """Steered variants: factor on the L0 controller's integral gain (sae_cli/l0_control.py). Below 1 for a rule
+    whose L0 falls steeply and irreversibly once lambda is too high (ReLU's L1: latents pushed below zero get no
+    gradient and do not come back)."""
 
     @dataclass(frozen=True)
     class Options:
