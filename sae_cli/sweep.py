@@ -48,10 +48,12 @@ PARETO_DIR = "pareto"
 MEMORY_MARGIN = 0.9
 # Columns of the summary table, in order (eval.json keys; LM columns only when the model was run).
 SUMMARY_COLUMNS = (
-    "name", "layer", "site", "variant", "d_sae", "l0_target", "l0", "fvu", "mse", "dead_pct", "dense_pct",
-    "shrinkage", "delta_lm_loss", "ce_recovered", "kl_clean_spliced", "ce_clean", "ce_zero_ablation",
-    "train_tokens", "eval_tokens",
+    "name", "layer", "site", "variant", "d_sae", "l0_target", "l0", "l0_error_pct", "fvu", "fvu_typical", "mse",
+    "dead_pct", "dense_pct", "shrinkage", "delta_lm_loss", "ce_recovered", "kl_clean_spliced", "ce_clean",
+    "ce_zero_ablation", "train_tokens", "eval_tokens", "lm_tokens",
 )  # fmt: skip
+# fvu_typical: FVU without the massive-norm tokens (BOS-like positions; sae_cli/metrics.py), which can carry most
+# of the variance of a handful of tokens.
 
 
 class SweepError(Exception):
