@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         f"budget: {n_steps} steps x {args.batch} = {n_steps * args.batch:,} tokens per contender; width {args.width}"
     )
 
+    model = None
+    if args.lm_tokens:  # loaded first: a missing model fails before the training, not after it
+        from sae_cli.sweep import load_lm
+
+        model = load_lm(store, "cpu")
+        ctx = store.spec.context
+        lm_range = (eval_range[0], min(eval_range[1], eval_range[0] + ctx * math.ceil(args.lm_tokens / ctx)))
     contenders = build_contenders(args, sample_BD, scale, n_steps)
     seconds = {name: 0.0 for name in contenders}
     reader = data.train_reader(store, [key], loop, train_range)
@@ -229,13 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         seconds[loaded.label] = math.nan
 
     rows = []
-    model = None
-    if args.lm_tokens:
-        from sae_cli.sweep import load_lm
-
-        model = load_lm(store, "cpu")
-        ctx = store.spec.context
-        lm_range = (eval_range[0], min(eval_range[1], eval_range[0] + ctx * math.ceil(args.lm_tokens / ctx)))
     for name, c in contenders.items():
         d_sae = c.sae.cfg.d_sae if isinstance(c, peers.LoadedSAE) else args.width
         row = {"name": name, "d_sae": d_sae, "train_s": seconds[name], **evaluate(c, eval_batches, d_sae)}
