@@ -91,6 +91,7 @@ def build_contenders(
             lr_decay_steps=decay,
             sparsity_warmup_steps=warm,
             dead_window_steps=max(1, n_steps // 10),
+            lr=args.lr or None,
         )
         if args.saelens_topk:
             out[f"SAELens topk k={k}"] = peers.make_peer("saelens", "topk", base, scale)
@@ -173,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also splice every SAE into the store's model on this many held-out tokens (delta LM loss, CE "
         "recovered; 0: skip)",
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=0.0,
+        help="lr of every peer (0: 2e-4 / sqrt(d_sae / 2^14)); e.g. the lr `sae train` resolved for ours",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
