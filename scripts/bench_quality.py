@@ -27,7 +27,7 @@ Hyper-parameters (what we chose and why):
   theta0 = bw = 0.001 assume, and ours). Coefficient warm-up over 5 % of the steps. The default entry is
   quadratic, coef 1, theta0 = bw = 0.001 on unit scale: with their scale and defaults the threshold, which Adam
   moves by about lr per step, cannot keep up with pre-activations 24x larger, and L0 stays in the thousands
-  within a short run (measured: docs/benchmarks.md, "Quality vs SAELens");
+  within a short run (docs/benchmarks.md, "Quality");
 - sparsify TopK: AuxK alpha 1/32 (its default is 0), dead window 10 % of the run, Adam.
 """
 
