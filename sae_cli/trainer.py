@@ -322,28 +322,30 @@ class Trainer:
         elapsed0 = self.elapsed_s
         status = "done"
         batches = iter(self.reader)
-        while self.tokens < self.tokens_total:
-            if self.should_stop():
-                status = "interrupted"
-                break
-            batch = next(batches, None)
-            if batch is None:
-                log.warning("the reader ran out of data at %d tokens", self.tokens)
-                break
-            self._step(batch)
-            self.elapsed_s = elapsed0 + time.perf_counter() - t_run
-            if self.step % self.loop.log_every == 0 or self.tokens >= self.tokens_total:
-                now = time.perf_counter()
-                tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, self.tokens
-                self.callback(self._log_rows(tps))
-            if next_ckpt and self.tokens >= next_ckpt and self.tokens < self.tokens_total:
-                self.save_checkpoint()
-                next_ckpt = self._next_checkpoint()
-                self.callback(self._progress("checkpoint", 0.0, []))
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        try:
+            while self.tokens < self.tokens_total:
+                if self.should_stop():
+                    status = "interrupted"
+                    break
+                batch = next(batches, None)
+                if batch is None:
+                    log.warning("the reader ran out of data at %d tokens", self.tokens)
+                    break
+                self._step(batch)
+                self.elapsed_s = elapsed0 + time.perf_counter() - t_run
+                if self.step % self.loop.log_every == 0 or self.tokens >= self.tokens_total:
+                    now = time.perf_counter()
+                    tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, self.tokens
+                    self.callback(self._log_rows(tps))
+                if next_ckpt and self.tokens >= next_ckpt and self.tokens < self.tokens_total:
+                    self.save_checkpoint()
+                    next_ckpt = self._next_checkpoint()
+                    self.callback(self._progress("checkpoint", 0.0, []))
+        finally:  # the member threads end with the loop, also when a step raises
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
         self.save_checkpoint()
         if status == "done":
             result = self._finish()
