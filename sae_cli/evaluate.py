@@ -21,6 +21,12 @@ EVAL_FILE = "eval.json"
 DENSITY_PNG = "density.png"
 
 
+def first_windows(token_range: tuple[int, int], tokens: int, context: int) -> tuple[int, int]:
+    """The start of `token_range` cut to the whole windows that hold `tokens` tokens (0: all of it)."""
+    lo, hi = token_range
+    return (lo, min(hi, lo + context * max(1, math.ceil(tokens / context)))) if tokens else (lo, hi)
+
+
 def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[int, int]:
     """The run's held-out range (recorded at training time), cut to `tokens` whole windows when given."""
     if "eval_range" not in training:
@@ -31,10 +37,7 @@ def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[i
             f"{store.path} is not the store this SAE was trained on (model {training.get('store_model')!r}, "
             f"{training.get('store_tokens')} tokens); pass that store with --store"
         )
-    if tokens:
-        ctx = store.spec.context
-        hi = min(hi, lo + ctx * max(1, math.ceil(tokens / ctx)))
-    return lo, hi
+    return first_windows((lo, hi), tokens, store.spec.context)
 
 
 def evaluate(
@@ -90,9 +93,9 @@ def evaluate(
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
 
     if with_model:
-        lm_hi = held_out_range(training, store, min(lm_tokens, hi - lo))[1] if lm_tokens else hi
+        lm_range = first_windows((lo, hi), lm_tokens, store.spec.context)
         result.update(
-            lm_metrics(sae.forward, store, key, (lo, lm_hi), device, lm_windows_per_batch, report, model)
+            lm_metrics(sae.forward, store, key, lm_range, device, lm_windows_per_batch, report, model)
         )
     io.write_json_atomic(run / EVAL_FILE, result)
     return result

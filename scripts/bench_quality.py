@@ -218,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model = None
     if args.lm_tokens:  # loaded first: a missing model fails before the training, not after it
+        from sae_cli.evaluate import first_windows
         from sae_cli.sweep import load_lm
 
         model = load_lm(store, "cpu")
-        ctx = store.spec.context
-        lm_range = (eval_range[0], min(eval_range[1], eval_range[0] + ctx * math.ceil(args.lm_tokens / ctx)))
+        lm_range = first_windows(eval_range, args.lm_tokens, store.spec.context)
     contenders = build_contenders(args, sample_BD, scale, n_steps)
     seconds = {name: 0.0 for name in contenders}
     reader = data.train_reader(store, [key], loop, train_range)

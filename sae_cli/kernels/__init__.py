@@ -200,8 +200,7 @@ def batch_topk_encode_decode(
         pairs = Pairs(idx_N // n_lat, idx_N % n_lat, x_in_BD.shape[0], n_lat)
     f_N, _ = ThresholdEncode.apply(x_in_BD, W_enc_FD, b_enc_F, None, 0.0, pre_BF.detach(), pairs)
     x_hat_BD = CooDecode.apply(pairs, f_N, W_dec_FD)
-    fired_F = torch.bincount(pairs.cols_N[f_N.detach() != 0], minlength=n_lat)
-    return x_hat_BD, vals_N, fired_F
+    return x_hat_BD, vals_N, pairs.fired(f_N)
 
 
 def gated_encode_decode(
@@ -221,18 +220,16 @@ def gated_encode_decode(
     proj_BF = x_in_BD @ W_FD.T
     if sparse_latents_ok(x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_FD):
         with torch.no_grad():
-            rows_N, cols_N = ((proj_BF + b_gate_F) > 0).nonzero(as_tuple=True)
-        if rows_N.numel() <= CPU_SPARSE_ENCODE_MAX_DENSITY * proj_BF.numel():
+            pairs = Pairs.of_mask((proj_BF + b_gate_F) > 0, CPU_SPARSE_ENCODE_MAX_DENSITY)
+        if pairs is not None:
             n = x_in_BD.shape[0]
-            pairs = Pairs(rows_N, cols_N, n, W_FD.shape[0])
             f_N, gate_N = GatedEncode.apply(
                 x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, proj_BF.detach(), pairs
             )
             x_hat_BD = CooDecode.apply(pairs, f_N, W_dec_FD)
-            sparsity = (gate_N * weight_F[cols_N]).sum() / n
+            sparsity = (gate_N * weight_F[pairs.cols_N]).sum() / n
             x_frozen_BD = CooDecode.apply(pairs, gate_N, W_dec_FD.detach())
-            fired_F = torch.bincount(cols_N[f_N.detach() != 0], minlength=W_FD.shape[0])
-            return x_hat_BD, sparsity, x_frozen_BD, fired_F
+            return x_hat_BD, sparsity, x_frozen_BD, pairs.fired(f_N)
     return _gated_dense(proj_BF, b_gate_F, r_mag_F, b_mag_F, W_dec_FD, weight_F)
 
 
@@ -310,17 +307,13 @@ def threshold_encode_decode(
         return threshold_encode_decode_ref(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, W_dec_FD, weight_F)
     pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)  # bias fused into the matmul: one pass less over [B, F]
     with torch.no_grad():
-        mask_BF = support(pre_BF, theta_F, bandwidth)
-        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)  # row-major: rows sorted
-    if rows_N.numel() > CPU_SPARSE_ENCODE_MAX_DENSITY * mask_BF.numel():
+        pairs = Pairs.of_mask(support(pre_BF, theta_F, bandwidth), CPU_SPARSE_ENCODE_MAX_DENSITY)
+    if pairs is None:
         return _threshold_dense(pre_BF, theta_F, bandwidth, W_dec_FD, weight_F)
-    del mask_BF
-    pairs = Pairs(rows_N, cols_N, x_BD.shape[0], W_enc_FD.shape[0])
     vals_N, l0_B = ThresholdEncode.apply(x_BD, W_enc_FD, b_enc_F, theta_F, bandwidth, pre_BF.detach(), pairs)
     x_hat_BD = CooDecode.apply(pairs, vals_N, W_dec_FD)
-    l1 = (vals_N * weight_F[cols_N]).sum() / x_BD.shape[0] if weight_F is not None else None
-    fired_F = torch.bincount(cols_N[vals_N.detach() != 0], minlength=W_enc_FD.shape[0])
-    return x_hat_BD, l0_B, l1, fired_F
+    l1 = (vals_N * weight_F[pairs.cols_N]).sum() / x_BD.shape[0] if weight_F is not None else None
+    return x_hat_BD, l0_B, l1, pairs.fired(vals_N)
 
 
 __all__ = [

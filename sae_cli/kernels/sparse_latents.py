@@ -43,6 +43,19 @@ class Pairs:
             self._row_offsets = _offsets(self.rows_N, self.n_rows)
         return self._row_offsets
 
+    @classmethod
+    def of_mask(cls, mask_BF: Tensor, max_density: float) -> Pairs | None:
+        """The True entries of a [B, F] mask, or None when they are more than `max_density` of it (the caller
+        then takes its dense path)."""
+        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)  # row-major: rows sorted
+        if rows_N.numel() > max_density * mask_BF.numel():
+            return None
+        return cls(rows_N, cols_N, mask_BF.shape[0], mask_BF.shape[1])
+
+    def fired(self, vals_N: Tensor) -> Tensor:
+        """[n_cols]: how many rows each latent is non-zero on."""
+        return torch.bincount(self.cols_N[vals_N.detach() != 0], minlength=self.n_cols)
+
     def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
         """(perm_N, rows in latent-major order, bag offsets by latent); a stable sort keeps each latent's pairs
         in token order (deterministic sums)."""
