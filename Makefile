@@ -79,7 +79,8 @@ peers: $(PEERS_VENV)/.installed
 
 # sparsify's Triton path crashes on a CPU machine that has triton installed.
 bench-peers: peers
-	SPARSIFY_DISABLE_TRITON=1 $(PEERS_VENV)/bin/python scripts/bench_train.py
+	# --hold-l0: steered SAEs timed at L0 ~ k, where they spend most of a run (docs/benchmarks.md, "Training speed")
+	SPARSIFY_DISABLE_TRITON=1 $(PEERS_VENV)/bin/python scripts/bench_train.py --hold-l0
 	SPARSIFY_DISABLE_TRITON=1 $(PEERS_VENV)/bin/python scripts/bench_quality.py --ours
 
 sweep: setup
