@@ -89,6 +89,9 @@ class LoopConfig:
     """Learning-rate warm-up steps (at most 5 % of all steps)."""
     decay_fraction: float = 0.2
     """Linear learning-rate decay to zero over this final fraction of the steps."""
+    l0_trim_fraction: float = 0.2
+    """Steered members: over this final fraction of the steps, shift the firing threshold after each step so the
+    batch's L0 equals the target (exact batch quantile; sae_cli/l0_control.py); 0: off, the controller alone."""
     sparsity_warmup_fraction: float = 0.05
     """Linear warm-up of a fixed sparsity coefficient over this fraction of the steps (steered members ramp by control)."""
     grad_clip: float = 1.0
@@ -152,8 +155,11 @@ class TrainConfig:
             raise ConfigError(f"autocast must be none or bf16, got {loop.autocast!r}")
         if loop.normalize not in ("sample", "store", "none"):
             raise ConfigError(f"normalize must be sample, store or none, got {loop.normalize!r}")
-        if not 0 <= loop.decay_fraction <= 1 or not 0 <= loop.sparsity_warmup_fraction <= 1:
-            raise ConfigError("decay_fraction and sparsity_warmup_fraction must lie in [0, 1]")
+        fractions = (loop.decay_fraction, loop.sparsity_warmup_fraction, loop.l0_trim_fraction)
+        if not all(0 <= f <= 1 for f in fractions):
+            raise ConfigError(
+                "decay_fraction, sparsity_warmup_fraction and l0_trim_fraction must lie in [0, 1]"
+            )
         if m.l0_target <= 0:
             raise ConfigError(f"l0_target must be positive, got {m.l0_target}")
         if m.lr is not None and not (m.lr > 0 and math.isfinite(m.lr)):

@@ -18,6 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .variants.base import SAE
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,9 @@ class ControllerConfig:
         k_i = gain * min(0.05, max(0.005, 15.0 / max(total_steps, 1)))
         return cls(target=float(target), init_coef=float(init_coef), k_i=k_i, horizon=50.0)
 
+
+TRIM_RATE = 0.1
+"""Fraction of the exact batch trim applied per step (`trim_to_target`)."""
 
 INIT_RATIO = 0.01
 """lambda_0 * sparsity term / MSE at initialisation: small enough that the first steps learn to reconstruct,
@@ -126,3 +137,30 @@ class L0Controller:
         self.err, self.slope = float(state["err"]), float(state["slope"])
         self.gain, self.sign = float(state["gain"]), int(state["sign"])
         self.coef = float(state["coef"])
+
+
+@torch.no_grad()
+def trim_to_target(sae: SAE, x_BD: Tensor, target: float, rate: float = 1.0) -> float | None:
+    """Shift the SAE's firing threshold by `rate` times the shift that makes exactly round(target * B) (token,
+    latent) pairs of this batch fire (the threshold halfway between the n-th and (n+1)-th largest firing margins).
+    Returns the shift applied (None: the variant has no trim, or the target is out of range). rate 1 is exact on
+    this batch; the trainer uses TRIM_RATE < 1, an average over ~1/rate batches, so the final threshold does not
+    carry the sampling noise of the last batch's L0.
+
+    Why: lambda moves the L0 through the SAE's weights, slowly and, for ReLU's L1, not reversibly (latents pushed
+    below zero get no gradient back). The controller brings the L0 near the target; over the final steps (the
+    learning-rate decay) this trim closes the rest exactly, while the weights still adapt to it
+    (docs/training.md, "L0 targeting")."""
+    margin_BF = sae.firing_margin(x_BD)
+    if margin_BF is None:
+        return None
+    flat = margin_BF.detach().float().flatten()
+    n = round(target * x_BD.shape[0])
+    if n <= 0 or n >= flat.numel():
+        return None
+    # kthvalue counts from the smallest: the n-th largest is the (N - n + 1)-th smallest.
+    nth = flat.kthvalue(flat.numel() - n + 1).values
+    next_ = flat.kthvalue(flat.numel() - n).values
+    delta = -0.5 * float(nth + next_) * rate
+    sae.shift_threshold(delta)
+    return delta

@@ -8,7 +8,8 @@ counters. A bad loss therefore never reaches the weights: the loop stops with a 
 
 Schedules (docs/training.md): linear lr warm-up over min(warmup_steps, 5 % of the steps), linear decay to 0 over
 the last `decay_fraction`; a fixed sparsity coefficient warms up linearly over `sparsity_warmup_fraction`; steered
-members get lambda from their L0 controller (sae_cli/l0_control.py). Adam eps 6.25e-10 (OpenAI TopK); betas
+members get lambda from their L0 controller (sae_cli/l0_control.py) and, over the last `l0_trim_fraction` of the
+steps, a shift of their firing threshold after each step that puts the batch's L0 on the target. Adam eps 6.25e-10 (OpenAI TopK); betas
 (0, 0.999) for JumpReLU (Gemma Scope), (0.9, 0.999) otherwise.
 
 Checkpoints (every `checkpoint_every` tokens, at the end, and when `should_stop()` turns true: Ctrl-C/SIGTERM)
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from . import io
 from .config import LoopConfig, MemberConfig, resolve_width
-from .l0_control import ControllerConfig, L0Controller, initial_coef
+from .l0_control import TRIM_RATE, ControllerConfig, L0Controller, initial_coef, trim_to_target
 from .registry import get_variant
 from .variants.base import SAE, LossOutput, SAEConfig, StepState
 
@@ -360,6 +361,11 @@ class Trainer:
 
     def _step(self, batch: Any) -> None:
         lr_mult = lr_multiplier(self.step, self.n_steps, self.loop)
+        trim_start = (
+            math.ceil(self.n_steps * (1.0 - self.loop.l0_trim_fraction))
+            if self.loop.l0_trim_fraction
+            else self.n_steps
+        )
         log_next = self._logging_next()
 
         def forward_backward(m: Member) -> tuple[LossOutput, StepState, Tensor | None, Tensor]:
@@ -377,7 +383,7 @@ class Trainer:
             out.loss.backward()
             parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
             check = torch.stack([torch.isfinite(x_BD).all().float(), *parts])
-            return out, state, (x_BD if log_next else None), check
+            return out, state, x_BD, check
 
         outs = self._map_members(forward_backward)
         n_tokens = int(batch.acts[self.members[0].plan.key].shape[0])
@@ -407,8 +413,10 @@ class Trainer:
                 group["lr"] = m.plan.lr * lr_mult
             m.opt.step()
             m.sae.after_optimizer_step()
+            if m.controller is not None and self.step >= trim_start:
+                trim_to_target(m.sae, x_BD, m.plan.sae_cfg.l0_target, TRIM_RATE)
             self._track(m, out.fired_F, n_tokens)
-            return _batch_fvu(x_BD, out.x_hat_BD) if x_BD is not None else None
+            return _batch_fvu(x_BD, out.x_hat_BD) if log_next else None
 
         fvus = self._map_members(update, list(zip(self.members, outs, strict=True)))
         for m, (_, state, _, _), fvu in zip(self.members, outs, fvus, strict=True):

@@ -10,7 +10,7 @@ import torch
 
 from sae_cli.io import SAEFileError, load_densities, load_sae, save_sae
 from sae_cli.registry import get_variant, variant_names
-from sae_cli.variants.base import SAEConfig
+from sae_cli.variants.base import SAEConfig, StepState
 
 
 @pytest.mark.parametrize("variant", variant_names())
@@ -62,3 +62,41 @@ def test_damaged_or_foreign_folders_give_one_line_errors(tmp_path: Path) -> None
     (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(SAEFileError, match="cannot read"):
         load_sae(tmp_path / "a")
+
+
+def test_topk_free_decoder_norms_compute_the_unit_sae_they_are_saved_as(tmp_path: Path) -> None:
+    """decoder_norm="free" (SAELens's rescale_acts_by_decoder_norm): the rule reads the decoder rows' directions,
+    so it equals a unit-norm TopK SAE with the norms moved into the encoder; folding saves exactly that SAE."""
+    torch.manual_seed(0)
+    free = get_variant("topk")(SAEConfig("topk", 12, 48, 4, {"decoder_norm": "free"}))
+    x = torch.randn(64, 12)
+    free.init_from_data(x)
+    assert torch.allclose(free.W_dec_FD.norm(dim=1), torch.full((48,), 0.1))  # SAELens's init norm
+    with torch.no_grad():
+        free.W_dec_FD.mul_(torch.rand(48, 1) * 3 + 0.2)  # unequal row norms
+        free.b_enc_F.copy_(torch.randn(48) * 0.1)
+    n_F = free.W_dec_FD.norm(dim=1)
+    unit = get_variant("topk")(SAEConfig("topk", 12, 48, 4))
+    with torch.no_grad():
+        unit.W_enc_FD.copy_(free.W_enc_FD * n_F[:, None])
+        unit.b_enc_F.copy_(free.b_enc_F * n_F)
+        unit.W_dec_FD.copy_(free.W_dec_FD / n_F[:, None])
+        unit.b_dec_D.copy_(free.b_dec_D)
+        torch.testing.assert_close(free.encode(x), unit.encode(x))
+        torch.testing.assert_close(free(x), unit(x))
+    # free rows: no projection of the gradient, no renormalisation after the step
+    free.training_loss(x, StepState(0, 10, 0.0)).loss.backward()
+    g = free.W_dec_FD.grad.clone()
+    free.before_optimizer_step()
+    assert torch.equal(free.W_dec_FD.grad, g)
+    free.after_optimizer_step()
+    assert torch.allclose(free.W_dec_FD.norm(dim=1), n_F)
+    c = 0.37
+    with torch.no_grad():
+        expected = free(x) / c
+    free.fold_scale(c)
+    save_sae(tmp_path / "sae", free, {"input_scale_folded": c})
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.options["decoder_norm"] == "unit"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x / c), expected, rtol=1e-4, atol=1e-4)

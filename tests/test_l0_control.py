@@ -1,4 +1,5 @@
-"""The L0 controller: lands a simulated SAE on target, and every steered variant within 10 % on held-out tokens."""
+"""The L0 controller: lands a simulated SAE on target, every steered variant within 10 % on held-out tokens, and
+the final trim puts a batch's L0 exactly on target."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 
 from sae_cli import data
 from sae_cli.config import LoopConfig, MemberConfig
-from sae_cli.l0_control import INIT_RATIO, ControllerConfig, L0Controller, initial_coef
+from sae_cli.l0_control import INIT_RATIO, ControllerConfig, L0Controller, initial_coef, trim_to_target
 from sae_cli.metrics import ReconstructionMetrics
 from sae_cli.registry import get_variant, variant_names
 from sae_cli.trainer import Trainer, plan_member
+from sae_cli.variants.base import SAEConfig
 from tests.test_trainer import KEY, small_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,3 +85,29 @@ def test_steered_variant_lands_within_10_percent_on_held_out_tokens(tmp_path: Pa
     r = metrics.result()
     assert abs(r["l0"] / target - 1) < 0.10, r["l0"]
     assert r["fvu"] < 0.9, r["fvu"]  # not collapsed (ReLU's L1 shrinkage costs it most at this L0)
+
+
+@pytest.mark.parametrize("variant", STEERED)
+def test_trim_puts_the_batch_l0_exactly_on_target(variant: str) -> None:
+    torch.manual_seed(0)
+    d, f, b, target = 16, 64, 128, 5.0
+    sae = get_variant(variant)(SAEConfig(variant, d, f, target))
+    x_BD = torch.randn(b, d)
+    sae.init_from_data(x_BD)
+    before = int((sae.encode(x_BD) != 0).sum())
+    delta = trim_to_target(sae, x_BD, target)
+    assert delta is not None and delta != 0.0
+    after = int((sae.encode(x_BD) != 0).sum())
+    assert before != round(target * b)
+    assert after == round(target * b)  # 640 of 8192 (token, latent) pairs fire: L0 = 5.0 exactly
+    # and the margins moved by exactly delta
+    x2_BD = torch.randn(b, d)
+    m_before = sae.firing_margin(x2_BD)
+    sae.shift_threshold(0.25)
+    assert torch.allclose(sae.firing_margin(x2_BD), m_before + 0.25, atol=1e-6)
+
+
+def test_trim_is_none_for_rules_that_fix_their_l0() -> None:
+    sae = get_variant("topk")(SAEConfig("topk", 8, 16, 2.0))
+    sae.init_from_data(torch.randn(32, 8))
+    assert trim_to_target(sae, torch.randn(32, 8), 2.0) is None

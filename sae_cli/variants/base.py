@@ -114,6 +114,17 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     # ---- hooks the trainer calls ------------------------------------------------------------------------
+    def firing_margin(self, x_BD: Tensor) -> Tensor | None:
+        """Steered variants: [B, d_sae] margins m, latent i firing on token b iff m_bi > 0, such that
+        `shift_threshold(d)` adds d to every margin. The L0 trim (l0_control.trim_to_target) reads them.
+        None (the default): the variant has no trim."""
+        return None
+
+    @torch.no_grad()
+    def shift_threshold(self, delta: float) -> None:
+        """Add `delta` to every firing margin (see `firing_margin`)."""
+        raise NotImplementedError(f"variant {self.name!r} has no firing threshold to shift")
+
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
         """Tied init (W_enc = W_dec), random unit decoder rows drawn from torch's global RNG (the trainer seeds it

@@ -65,6 +65,13 @@ class GatedSAE(SAE):
         parts = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach()}
         return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
 
+    def firing_margin(self, x_BD: Tensor) -> Tensor:
+        return self.gate_and_mag(x_BD)[0]
+
+    @torch.no_grad()
+    def shift_threshold(self, delta: float) -> None:
+        self.b_enc_F += delta  # b_gate: moves the gate only, the magnitudes keep their own bias
+
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
         super().init_from_data(x_BD)

@@ -70,6 +70,15 @@ class JumpReLUSAE(SAE):
         l0 = fired_F.sum().float() / x_BD.shape[0]
         return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": l0_penalty.detach()}, l0, fired_F)
 
+    def firing_margin(self, x_BD: Tensor) -> Tensor:
+        return self.pre_acts(x_BD) - self.theta_F
+
+    @torch.no_grad()
+    def shift_threshold(self, delta: float) -> None:
+        # Lower (raise) every threshold by delta: the active values are unchanged. Thresholds stay >= 0, so a
+        # latent already at 0 moves no further (the next step's trim measures what that left).
+        self.theta_F.sub_(delta).clamp_(min=0.0)
+
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
         super().init_from_data(x_BD)

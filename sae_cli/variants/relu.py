@@ -50,6 +50,13 @@ class ReLUSAE(SAE):
         l0 = fired_F.sum().float() / x_BD.shape[0]
         return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": sparsity.detach()}, l0, fired_F)
 
+    def firing_margin(self, x_BD: Tensor) -> Tensor:
+        return x_BD @ self.W_enc_FD.T + self.b_enc_F
+
+    @torch.no_grad()
+    def shift_threshold(self, delta: float) -> None:
+        self.b_enc_F += delta
+
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
         super().init_from_data(x_BD)
