@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -91,6 +91,8 @@ class L0Controller:
         self.gain = 1.0
         self.sign = 0
         self.coef = cfg.init_coef
+        self.trim_shift = 0.0
+        """Sum of the final trim's threshold shifts so far (the trainer adds them; `trim_to_target`)."""
 
     def update(self, l0: float) -> float:
         cfg = self.cfg
@@ -129,6 +131,7 @@ class L0Controller:
             "gain": self.gain,
             "sign": self.sign,
             "coef": self.coef,
+            "trim_shift": self.trim_shift,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,20 +140,31 @@ class L0Controller:
         self.err, self.slope = float(state["err"]), float(state["slope"])
         self.gain, self.sign = float(state["gain"]), int(state["sign"])
         self.coef = float(state["coef"])
+        self.trim_shift = float(state.get("trim_shift", 0.0))
+
+
+class Trim(NamedTuple):
+    shift: float
+    """The shift applied to every firing margin."""
+    l0_untrimmed: float
+    """The batch's L0 (before this shift) had the trims so far (`applied`) not been made."""
 
 
 @torch.no_grad()
-def trim_to_target(sae: SAE, x_BD: Tensor, target: float, rate: float = 1.0) -> float | None:
+def trim_to_target(
+    sae: SAE, x_BD: Tensor, target: float, rate: float = 1.0, applied: float = 0.0
+) -> Trim | None:
     """Shift the SAE's firing threshold by `rate` times the shift that makes exactly round(target * B) (token,
     latent) pairs of this batch fire (the threshold halfway between the n-th and (n+1)-th largest firing margins).
-    Returns the shift applied (None: the variant has no trim, or the target is out of range). rate 1 is exact on
-    this batch; the trainer uses TRIM_RATE < 1, an average over ~1/rate batches, so the final threshold does not
-    carry the sampling noise of the last batch's L0.
+    None: the variant has no trim, or the target is out of range. rate 1 is exact on this batch; the trainer uses
+    TRIM_RATE < 1, an average over ~1/rate batches, so the final threshold does not carry the sampling noise of
+    the last batch's L0. `applied` is the sum of the shifts made so far; the L0 without them is what the
+    controller steers lambda on while the trim runs.
 
     Why: lambda moves the L0 through the SAE's weights, slowly and, for ReLU's L1, not reversibly (latents pushed
     below zero get no gradient back). The controller brings the L0 near the target; over the final steps (the
-    learning-rate decay) this trim closes the rest exactly, while the weights still adapt to it
-    (docs/training.md, "L0 targeting")."""
+    learning-rate decay) this trim closes the rest at once, while the weights still adapt to it and lambda keeps
+    moving towards the value that needs no trim (docs/training.md, "Steering the L0")."""
     margin_BF = sae.firing_margin(x_BD)
     if margin_BF is None:
         return None
@@ -158,9 +172,10 @@ def trim_to_target(sae: SAE, x_BD: Tensor, target: float, rate: float = 1.0) -> 
     n = round(target * x_BD.shape[0])
     if n <= 0 or n >= flat.numel():
         return None
+    l0_untrimmed = float((flat > applied).sum()) / x_BD.shape[0]
     # kthvalue counts from the smallest: the n-th largest is the (N - n + 1)-th smallest.
     nth = flat.kthvalue(flat.numel() - n + 1).values
     next_ = flat.kthvalue(flat.numel() - n).values
     delta = -0.5 * float(nth + next_) * rate
     sae.shift_threshold(delta)
-    return delta
+    return Trim(delta, l0_untrimmed)

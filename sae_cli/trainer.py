@@ -413,15 +413,22 @@ class Trainer:
                 group["lr"] = m.plan.lr * lr_mult
             m.opt.step()
             m.sae.after_optimizer_step()
+            trim = None
             if m.controller is not None and self.step >= trim_start:
-                trim_to_target(m.sae, x_BD, m.plan.sae_cfg.l0_target, TRIM_RATE)
+                trim = trim_to_target(
+                    m.sae, x_BD, m.plan.sae_cfg.l0_target, TRIM_RATE, m.controller.trim_shift
+                )
             self._track(m, out.fired_F, n_tokens)
-            return _batch_fvu(x_BD, out.x_hat_BD) if log_next else None
+            return (_batch_fvu(x_BD, out.x_hat_BD) if log_next else None), trim
 
-        fvus = self._map_members(update, list(zip(self.members, outs, strict=True)))
-        for m, (_, state, _, _), fvu in zip(self.members, outs, fvus, strict=True):
+        results = self._map_members(update, list(zip(self.members, outs, strict=True)))
+        for m, (_, state, _, _), (fvu, trim) in zip(self.members, outs, results, strict=True):
             if m.controller is not None:
-                m.controller.update(m.sums["l0_last"])
+                # While the trim holds the L0, lambda follows the L0 the SAE would have without the trim: the
+                # trim closes the gap at once, lambda drains it (docs/training.md, "Steering the L0").
+                if trim is not None:
+                    m.controller.trim_shift += trim.shift
+                m.controller.update(trim.l0_untrimmed if trim is not None else m.sums["l0_last"])
             if fvu is not None:
                 m.sums["fvu"] = m.sums.get("fvu", 0.0) + fvu
                 m.sums["n_fvu"] = m.sums.get("n_fvu", 0.0) + 1

@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="lr of every peer (0: 2e-4 / sqrt(d_sae / 2^14)); e.g. the lr `sae train` resolved for ours",
     )
+    ap.add_argument(
+        "--save-peers",
+        default="",
+        help="folder: save each SAELens peer's inference weights there (<label>.safetensors) for inspection",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -237,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  step {step + 1}/{n_steps} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     for c in contenders.values():
         c.finish()
+    if args.save_peers:
+        from safetensors.torch import save_file
+
+        Path(args.save_peers).mkdir(parents=True, exist_ok=True)
+        for name, c in contenders.items():
+            if isinstance(c, peers.SAELensPeer):
+                state = {k: v.contiguous() for k, v in c.inference_sae.state_dict().items()}
+                save_file(
+                    state,
+                    str(Path(args.save_peers) / f"{name.replace(' ', '_').replace('/', '_')}.safetensors"),
+                )
     for folder in args.ours_runs:
         loaded = peers.LoadedSAE(folder)
         contenders[loaded.label] = loaded

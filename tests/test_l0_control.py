@@ -95,12 +95,16 @@ def test_trim_puts_the_batch_l0_exactly_on_target(variant: str) -> None:
     x_BD = torch.randn(b, d)
     sae.init_from_data(x_BD)
     before = int((sae.encode(x_BD) != 0).sum())
-    delta = trim_to_target(sae, x_BD, target)
-    assert delta is not None and delta != 0.0
+    trim = trim_to_target(sae, x_BD, target)
+    assert trim is not None and trim.shift != 0.0
+    assert trim.l0_untrimmed == before / b  # nothing applied before: the L0 as it was
     after = int((sae.encode(x_BD) != 0).sum())
     assert before != round(target * b)
     assert after == round(target * b)  # 640 of 8192 (token, latent) pairs fire: L0 = 5.0 exactly
-    # and the margins moved by exactly delta
+    # with that shift counted as applied, the untrimmed L0 is the L0 before it again
+    again = trim_to_target(sae, x_BD, target, applied=trim.shift)
+    assert again is not None and again.l0_untrimmed == before / b and abs(again.shift) < abs(trim.shift)
+    # and the margins move by exactly the shift
     x2_BD = torch.randn(b, d)
     m_before = sae.firing_margin(x2_BD)
     sae.shift_threshold(0.25)

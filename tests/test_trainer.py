@@ -157,7 +157,8 @@ def test_lr_schedule_and_dead_window() -> None:
 
 
 def test_resume_is_bit_exact_for_two_members_in_one_loop(tmp_path: Path) -> None:
-    """Stop after 7 steps (as on Ctrl-C), resume in a new Trainer: same weights as 16 uninterrupted steps."""
+    """Stop after 14 steps (as on Ctrl-C; inside the steered member's final L0 trim, steps 13-16), resume in a new
+    Trainer: same weights as 16 uninterrupted steps."""
     store = small_store(tmp_path)
     tokens = 256 * 16
     full, sample = make_trainer(store, tmp_path / "full", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
@@ -166,19 +167,20 @@ def test_resume_is_bit_exact_for_two_members_in_one_loop(tmp_path: Path) -> None
 
     calls = {"n": 0}
 
-    def stop_after_7() -> bool:
+    def stop_after_14() -> bool:
         calls["n"] += 1
-        return calls["n"] > 7
+        return calls["n"] > 14
 
     part, sample = make_trainer(store, tmp_path / "part", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
-    part.should_stop = stop_after_7
+    part.should_stop = stop_after_14
     part.start(sample)
     res = part.run()
-    assert res.status == "interrupted" and res.step == 7
+    assert res.status == "interrupted" and res.step == 14
     assert not (tmp_path / "part" / "topk" / "cfg.json").exists()
     resumed, _ = make_trainer(store, tmp_path / "part", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
     resumed.resume()
-    assert resumed.step == 7 and resumed.members[1].controller.coef == part.members[1].controller.coef
+    assert resumed.step == 14 and resumed.members[1].controller.coef == part.members[1].controller.coef
+    assert resumed.members[1].controller.trim_shift == part.members[1].controller.trim_shift != 0.0
     assert resumed.run().status == "done"
     a, b = params(full), params(resumed)
     assert a.keys() == b.keys()
