@@ -382,7 +382,9 @@ class Trainer:
             m.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
-            check = torch.stack([torch.isfinite(x_BD).all().float(), *parts])
+            grads = [p.grad.detach().float().norm() for p in m.sae.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else x_BD.new_zeros(())  # before projection, clip
+            check = torch.stack([torch.isfinite(x_BD).all().float(), *parts, grad_norm])
             return out, state, x_BD, check
 
         outs = self._map_members(forward_backward)
@@ -391,8 +393,8 @@ class Trainer:
         values = torch.cat([o[3] for o in outs]).tolist()
         offset = 0
         for m, (out, _, _, _) in zip(self.members, outs, strict=True):
-            n = 3 + len(out.parts)
-            data_ok, loss, l0, *parts = values[offset : offset + n]
+            n = 4 + len(out.parts)
+            data_ok, loss, l0, *parts, grad_norm = values[offset : offset + n]
             offset += n
             if data_ok != 1.0:
                 self._fail_data(batch, m)
@@ -402,7 +404,7 @@ class Trainer:
                     f"member {m.plan.name}: loss is {loss} at step {self.step + 1} (tokens {self.tokens}); "
                     f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}; lower --lr or check the data"
                 )
-            self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)))
+            self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)), grad_norm)
 
         def update(item: tuple[Member, tuple[LossOutput, StepState, Tensor | None, Tensor]]) -> float | None:
             m, (out, state, x_BD, _) = item
@@ -481,8 +483,11 @@ class Trainer:
         rate = min(1.0, n_tokens / self.window)
         m.freq_F.mul_(1 - rate).add_(fired_F.float() / n_tokens, alpha=rate)
 
-    def _accumulate(self, m: Member, loss: float, l0: float, parts: dict[str, float]) -> None:
+    def _accumulate(
+        self, m: Member, loss: float, l0: float, parts: dict[str, float], grad_norm: float
+    ) -> None:
         m.sums["loss"] = m.sums.get("loss", 0.0) + loss
+        m.sums["grad_norm_max"] = max(m.sums.get("grad_norm_max", 0.0), grad_norm)
         m.sums["l0"] = m.sums.get("l0", 0.0) + l0
         m.sums["l0_last"] = l0
         for k, v in parts.items():
@@ -515,6 +520,7 @@ class Trainer:
                 "l0": m.sums.get("l0", math.nan) / n,
                 "fvu": m.sums["fvu"] / m.sums["n_fvu"] if m.sums.get("n_fvu") else math.nan,
                 "dead_pct": dead_pct,
+                "grad_norm_max": m.sums.get("grad_norm_max", math.nan),
                 "lr": m.sums.get("lr", math.nan),
                 "sparsity_coef": m.sums.get("sparsity_coef", math.nan),
                 "tokens_per_s": tokens_per_s,
