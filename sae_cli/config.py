@@ -96,9 +96,6 @@ class LoopConfig:
     """Linear warm-up of a fixed sparsity coefficient over this fraction of the steps (steered members ramp by control)."""
     grad_clip: float = 1.0
     """Clip the gradient norm of each SAE to this value (0: off)."""
-    grad_clip_relative: float = 1.5
-    """Also clip it to this multiple of the median of its last 100 gradient norms (0: off): the rare batches with a
-    massive-norm token have gradients up to ~1000x the others' (docs/training.md, "Gradient clipping")."""
     dead_window_tokens: int = 0
     """A latent is dead after this many tokens without firing; 0: min(10M, max(total/10, 8 batches))."""
     log_every: int = 10
@@ -158,8 +155,6 @@ class TrainConfig:
             raise ConfigError(f"autocast must be none or bf16, got {loop.autocast!r}")
         if loop.normalize not in ("sample", "store", "none"):
             raise ConfigError(f"normalize must be sample, store or none, got {loop.normalize!r}")
-        if loop.grad_clip < 0 or loop.grad_clip_relative < 0:
-            raise ConfigError("grad_clip and grad_clip_relative must be >= 0 (0: off)")
         fractions = (loop.decay_fraction, loop.sparsity_warmup_fraction, loop.l0_trim_fraction)
         if not all(0 <= f <= 1 for f in fractions):
             raise ConfigError(

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import signal
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +43,6 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, str]
 ADAM_EPS = 6.25e-10
-GRAD_NORM_WINDOW = 100
-"""Gradient norms the relative clip takes its median over (the last this many steps)."""
-GRAD_NORM_MIN_HISTORY = 1
-"""Steps before the relative clip applies. From the second step: the first steps matter most, as Adam's second
-moment starts from them (a spike among them slows those elements for hundreds of steps; docs/training.md)."""
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "sae_cli.checkpoint"
 METRICS_FILE = "metrics.parquet"
@@ -199,10 +193,6 @@ class Member:
     sums: dict[str, float] = field(default_factory=dict)
     """Scalars summed since the last log row (means are logged)."""
     n_sums: int = 0
-    grad_norms: list[float] = field(default_factory=list)
-    """The last GRAD_NORM_WINDOW gradient norms (the relative clip's reference)."""
-    clip_at: float = math.inf
-    """This step's gradient-norm limit (`_clip_limit`)."""
 
 
 @dataclass(frozen=True)
@@ -415,13 +405,12 @@ class Trainer:
                     f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}; lower --lr or check the data"
                 )
             self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)), grad_norm)
-            m.clip_at = self._clip_limit(m, grad_norm)
 
         def update(item: tuple[Member, tuple[LossOutput, StepState, Tensor | None, Tensor]]) -> float | None:
             m, (out, state, x_BD, _) = item
             m.sae.before_optimizer_step()
-            if math.isfinite(m.clip_at):
-                torch.nn.utils.clip_grad_norm_(m.sae.parameters(), m.clip_at)
+            if self.loop.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(m.sae.parameters(), self.loop.grad_clip)
             for group in m.opt.param_groups:
                 group["lr"] = m.plan.lr * lr_mult
             m.opt.step()
@@ -493,19 +482,6 @@ class Trainer:
         m.since_fired_F[fired_F > 0] = 0
         rate = min(1.0, n_tokens / self.window)
         m.freq_F.mul_(1 - rate).add_(fired_F.float() / n_tokens, alpha=rate)
-
-    def _clip_limit(self, m: Member, grad_norm: float) -> float:
-        """The gradient-norm limit of this step: `grad_clip` (absolute) and `grad_clip_relative` times the median
-        of the member's last GRAD_NORM_WINDOW gradient norms, the smaller; inf when neither applies. A batch that
-        holds a massive-norm token has a gradient up to ~1000x the others'; unclipped, it fills Adam's second
-        moment for ~1000 steps (docs/training.md, "Gradient clipping")."""
-        limit = self.loop.grad_clip if self.loop.grad_clip > 0 else math.inf
-        if self.loop.grad_clip_relative > 0 and len(m.grad_norms) >= GRAD_NORM_MIN_HISTORY:
-            limit = min(limit, self.loop.grad_clip_relative * statistics.median(m.grad_norms))
-        if math.isfinite(grad_norm):
-            m.grad_norms.append(grad_norm)
-            del m.grad_norms[:-GRAD_NORM_WINDOW]
-        return limit
 
     def _accumulate(
         self, m: Member, loss: float, l0: float, parts: dict[str, float], grad_norm: float
@@ -599,7 +575,6 @@ class Trainer:
                     "param_groups": opt_state["param_groups"],
                     "sums": m.sums,
                     "n_sums": m.n_sums,
-                    "grad_norms": m.grad_norms,
                 }
             )
         name = f"state-{self.step:09d}.safetensors"
@@ -655,7 +630,6 @@ class Trainer:
             m.since_fired_F.copy_(tensors[f"m{i}.since_fired_F"])
             m.freq_F.copy_(tensors[f"m{i}.freq_F"])
             m.sums, m.n_sums = dict(s.get("sums", {})), int(s.get("n_sums", 0))
-            m.grad_norms = [float(v) for v in s.get("grad_norms", [])]
             self.members.append(m)
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and self.device.type == "cuda":

@@ -7,7 +7,6 @@ import math
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -297,21 +296,3 @@ def test_seed_sets_the_init_and_members_do_not_share_rng_draws(tmp_path: Path) -
     other = init_dec([JUMP], 1)
     assert not torch.allclose(other, solo)
     torch.testing.assert_close(other.norm(dim=1), solo.norm(dim=1))  # same rule, different draw
-
-
-def test_relative_gradient_clip_limits_a_spike_to_a_multiple_of_the_median() -> None:
-    loop = LoopConfig(grad_clip=1.0, grad_clip_relative=1.5)
-    host = SimpleNamespace(loop=loop)
-    m = SimpleNamespace(grad_norms=[])
-    assert Trainer._clip_limit(host, m, 0.02) == 1.0  # the first step has no history: the absolute clip only
-    assert Trainer._clip_limit(host, m, 0.04) == pytest.approx(0.03)  # 1.5 x the one norm seen
-    assert Trainer._clip_limit(host, m, 0.02) == pytest.approx(0.045)  # 1.5 x median(0.02, 0.04)
-    for _ in range(7):
-        Trainer._clip_limit(host, m, 0.02)
-    assert Trainer._clip_limit(host, m, 17.0) == pytest.approx(0.03)  # a spike: 1.5 x median 0.02
-    assert Trainer._clip_limit(host, m, 0.02) == pytest.approx(0.03)  # the spike does not move the median
-    m.grad_norms = [5.0] * 100
-    assert Trainer._clip_limit(host, m, 5.0) == 1.0  # the absolute clip when it is the smaller
-    assert len(m.grad_norms) == 100  # a window of the last 100
-    off = SimpleNamespace(loop=LoopConfig(grad_clip=0.0, grad_clip_relative=0.0))
-    assert Trainer._clip_limit(off, SimpleNamespace(grad_norms=[0.1] * 50), 9.0) == math.inf
