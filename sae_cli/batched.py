@@ -6,9 +6,10 @@ on the 2-core CPU (a matmul of [4096, 576] x [576, 4608] already keeps both core
 only the per-op overhead, and the batched TopK step cannot use the per-member sparse encoder backward of
 sae_cli/kernels); numbers in docs/benchmarks.md, "Sweeps". On a GPU, where one small-member step is launch-bound,
 a trainer hook would run each `sweep.shape_groups` group through these functions: Adam is elementwise, so one
-Adam over the stacked tensors equals one Adam per member (only gradient clipping needs per-member norms).
+Adam over the stacked tensors equals one Adam per member.
 
-The losses match the variants' `training_loss` (sae_cli/variants/topk.py, jumprelu.py) member by member;
+The losses match the variants' `training_loss` (sae_cli/variants/topk.py with decoder_norm="unit", jumprelu.py)
+member by member (only gradient normalisation / clipping needs per-member norms);
 tests/test_sweep_batched.py checks losses and gradients against the loop.
 """
 

@@ -94,8 +94,11 @@ class LoopConfig:
     batch's L0 equals the target (exact batch quantile; sae_cli/l0_control.py); 0: off, the controller alone."""
     sparsity_warmup_fraction: float = 0.05
     """Linear warm-up of a fixed sparsity coefficient over this fraction of the steps (steered members ramp by control)."""
+    grad_normalize: bool = True
+    """Scale each SAE's gradient to norm 1 at every step (docs/training.md, "Gradient normalisation"); False: clip
+    it at `grad_clip` instead."""
     grad_clip: float = 1.0
-    """Clip the gradient norm of each SAE to this value (0: off)."""
+    """With grad_normalize off: clip the gradient norm of each SAE to this value (0: off)."""
     dead_window_tokens: int = 0
     """A latent is dead after this many tokens without firing; 0: min(10M, max(total/10, 8 batches))."""
     log_every: int = 10

@@ -214,7 +214,9 @@ def bench_batching(store: Path, loop: LoopConfig, reps: int) -> dict:
     for variant in VARIANTS:
         saes = []
         for k in L0S:
-            plan = plan_member(MemberConfig(variant=variant, width=WIDTH, l0_target=k), d, "/nonexistent")
+            opts = {"decoder_norm": "unit"} if variant == "topk" else {}  # the batched TopK step is unit-norm
+            member = MemberConfig(variant=variant, width=WIDTH, l0_target=k, options=opts)
+            plan = plan_member(member, d, "/nonexistent")
             sae = get_variant(variant)(plan.sae_cfg)
             sae.init_from_data(x_BD)
             saes.append(sae)

@@ -76,7 +76,7 @@ def test_topk_free_decoder_norms_compute_the_unit_sae_they_are_saved_as(tmp_path
         free.W_dec_FD.mul_(torch.rand(48, 1) * 3 + 0.2)  # unequal row norms
         free.b_enc_F.copy_(torch.randn(48) * 0.1)
     n_F = free.W_dec_FD.norm(dim=1)
-    unit = get_variant("topk")(SAEConfig("topk", 12, 48, 4))
+    unit = get_variant("topk")(SAEConfig("topk", 12, 48, 4, {"decoder_norm": "unit"}))
     with torch.no_grad():
         unit.W_enc_FD.copy_(free.W_enc_FD * n_F[:, None])
         unit.b_enc_F.copy_(free.b_enc_F * n_F)

@@ -40,7 +40,7 @@ def loop_grads(saes, x_BD, states):
 
 @pytest.mark.parametrize("with_dead", [False, True])
 def test_topk_group_matches_the_loop(with_dead: bool) -> None:
-    saes, x_BD = members("topk", [3, 7, 5])
+    saes, x_BD = members("topk", [3, 7, 5], decoder_norm="unit")  # the batched step: unit-norm TopK only
     dead_MF = torch.zeros(3, 48, dtype=torch.bool)
     if with_dead:  # AuxK on: a different dead set per member
         for m in range(3):
