@@ -63,7 +63,7 @@ class ControllerConfig:
         return cls(target=float(target), init_coef=float(init_coef), k_i=k_i, horizon=50.0)
 
 
-TRIM_RATE = 0.1
+TRIM_RATE = 0.5
 """Fraction of the exact batch trim applied per step (`trim_to_target`)."""
 
 INIT_RATIO = 0.01
