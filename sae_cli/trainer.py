@@ -383,7 +383,7 @@ class Trainer:
             out.loss.backward()
             parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
             grads = [p.grad.detach().float().norm() for p in m.sae.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else x_BD.new_zeros(())  # before projection, clip
+            grad_norm = torch.stack(grads).norm() if grads else x_BD.new_zeros(())  # before projection and normalisation
             check = torch.stack([torch.isfinite(x_BD).all().float(), *parts, grad_norm])
             return out, state, x_BD, check
 
