@@ -383,7 +383,8 @@ class Trainer:
             out.loss.backward()
             parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
             grads = [p.grad.detach().float().norm() for p in m.sae.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else x_BD.new_zeros(())  # before projection and normalisation
+            # the norm before projection and normalisation (logged as grad_norm_max)
+            grad_norm = torch.stack(grads).norm() if grads else x_BD.new_zeros(())
             check = torch.stack([torch.isfinite(x_BD).all().float(), *parts, grad_norm])
             return out, state, x_BD, check
 
