@@ -24,7 +24,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import io
 from .config import LoopConfig, MemberConfig, resolve_width
-from .l0_control import TRIM_RATE, ControllerConfig, L0Controller, initial_coef, trim_to_target
+from .l0_control import TRIM_RATE, ControllerConfig, L0Controller, Trim, initial_coef, trim_to_target
 from .registry import get_variant
 from .variants.base import SAE, LossOutput, SAEConfig, StepState
 
@@ -368,7 +368,7 @@ class Trainer:
         )
         log_next = self._logging_next()
 
-        def forward_backward(m: Member) -> tuple[LossOutput, StepState, Tensor | None, Tensor]:
+        def forward_backward(m: Member) -> tuple[LossOutput, StepState, Tensor, Tensor]:
             x_BD = batch.acts[m.plan.key].to(self.device, non_blocking=True).float() * m.scale
             state = StepState(
                 step=self.step,
@@ -382,9 +382,7 @@ class Trainer:
             m.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
-            grads = [p.grad.detach().float().norm() for p in m.sae.parameters() if p.grad is not None]
-            # the norm before projection and normalisation (logged as grad_norm_max)
-            grad_norm = torch.stack(grads).norm() if grads else x_BD.new_zeros(())
+            grad_norm = global_grad_norm(m.sae.parameters())  # logged; before projection, normalisation
             check = torch.stack([torch.isfinite(x_BD).all().float(), *parts, grad_norm])
             return out, state, x_BD, check
 
@@ -407,7 +405,9 @@ class Trainer:
                 )
             self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)), grad_norm)
 
-        def update(item: tuple[Member, tuple[LossOutput, StepState, Tensor | None, Tensor]]) -> float | None:
+        def update(
+            item: tuple[Member, tuple[LossOutput, StepState, Tensor, Tensor]],
+        ) -> tuple[float | None, Trim | None]:
             m, (out, state, x_BD, _) = item
             m.sae.before_optimizer_step()
             if self.loop.grad_normalize:
@@ -711,16 +711,24 @@ class Trainer:
 
 
 @torch.no_grad()
-def normalize_grad_(params: Iterator[Tensor] | list[Tensor]) -> None:
+def global_grad_norm(params: Iterable[Tensor]) -> Tensor:
+    """The L2 norm of all gradients of `params` together (fp32; 0 when none has a gradient)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+@torch.no_grad()
+def normalize_grad_(params: Iterable[Tensor]) -> None:
     """Scale the gradients of `params` together to global norm 1 (no-op on a zero gradient). Adam is invariant to
     a constant gradient scale, so what this changes is how steps weigh against each other: without it, the large
     gradients of the first steps and of batches with a massive-norm token (up to ~700x the median on SmolLM2)
     fill Adam's second moment, which remembers ~1/(1 - beta2) = 1000 steps, and shrink the later updates
     (docs/training.md, "Gradient normalisation")."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    norm = torch.stack([g.detach().float().norm() for g in grads]).norm()
+    norm = global_grad_norm(params)
     scale = torch.where(norm > 0, 1.0 / norm, torch.ones_like(norm))
     torch._foreach_mul_(grads, scale)
 

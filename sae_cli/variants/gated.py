@@ -67,7 +67,7 @@ class GatedSAE(SAE):
 
     def firing_margin(self, x_BD: Tensor) -> Tensor:
         # The gate decides; a latent with an open gate and a magnitude <= 0 counts here but is zero in f, so the
-        # trim lands the L0 under the target by those pairs (held-out: -1.2 / -1.4 %, docs/benchmarks.md).
+        # trim lands the L0 under the target by those pairs (held-out: -1.2 / -1.0 %, docs/benchmarks.md).
         return self.gate_and_mag(x_BD)[0]
 
     @torch.no_grad()
