@@ -207,6 +207,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     if resume:  # the split, batch and length of the run being resumed, even if the store grew since
         saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"]
         train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
+        calib_range = tuple(saved.get("calibration_range", (train_range[1], train_range[1])))
         loop = dataclasses.replace(
             cfg.loop,
             batch_size=cfg.loop.batch_size or int(saved["batch_size"]),
@@ -215,6 +216,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     else:
         train_range, eval_range = data.split(store, cfg.loop.eval_tokens)
         loop = resolve_loop(cfg.loop, train_range[1] - train_range[0])
+        train_range, calib_range = data.calibration_split(store, train_range, loop)
     n_tokens = loop.tokens
     plan = plan_member(member, store.d_model, out, steps=math.ceil(n_tokens / loop.batch_size))
     get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options
@@ -230,6 +232,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         "tokens": n_tokens,
         "batch_size": loop.batch_size,
         "train_range": list(train_range),
+        "calibration_range": list(calib_range),
         "eval_range": list(eval_range),
         "device": str(dev),
         "memory_estimate_bytes": need,
@@ -239,6 +242,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         "store_model": store.spec.model,
         "store_tokens": store.committed_tokens,
         "train_range": list(train_range),
+        "calibration_range": list(calib_range),
         "eval_range": list(eval_range),
         "drop_bos": loop.drop_bos,
         "normalize": loop.normalize,
@@ -246,13 +250,14 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     reader = data.train_reader(store, [key], loop, train_range)
     trainer = Trainer([plan], loop, reader, out, n_tokens, device=dev, extra_summary=summary)
     if resume:
-        trainer.resume()  # refuses another variant or shape before anything is written
+        # refuses another variant or shape before anything is written
+        trainer.resume(data.calibration_sample(store, [key], loop, train_range, calib_range))
     else:
         scales = {key: data.store_scale(store, key)} if loop.normalize == "store" else None
         sample = data.sample(store, [key], loop, train_range)
         if loop.normalize == "none":
             scales = {key: 1.0}
-        trainer.start(sample, scales)
+        trainer.start(sample, scales, data.calibration_sample(store, [key], loop, train_range, calib_range))
         if loop.normalize == "sample":
             c = input_scale(sample[key])
             console.print(f"input scale c = {c:.4g} (E||c x||^2 = 1 on {len(sample[key])} tokens)")

@@ -85,6 +85,11 @@ class LoopConfig:
     """Input scaling c with E||c x||^2 = 1: sample (estimated from training tokens), store (store statistics), none."""
     norm_sample_tokens: int = 16384
     """Tokens used to estimate the input scale and to initialise the SAE (normalize=sample)."""
+    calibration_tokens: int = 0
+    """Tokens (whole windows) held back from the end of the training range, never trained on, on which the
+    batch-level rules calibrate their inference threshold at the end (`SAE.calibrate`). 0: automatic: when the
+    run reads the training range more than once, min(16384, 10 % of it); otherwise none, and the calibration uses
+    the normalisation sample (training tokens seen at most once)."""
     warmup_steps: int = 1000
     """Learning-rate warm-up steps (at most 5 % of all steps)."""
     decay_fraction: float = 0.2
@@ -152,8 +157,8 @@ class TrainConfig:
         loop, m = self.loop, self.member
         if loop.batch_size < 0:
             raise ConfigError(f"batch_size must be positive (or 0: automatic), got {loop.batch_size}")
-        if loop.tokens < 0 or loop.eval_tokens < 0 or loop.checkpoint_every < 0:
-            raise ConfigError("tokens, eval_tokens and checkpoint_every must be >= 0")
+        if min(loop.tokens, loop.eval_tokens, loop.checkpoint_every, loop.calibration_tokens) < 0:
+            raise ConfigError("tokens, eval_tokens, checkpoint_every and calibration_tokens must be >= 0")
         if loop.autocast not in ("none", "bf16"):
             raise ConfigError(f"autocast must be none or bf16, got {loop.autocast!r}")
         if loop.normalize not in ("sample", "store", "none"):

@@ -55,6 +55,65 @@ def split(store: Store, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, i
         raise DataError(str(e)) from None
 
 
+CALIBRATION_FRACTION, CALIBRATION_MAX_TOKENS = 0.1, 16384
+
+
+def calibration_split(
+    store: Store, train_range: tuple[int, int], loop: LoopConfig
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(train_range, calibration_range): whole windows held back from the end of the training range for the final
+    threshold calibration (LoopConfig.calibration_tokens; the range is empty when nothing is held back). `loop`
+    is resolved (tokens known). A run that reads its range more than once fits its thresholds to tokens it has
+    memorised, which fire fewer latents than new ones (docs/variants.md, "Running inference thresholds")."""
+    lo, hi = train_range
+    ctx = store.spec.context
+    n = loop.calibration_tokens
+    if n == 0 and loop.tokens > hi - lo:
+        n = min(CALIBRATION_MAX_TOKENS, int(CALIBRATION_FRACTION * (hi - lo)))
+    n_windows = math.ceil(n / ctx) if n > 0 else 0
+    if n_windows and n_windows >= (hi - lo) // ctx:
+        if loop.calibration_tokens:
+            raise DataError(
+                f"cannot hold back {loop.calibration_tokens} calibration tokens ({n_windows} windows of {ctx}) from "
+                f"{(hi - lo) // ctx} training windows; lower calibration_tokens or harvest more"
+            )
+        n_windows = 0  # automatic on a store of one window: calibrate on the normalisation sample
+    cut = hi - n_windows * ctx
+    return (lo, cut), (cut, hi)
+
+
+def calibration_sample(
+    store: Store,
+    keys: list[Key],
+    loop: LoopConfig,
+    train_range: tuple[int, int],
+    calibration_range: tuple[int, int],
+) -> dict[Key, Tensor]:
+    """The tokens `Trainer` calibrates on: all of the held-back range (BOS / outlier filters as in training), or,
+    when it is empty, the normalisation sample (`sample`, seeded: the same on --resume)."""
+    lo, hi = calibration_range
+    if hi <= lo:
+        return sample(store, keys, loop, train_range)
+    reader = ActivationReader(
+        store,
+        keys,
+        8192,
+        shuffle=False,
+        token_range=calibration_range,
+        drop_bos=loop.drop_bos,
+        max_norm_ratio=_max_norm(loop),
+        threads=loop.threads,
+        loop=False,
+    )
+    parts: dict[Key, list[Tensor]] = {k: [] for k in keys}
+    for batch in reader:
+        for k in keys:
+            parts[k].append(batch.acts[k])
+    if not parts[keys[0]]:
+        return sample(store, keys, loop, train_range)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def _max_norm(loop: LoopConfig) -> float | None:
     return loop.max_norm_ratio if loop.max_norm_ratio > 0 else None
 

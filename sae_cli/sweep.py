@@ -210,6 +210,7 @@ class PreparedSweep:
     keys: list[Key]
     tokens: int
     train_range: tuple[int, int]
+    calib_range: tuple[int, int]
     eval_range: tuple[int, int]
     device: torch.device
     memory_bytes: int
@@ -260,6 +261,7 @@ def prepare_sweep(
             raise SweepError(f"nothing to resume in {out}; start without --resume")
         saved = io.read_json(out / SWEEP_FILE)
         train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
+        calib_range = tuple(saved.get("calibration_range", (train_range[1], train_range[1])))
         loop = dataclasses.replace(
             requested,
             batch_size=requested.batch_size or int(saved["batch_size"]),
@@ -268,6 +270,7 @@ def prepare_sweep(
     else:
         train_range, eval_range = data.split(store, requested.eval_tokens)
         loop = resolve_loop(requested, train_range[1] - train_range[0])
+        train_range, calib_range = data.calibration_split(store, train_range, loop)
     plans = plan_sweep(cfg, store.d_model, out, steps=math.ceil(loop.tokens / loop.batch_size))
     dev = torch.device(device)
     need, free = check_sweep_memory(plans, loop, dev, reader_bytes(store, keys, loop))
@@ -279,6 +282,7 @@ def prepare_sweep(
         "store_model": store.spec.model,
         "store_tokens": store.committed_tokens,
         "train_range": list(train_range),
+        "calibration_range": list(calib_range),
         "eval_range": list(eval_range),
         "drop_bos": loop.drop_bos,
         "normalize": loop.normalize,
@@ -288,7 +292,7 @@ def prepare_sweep(
     trainer = Trainer(plans, loop, reader, out, loop.tokens, device=dev, extra_summary=summary)
     return PreparedSweep(
         cfg=cfg, out=out, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=keys,
-        tokens=loop.tokens, train_range=train_range, eval_range=eval_range, device=dev, memory_bytes=need,
+        tokens=loop.tokens, train_range=train_range, calib_range=calib_range, eval_range=eval_range, device=dev, memory_bytes=need,
         memory_free=free, resume=resume,
     )  # fmt: skip
 
@@ -298,7 +302,9 @@ def start_training(prep: PreparedSweep) -> None:
     t0 = time.perf_counter()
     loop = prep.loop
     if prep.resume:
-        prep.trainer.resume()
+        prep.trainer.resume(
+            data.calibration_sample(prep.store, prep.keys, loop, prep.train_range, prep.calib_range)
+        )
     else:
         scales = None
         if loop.normalize == "store":
@@ -306,7 +312,8 @@ def start_training(prep: PreparedSweep) -> None:
         elif loop.normalize == "none":
             scales = {k: 1.0 for k in prep.keys}
         prep.sample = data.sample(prep.store, prep.keys, loop, prep.train_range)
-        prep.trainer.start(prep.sample, scales)
+        calibration = data.calibration_sample(prep.store, prep.keys, loop, prep.train_range, prep.calib_range)
+        prep.trainer.start(prep.sample, scales, calibration)
         if prep.out.exists():
             shutil.rmtree(prep.out)  # --overwrite of a sweep (_prepare_out refused anything else)
         prep.out.mkdir(parents=True)
@@ -324,6 +331,7 @@ def write_sweep_json(prep: PreparedSweep, result: TrainResult | None = None) -> 
             "tokens": prep.tokens,
             "batch_size": prep.loop.batch_size,
             "train_range": list(prep.train_range),
+            "calibration_range": list(prep.calib_range),
             "eval_range": list(prep.eval_range),
             "device": str(prep.device),
             "memory_estimate_bytes": prep.memory_bytes,

@@ -9,7 +9,9 @@ counters. A bad loss therefore never reaches the weights: the loop stops with a 
 Schedules (docs/training.md): linear lr warm-up over min(warmup_steps, 5 % of the steps), linear decay to 0 over
 the last `decay_fraction`; a fixed sparsity coefficient warms up linearly over `sparsity_warmup_fraction`; steered
 members get lambda from their L0 controller (sae_cli/l0_control.py) and, over the last `l0_trim_fraction` of the
-steps, a shift of their firing threshold after each step that puts the batch's L0 on the target. Adam eps 6.25e-10 (OpenAI TopK); betas
+steps, a shift of their firing threshold after each step that puts the batch's L0 on the target. After the last
+step every SAE is `calibrate`d (batch-level rules set their inference threshold from the final weights) on the
+calibration sample: held-back tokens (data.calibration_split) or the normalisation sample. Adam eps 6.25e-10 (OpenAI TopK); betas
 (0, 0.999) for JumpReLU (Gemma Scope), (0.9, 0.999) otherwise.
 
 Checkpoints (every `checkpoint_every` tokens, at the end, and when `should_stop()` turns true: Ctrl-C/SIGTERM)
@@ -263,11 +265,20 @@ class Trainer:
         self.tokens = 0
         self.elapsed_s = 0.0
         self.rows: list[dict[str, Any]] = []
+        self.calibration: dict[Key, Tensor] = {}
+        """Raw tokens per key for the final `calibrate` (data.calibration_sample)."""
 
     # ---- set-up: fresh or resumed ------------------------------------------------------------------------
-    def start(self, sample: dict[Key, Tensor], scales: dict[Key, float] | None = None) -> None:
+    def start(
+        self,
+        sample: dict[Key, Tensor],
+        scales: dict[Key, float] | None = None,
+        calibration: dict[Key, Tensor] | None = None,
+    ) -> None:
         """Fresh start: build every SAE (seeded), scale = `scales[key]` or estimated from `sample[key]`, and
-        `init_from_data` on the scaled sample."""
+        `init_from_data` on the scaled sample. `calibration` (default: `sample`) is kept for the final
+        `calibrate`."""
+        self.calibration = sample if calibration is None else calibration
         for plan in self.plans:
             torch.manual_seed(self.loop.seed)  # per member: its init does not depend on the other members
             x_BD = sample[plan.key].float()
@@ -604,8 +615,10 @@ class Trainer:
         log.info("checkpoint at step %d (%d tokens) in %s", self.step, self.tokens, ckpt)
         return ckpt
 
-    def resume(self) -> None:
-        """Load the checkpoint in run_dir: weights, Adam, controllers, counters, RNG, reader position, metrics."""
+    def resume(self, calibration: dict[Key, Tensor]) -> None:
+        """Load the checkpoint in run_dir: weights, Adam, controllers, counters, RNG, reader position, metrics.
+        `calibration`: the tokens `start` had for the final `calibrate` (data.calibration_sample is deterministic)."""
+        self.calibration = calibration
         ckpt = self.run_dir / CHECKPOINT_DIR
         if not (ckpt / "state.json").is_file():
             raise TrainingError(f"no checkpoint in {ckpt} to resume from; start without --resume")
@@ -682,6 +695,10 @@ class Trainer:
         for m in self.members:
             sae = get_variant(m.plan.sae_cfg.variant)(m.plan.sae_cfg)
             sae.load_state_dict(m.sae.state_dict())
+            sae = sae.to(self.device)
+            if m.plan.key in self.calibration:
+                x_ND = self.calibration[m.plan.key].to(self.device).float() * m.scale
+                sae.calibrate(x_ND, self.loop.batch_size)
             sae = sae.cpu()
             sae.fold_scale(m.scale)
             summary = {

@@ -71,10 +71,12 @@ def fit(
     init: bool = True,
     decay_frac: float = 0.0,
     coef_warmup_frac: float = 0.0,
+    calibrate_tokens: int = 0,
 ) -> FitResult:
     """Adam on fresh batches, the learning rate decaying linearly to 0 over the last `decay_frac` of the steps
     (as the trainer's schedule), the sparsity coefficient rising linearly over the first `coef_warmup_frac`; tracks dead latents (not fired in the last `dead_window_tokens` tokens) and an
-    EMA firing frequency, as the trainer does, and passes them in StepState."""
+    EMA firing frequency, as the trainer does, and passes them in StepState. `calibrate_tokens` > 0: end with
+    `sae.calibrate` on that many fresh tokens, as the trainer ends on its sample."""
     if init:
         sae.init_from_data(data.sample(batch))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
@@ -104,4 +106,6 @@ def fit(
             freq_F.mul_(0.9).add_(0.1 * fired_F / batch)
         res.losses.append(float(out.loss.detach()))
         res.l0s.append(float(out.l0))
+    if calibrate_tokens:
+        sae.calibrate(data.sample(calibrate_tokens), batch)
     return res

@@ -15,7 +15,7 @@ import torch
 
 from actcache.stats import RunningStats
 from actcache.store import FLAG_BOS, Store, StoreSpec, StoreWriter
-from sae_cli import data
+from sae_cli import data, io
 from sae_cli.config import LoopConfig, MemberConfig, resolve_loop
 from sae_cli.trainer import (
     METRICS_FILE,
@@ -122,6 +122,7 @@ def params(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 TOPK = MemberConfig(variant="topk", layer=0, site="resid_post", width="8x", l0_target=4, name="topk")
 JUMP = MemberConfig(variant="jumprelu", layer=0, site="resid_post", width="8x", l0_target=8, name="jump")
+BTK = MemberConfig(variant="batchtopk", layer=0, site="resid_post", width="8x", l0_target=4, name="btk")
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path: Path) -> None:
@@ -156,12 +157,12 @@ def test_lr_schedule_and_dead_window() -> None:
     assert dead_window(loop, 1000) == 800  # at least 8 batches
 
 
-def test_resume_is_bit_exact_for_two_members_in_one_loop(tmp_path: Path) -> None:
+def test_resume_is_bit_exact_for_members_in_one_loop(tmp_path: Path) -> None:
     """Stop after 14 steps (as on Ctrl-C; inside the steered member's final L0 trim, steps 13-16), resume in a new
-    Trainer: same weights as 16 uninterrupted steps."""
+    Trainer: same weights as 16 uninterrupted steps, and the same saved SAEs (BatchTopK's calibrated threshold)."""
     store = small_store(tmp_path)
     tokens = 256 * 16
-    full, sample = make_trainer(store, tmp_path / "full", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
+    full, sample = make_trainer(store, tmp_path / "full", [TOPK, JUMP, BTK], tokens, checkpoint_every=256 * 5)
     full.start(sample)
     assert full.run().status == "done"
 
@@ -171,14 +172,14 @@ def test_resume_is_bit_exact_for_two_members_in_one_loop(tmp_path: Path) -> None
         calls["n"] += 1
         return calls["n"] > 14
 
-    part, sample = make_trainer(store, tmp_path / "part", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
+    part, sample = make_trainer(store, tmp_path / "part", [TOPK, JUMP, BTK], tokens, checkpoint_every=256 * 5)
     part.should_stop = stop_after_14
     part.start(sample)
     res = part.run()
     assert res.status == "interrupted" and res.step == 14
     assert not (tmp_path / "part" / "topk" / "cfg.json").exists()
-    resumed, _ = make_trainer(store, tmp_path / "part", [TOPK, JUMP], tokens, checkpoint_every=256 * 5)
-    resumed.resume()
+    resumed, _ = make_trainer(store, tmp_path / "part", [TOPK, JUMP, BTK], tokens, checkpoint_every=256 * 5)
+    resumed.resume(sample)
     assert resumed.step == 14 and resumed.members[1].controller.coef == part.members[1].controller.coef
     assert resumed.members[1].controller.trim_shift == part.members[1].controller.trim_shift != 0.0
     assert resumed.run().status == "done"
@@ -190,6 +191,11 @@ def test_resume_is_bit_exact_for_two_members_in_one_loop(tmp_path: Path) -> None
         assert torch.equal(m_full.since_fired_F, m_res.since_fired_F)
         for s1, s2 in zip(m_full.opt.state.values(), m_res.opt.state.values(), strict=True):
             assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+    for name in ("topk", "jump", "btk"):
+        saved_full = io.read_tensors(tmp_path / "full" / name / "sae.safetensors")
+        saved_res = io.read_tensors(tmp_path / "part" / name / "sae.safetensors")
+        assert all(torch.equal(saved_full[k], saved_res[k]) for k in saved_full), name
+    assert float(saved_full["threshold"]) > 0
     rows_full = pq.read_table(tmp_path / "full" / METRICS_FILE).column("loss").to_pylist()
     rows_res = pq.read_table(tmp_path / "part" / METRICS_FILE).column("loss").to_pylist()
     assert rows_full == rows_res
@@ -296,3 +302,27 @@ def test_seed_sets_the_init_and_members_do_not_share_rng_draws(tmp_path: Path) -
     other = init_dec([JUMP], 1)
     assert not torch.allclose(other, solo)
     torch.testing.assert_close(other.norm(dim=1), solo.norm(dim=1))  # same rule, different draw
+
+
+def test_calibration_split_holds_back_windows_only_for_runs_of_several_epochs(tmp_path: Path) -> None:
+    """4096 tokens, context 64: 512 held out for eval leave 56 training windows (3584 tokens). A run of more than
+    one pass holds back 10 % of them as whole windows from the end (358 tokens -> 6 windows = 384 tokens); a run of
+    one pass holds back nothing and calibrates on the normalisation sample; an explicit count is honoured or
+    refused when it would leave no training window."""
+    store = small_store(tmp_path)
+    train, _ = data.split(store, 512)
+    assert train == (0, 3584)
+    many = resolve_loop(LoopConfig(batch_size=256), 3584)  # 300 steps of 256 > 3584 tokens
+    kept, calib = data.calibration_split(store, train, many)
+    assert kept == (0, 3200) and calib == (3200, 3584)
+    x = data.calibration_sample(store, [KEY], many, kept, calib)[KEY]
+    assert len(x) == 384 - 6  # every held-back token but the 6 window starts (BOS, dropped as in training)
+    one = resolve_loop(LoopConfig(batch_size=256, tokens=3584), 3584)
+    kept, calib = data.calibration_split(store, train, one)
+    assert kept == train and calib == (3584, 3584)
+    norm = data.calibration_sample(store, [KEY], one, kept, calib)[KEY]
+    assert torch.equal(norm, data.sample(store, [KEY], one, kept)[KEY])
+    explicit = LoopConfig(batch_size=256, tokens=3584, calibration_tokens=100)
+    assert data.calibration_split(store, train, explicit) == ((0, 3456), (3456, 3584))
+    with pytest.raises(data.DataError, match="calibration tokens"):
+        data.calibration_split(store, train, LoopConfig(batch_size=256, calibration_tokens=3584))

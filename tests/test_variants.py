@@ -28,16 +28,22 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(data):
-    """Each variant after 150 trainer-like steps, the lr decaying over the last 30 % (shared by the tests that
-    need a non-trivial SAE). Running inference thresholds use a 20-step horizon (threshold_decay 0.95) instead
-    of the default 100 so that this short run is long enough for them to settle."""
+    """Each variant after 150 trainer-like steps, the lr decaying over the last 30 %, then calibrated on 2048
+    fresh tokens as the trainer ends (shared by the tests that need a non-trivial SAE)."""
     torch.manual_seed(0)
     out = {}
     for name in VARIANTS:
-        known = {f.name for f in dataclasses.fields(get_variant(name).Options)}
-        opts = {"threshold_decay": 0.95} if "threshold_decay" in known else {}
-        sae = make_sae(name, D_IN, D_SAE, L0, **opts)
-        fit(sae, data, steps=150, batch=256, lr=3e-3, sparsity_coef=3e-3, decay_frac=0.3)
+        sae = make_sae(name, D_IN, D_SAE, L0)
+        fit(
+            sae,
+            data,
+            steps=150,
+            batch=256,
+            lr=3e-3,
+            sparsity_coef=3e-3,
+            decay_frac=0.3,
+            calibrate_tokens=2048,
+        )
         out[name] = sae
     return out
 
@@ -128,16 +134,17 @@ def test_fold_scale(name, trained, data):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_inference_l0_matches_training_l0(name, trained, data):
     """The batch-independent inference rule fires as often as the training rule on fresh batches (batch-level
-    variants: within 10 %; per-token variants: the same rule, so exactly)."""
+    variants, calibrated as the trainer ends: within 5 %, 10 % is the contract; per-token variants: the same rule,
+    so exactly)."""
     sae = trained[name]
     torch.manual_seed(1)
     train_l0, infer_l0 = 0.0, 0.0
     with torch.no_grad():
-        for _ in range(4):
+        for _ in range(16):
             x_BD = data.sample(256)
             train_l0 += float(sae.training_loss(x_BD, _state(sae)).l0)
             infer_l0 += float((sae.encode(x_BD) != 0).sum(-1).float().mean())
-    assert infer_l0 == pytest.approx(train_l0, rel=0.10)
+    assert infer_l0 == pytest.approx(train_l0, rel=0.05)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

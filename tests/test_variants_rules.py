@@ -160,6 +160,44 @@ def test_batchtopk_threshold_tracks_the_cutoff_after_a_step(data):
     assert int((sae.encode(x) != 0).sum()) == K * 64 - 1  # inference is strict: pre > theta
 
 
+def test_calibrate_sets_the_mean_batch_cutoff_under_the_current_weights(data):
+    """BatchTopK: theta = mean over the whole batches of the midpoint between the (k*B)-th and (k*B+1)-th largest
+    pre-activation (a short tail is left out); one batch: inference keeps exactly its k*B training picks.
+    calibrate_threshold=False: the threshold is kept."""
+    sae = make_sae("batchtopk", D_IN, D_SAE, K)
+    x = data.sample(130)
+    sae.init_from_data(x)
+    pre = sae.pre_acts(x - sae.b_dec_D).detach()
+    top = [pre[i : i + 50].flatten().topk(K * 50 + 1).values for i in (0, 50)]
+    sae.calibrate(x, 50)
+    assert float(sae.threshold) == pytest.approx(float(sum(v[-2] + v[-1] for v in top) / 4))
+    sae.calibrate(x[:50], 50)
+    torch.testing.assert_close(sae.encode(x[:50]), sae.select(pre[:50])[0])
+    off = make_sae("batchtopk", D_IN, D_SAE, K, calibrate_threshold=False)
+    off.load_state_dict(sae.state_dict())
+    off.calibrate(x, 50)
+    assert torch.equal(off.threshold, sae.threshold)
+
+
+def test_feature_choice_calibrates_one_threshold_per_latent(data):
+    """Per latent: the value at rank p + 1/2 of its column, p = k*B/d_sae. B = 192: p = m = 12, midway between the
+    12th and 13th largest, so inference keeps exactly the training rule's 12 tokens per latent of that batch.
+    B = 200: p = 12.5 (m = 13), the 13th largest itself, which the strict rule drops: 12 tokens per latent."""
+    sae = make_sae("feature-choice", D_IN, D_SAE, K)
+    x = data.sample(200)
+    sae.init_from_data(x)
+    pre = sae.pre_acts(x - sae.b_dec_D).detach()
+    sae.calibrate(x[:192], 192)
+    assert ((pre[:192] > 0).sum(0) > 12).sum() > D_SAE // 2
+    torch.testing.assert_close(sae.encode(x[:192]), sae.select(pre[:192])[0])
+    top = pre[:192].topk(13, dim=0).values
+    torch.testing.assert_close(sae.threshold, (top[11] + top[12]) / 2)
+    sae.calibrate(x, 200)
+    torch.testing.assert_close(sae.threshold, pre.topk(13, dim=0).values[12])
+    full = (pre > 0).sum(0) >= 13
+    assert ((sae.encode(x) != 0).sum(0)[full] == 12).all()
+
+
 def test_zipf_targets_sum_to_the_budget_and_rank_by_frequency():
     freq = torch.tensor([0.0, 0.5, 0.1, 0.9, 0.01])
     t = C.zipf_targets(freq, budget=1.5)

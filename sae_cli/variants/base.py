@@ -136,6 +136,12 @@ class SAE(nn.Module):
         self.W_enc_FD.copy_(w)
 
     @torch.no_grad()
+    def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
+        """End of training: set whatever the inference rule estimated from training batches (a running
+        threshold) from the final weights on `x_ND` (training tokens, split into batches of the training
+        `batch_size`). The trainer calls it once, after the last step and before saving. Default: nothing."""
+
+    @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Remove the gradient component parallel to each decoder row (unit-norm decoders)."""
         if self.unit_norm_decoder and self.W_dec_FD.grad is not None:

@@ -5,7 +5,11 @@ Training: pre = ReLU(W_enc (x - b_dec) + b_enc); keep the k*|B| largest entries 
 matrix; x_hat = f W_dec + b_dec; L = ||x - x_hat||^2 + aux_coef * AuxK (dead latents, as TopK).
 Inference: f = pre * 1[pre > theta], theta = bias-corrected EMA (decay `threshold_decay`) of the smallest
 positive kept activation of each training batch, updated in after_optimizer_step. theta = 0 (before the
-first step) is plain ReLU. Unit-norm decoder with gradient projection; b_dec from the data.
+first step) is plain ReLU. At the end of training (`calibrate`, option `calibrate_threshold`) theta is set to
+the mean of that cut-off over batches of the calibration sample under the final weights: the EMA averages
+cut-offs of earlier, different weights, and the cut-off falls as training goes on, so the EMA sits above it
+(demo store, L0 32: inference L0 28.2 against 32.0 calibrated, docs/benchmarks.md). Unit-norm decoder with
+gradient projection; b_dec from the data.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class BatchTopKSAE(SAE):
         """Decay of the running inference threshold (SAELens uses a rate of 0.01, i.e. 0.99)."""
         b_dec_init: str = "median"
         """Decoder bias init from the first batch: "median" (geometric), "mean" or "zero"."""
+        calibrate_threshold: bool = True
+        """At the end of training, set the inference threshold to the mean training-rule cut-off over batches of
+        the calibration sample under the final weights (False: keep the running EMA, as SAELens)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -115,6 +122,29 @@ class BatchTopKSAE(SAE):
     def init_from_data(self, x_BD: Tensor) -> None:
         super().init_from_data(x_BD)
         C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)
+
+    def gap_cutoff(self, pre_BF: Tensor) -> Tensor:
+        """The threshold that keeps exactly the training rule's picks of this batch: midway between the smallest
+        kept entry (the k*B-th largest) and the largest dropped one (0 when none is dropped)."""
+        n_keep = min(self.k * pre_BF.shape[0], pre_BF.numel())
+        vals_N = pre_BF.flatten().topk(min(n_keep + 1, pre_BF.numel()), sorted=True).values
+        dropped = vals_N[n_keep] if n_keep < pre_BF.numel() else vals_N.new_zeros(())
+        return (vals_N[n_keep - 1] + dropped) / 2
+
+    @torch.no_grad()
+    def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
+        """theta = mean over the whole batches of `x_ND` (one short batch if there is no whole one) of
+        `gap_cutoff` under the current weights. The gap's midpoint, not the smallest kept entry that the running
+        EMA tracks: with the strict `pre > theta` that entry itself is dropped, one pick in m for a per-latent
+        rule (Feature Choice keeps m = 8 tokens per latent on the demo store: 12 %)."""
+        if not self.opts.calibrate_threshold or len(x_ND) == 0:
+            return
+        B = max(1, min(batch_size, len(x_ND)))
+        cutoffs = [
+            self.gap_cutoff(self.pre_acts(x_ND[i : i + B] - self.b_dec_D)).float()
+            for i in range(0, len(x_ND) - B + 1, B)
+        ]
+        self.threshold.copy_(torch.stack(cutoffs).mean(0))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

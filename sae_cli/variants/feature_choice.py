@@ -5,15 +5,19 @@ per-feature capacities are not implemented).
 Training: pre = ReLU(W_enc (x - b_dec) + b_enc) [B, F]; for every latent keep its m largest entries along the
 batch; L = ||x - x_hat||^2 + aux_coef * aux_zipf (as Mutual Choice). Every latent is allocated m tokens of
 every batch, so no latent is dead as long as its pre-activation is positive on some token of the batch.
+Training L0 d_sae*m/|B| >= k (the ceil).
 Inference: per-latent threshold theta_i = bias-corrected EMA of latent i's cut-off in each training batch
 (its smallest positive kept activation, 0 if none); f_i = pre_i * 1[pre_i > theta_i]. A latent then fires on
-about m/|B| of the tokens, so the inference L0 is about d_sae * m / |B| = k, as in training.
+about m/|B| of the tokens, so the inference L0 is about d_sae * m / |B|, as in training. At the end of training
+theta_i is recomputed under the final weights (BatchTopK's `calibrate`, option `calibrate_threshold`) so that a
+latent passes k/d_sae of the tokens: the inference L0 is then the target k (`gap_cutoff`).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ..registry import register
@@ -28,9 +32,26 @@ class FeatureChoiceSAE(MutualChoiceSAE):
     def threshold_shape(self) -> tuple[int, ...]:
         return (self.cfg.d_sae,)
 
+    def capacity(self, B: int) -> int:
+        """m: tokens each latent keeps from a batch of B."""
+        return min(B, math.ceil(self.k * B / self.cfg.d_sae))
+
+    def gap_cutoff(self, pre_BF: Tensor) -> Tensor:
+        """Per latent: its column's value at rank p + 1/2 (1-based, linear between neighbouring ranks; entries past
+        the batch count as 0), p = k*B/d_sae, so that about p tokens per latent and k per token pass. The target
+        k, not the training L0 d_sae*m/B: m = ceil(p) overshoots (demo store, L0 32: m = 8 against p = 7.1)."""
+        B, F = pre_BF.shape
+        r = min(self.k * B / F, B) + 0.5
+        i = math.floor(r)  # 1-based rank of the upper neighbour; the lower one is i + 1
+        vals_RF = pre_BF.topk(min(i + 1, B), dim=0, sorted=True).values
+        zero_F = torch.zeros_like(vals_RF[0])
+        upper_F = vals_RF[i - 1]
+        lower_F = vals_RF[i] if i < B else zero_F
+        return upper_F + (r - i) * (lower_F - upper_F)
+
     def select(self, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
         B, F = pre_BF.shape
-        m = min(B, math.ceil(self.k * B / F))
+        m = self.capacity(B)
         vals_MF, idx_MF = pre_BF.topk(m, dim=0, sorted=False)
         acts_BF = pre_BF.new_zeros(B, F).scatter(0, idx_MF, vals_MF)
         return acts_BF, C.smallest_positive(vals_MF.detach(), dim=0)

@@ -4,7 +4,8 @@ dictionary (latents 0..m_j) each reconstruct x, so the inner prefixes learn the 
 Training: the BatchTopK allocation over all latents; x_hat_j = f[:, :m_j] W_dec[:m_j] + b_dec for each prefix
 size m_1 < ... < m_J = d_sae; L = mean_j ||x - x_hat_j||^2 + aux_coef * AuxK (dead latents, residual of the
 full reconstruction). The mean (not the sum) keeps the loss on the scale of one reconstruction, so learning
-rates carry over from BatchTopK. Inference: BatchTopK's running threshold (JumpReLU).
+rates carry over from BatchTopK. Inference: BatchTopK's threshold (JumpReLU),
+calibrated at the end of training.
 """
 
 from __future__ import annotations
