@@ -262,6 +262,8 @@ class Trainer:
         cpu = self.device.type == "cpu" and self.loop.member_threads
         self._workers = min(len(plans), self._threads) if cpu else 1
         self._pool: ThreadPoolExecutor | None = None
+        self._member_s: dict[tuple[str, int], float] = {}
+        """Seconds each member's last call of each phase took (`_map_members`): longest first next step."""
         self.tokens = 0
         self.elapsed_s = 0.0
         self.rows: list[dict[str, Any]] = []
@@ -463,21 +465,29 @@ class Trainer:
         several intra-op threads, the members run concurrently, one per thread, each on one intra-op thread:
         a member's numbers are then those of a solo run on one thread (bit-identical), and the cores stay busy
         through the single-threaded parts of a step (sort, index, embedding bags, Python) that leave a core
-        idle when the members take turns (docs/benchmarks.md, "Sweeps")."""
+        idle when the members take turns (docs/benchmarks.md, "Sweeps"). The members are handed out longest first
+        (by their time in the previous step: the LPT rule), so that the threads reach the step's barrier together
+        rather than one waiting while the other runs the last long member."""
         items = self.members if items is None else items
         if self._workers <= 1:
             return [fn(it) for it in items]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="sae-member")
+        phase = fn.__name__
 
-        def one_thread(it: Any) -> Any:
+        def one_thread(i: int) -> Any:
             torch.set_num_threads(1)
-            return fn(it)
+            t0 = time.perf_counter()
+            out = fn(items[i])
+            self._member_s[phase, i] = time.perf_counter() - t0
+            return i, out
 
+        order = sorted(range(len(items)), key=lambda i: -self._member_s.get((phase, i), 0.0))
         try:
-            return list(self._pool.map(one_thread, items))
+            done = dict(self._pool.map(one_thread, order))
         finally:
             torch.set_num_threads(self._threads)
+        return [done[i] for i in range(len(items))]
 
     def _logging_next(self) -> bool:
         return (self.step + 1) % self.loop.log_every == 0 or self.step + 1 >= self.n_steps
