@@ -85,6 +85,10 @@ class LoopConfig:
     """Input scaling c with E||c x||^2 = 1: sample (estimated from training tokens), store (store statistics), none."""
     norm_sample_tokens: int = 16384
     """Tokens used to estimate the input scale and to initialise the SAE (normalize=sample)."""
+    calibrate: bool = True
+    """After the last step, set every SAE's inference threshold on the calibration tokens under the final weights
+    (`SAE.calibrate`: batch-level rules replace their running estimate, steered rules shift to the target L0);
+    False: save the thresholds as training left them."""
     calibration_tokens: int = 0
     """Tokens (whole windows) held back from the end of the training range, never trained on, on which the
     batch-level rules calibrate their inference threshold at the end (`SAE.calibrate`). 0: automatic: when the

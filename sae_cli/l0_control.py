@@ -168,14 +168,24 @@ def trim_to_target(
     margin_BF = sae.firing_margin(x_BD)
     if margin_BF is None:
         return None
+    exact = exact_shift(margin_BF, target)
+    if exact is None:
+        return None
+    l0_untrimmed = float((margin_BF.detach().float() > applied).sum()) / x_BD.shape[0]
+    delta = exact * rate
+    sae.shift_threshold(delta)
+    return Trim(delta, l0_untrimmed)
+
+
+@torch.no_grad()
+def exact_shift(margin_BF: Tensor, target: float) -> float | None:
+    """The shift d that makes exactly n = round(target * B) of the margins m + d positive: minus the midpoint of the
+    n-th and (n+1)-th largest margins. None when n is 0 or covers every pair."""
     flat = margin_BF.detach().float().flatten()
-    n = round(target * x_BD.shape[0])
+    n = round(target * margin_BF.shape[0])
     if n <= 0 or n >= flat.numel():
         return None
-    l0_untrimmed = float((flat > applied).sum()) / x_BD.shape[0]
     # kthvalue counts from the smallest: the n-th largest is the (N - n + 1)-th smallest.
     nth = flat.kthvalue(flat.numel() - n + 1).values
     next_ = flat.kthvalue(flat.numel() - n).values
-    delta = -0.5 * float(nth + next_) * rate
-    sae.shift_threshold(delta)
-    return Trim(delta, l0_untrimmed)
+    return -0.5 * float(nth + next_)

@@ -706,7 +706,7 @@ class Trainer:
             sae = get_variant(m.plan.sae_cfg.variant)(m.plan.sae_cfg)
             sae.load_state_dict(m.sae.state_dict())
             sae = sae.to(self.device)
-            if m.plan.key in self.calibration:
+            if self.loop.calibrate and m.plan.key in self.calibration:
                 x_ND = self.calibration[m.plan.key].to(self.device).float() * m.scale
                 sae.calibrate(x_ND, self.loop.batch_size)
             sae = sae.cpu()

@@ -32,7 +32,9 @@ def recalibrate(run: Path, store_path: str | None) -> tuple[float, float]:
     sae = io.load_sae(run)
     store = data.open_store(store_path or tr["store"])
     key = (int(tr["layer"]), str(tr["site"]))
-    loop = dataclasses.replace(LoopConfig(), seed=int(tr.get("seed", 0)), drop_bos=bool(tr.get("drop_bos", True)))
+    loop = dataclasses.replace(
+        LoopConfig(), seed=int(tr.get("seed", 0)), drop_bos=bool(tr.get("drop_bos", True))
+    )
     train = tuple(tr["train_range"])
     calib = tuple(tr.get("calibration_range", (train[1], train[1])))
     x_ND = data.calibration_sample(store, [key], loop, train, calib)[key].float()

@@ -304,6 +304,28 @@ def test_seed_sets_the_init_and_members_do_not_share_rng_draws(tmp_path: Path) -
     torch.testing.assert_close(other.norm(dim=1), solo.norm(dim=1))  # same rule, different draw
 
 
+def test_the_trainer_calibrates_thresholds_at_the_end_unless_told_not_to(tmp_path: Path) -> None:
+    """BatchTopK after 8 steps: saved with its running threshold when calibrate = false, with the mean gap cut-off
+    over the calibration tokens (here the normalisation sample, in batches of 256) otherwise; nothing else
+    differs."""
+    store = small_store(tmp_path)
+    saved, running = {}, {}
+    for flag in (False, True):
+        trainer, sample = make_trainer(store, tmp_path / f"run-{flag}", [BTK], 256 * 8, calibrate=flag)
+        trainer.start(sample)
+        trainer.run()
+        saved[flag] = io.load_sae(tmp_path / f"run-{flag}" / "btk")
+        running[flag] = trainer.members[0].sae.threshold.clone()
+    on, off = saved[True], saved[False]
+    assert torch.equal(running[True], running[False]) and torch.equal(off.threshold, running[False])
+    x = sample[KEY].float()  # raw tokens: the saved SAE has the input scale folded in
+    cuts = [on.gap_cutoff(on.pre_acts(x[i : i + 256] - on.b_dec_D)) for i in range(0, len(x) - 255, 256)]
+    torch.testing.assert_close(on.threshold, torch.stack(cuts).mean(0))
+    assert float((on.threshold - off.threshold).abs()) > 1e-4
+    on_state, off_state = on.state_dict(), off.state_dict()
+    assert all(torch.equal(on_state[k], off_state[k]) for k in on_state if k != "threshold")
+
+
 def test_calibration_split_holds_back_windows_only_for_runs_of_several_epochs(tmp_path: Path) -> None:
     """4096 tokens, context 64: 512 held out for eval leave 56 training windows (3584 tokens). A run of more than
     one pass holds back 10 % of them as whole windows from the end (358 tokens -> 6 windows = 384 tokens); a run of

@@ -162,8 +162,7 @@ def test_batchtopk_threshold_tracks_the_cutoff_after_a_step(data):
 
 def test_calibrate_sets_the_mean_batch_cutoff_under_the_current_weights(data):
     """BatchTopK: theta = mean over the whole batches of the midpoint between the (k*B)-th and (k*B+1)-th largest
-    pre-activation (a short tail is left out); one batch: inference keeps exactly its k*B training picks.
-    calibrate_threshold=False: the threshold is kept."""
+    pre-activation (a short tail is left out); one batch: inference keeps exactly its k*B training picks."""
     sae = make_sae("batchtopk", D_IN, D_SAE, K)
     x = data.sample(130)
     sae.init_from_data(x)
@@ -173,10 +172,25 @@ def test_calibrate_sets_the_mean_batch_cutoff_under_the_current_weights(data):
     assert float(sae.threshold) == pytest.approx(float(sum(v[-2] + v[-1] for v in top) / 4))
     sae.calibrate(x[:50], 50)
     torch.testing.assert_close(sae.encode(x[:50]), sae.select(pre[:50])[0])
-    off = make_sae("batchtopk", D_IN, D_SAE, K, calibrate_threshold=False)
-    off.load_state_dict(sae.state_dict())
-    off.calibrate(x, 50)
-    assert torch.equal(off.threshold, sae.threshold)
+
+
+@pytest.mark.parametrize("name", ["relu", "gated", "jumprelu"])
+def test_steered_calibrate_shifts_the_margins_by_the_mean_exact_shift(name, data):
+    """Steered variants: the margins move by the mean over whole batches of the shift that puts each batch's L0 on
+    the target exactly; with one batch the inference L0 on it is the target."""
+    target = 5.0
+    sae = make_sae(name, D_IN, D_SAE, target)
+    x = data.sample(130)
+    sae.init_from_data(x)
+    before = sae.firing_margin(x).detach()
+    shifts = []
+    for part in (before[:50], before[50:100]):
+        top = part.flatten().topk(round(target * 50) + 1).values
+        shifts.append(-0.5 * float(top[-2] + top[-1]))
+    sae.calibrate(x, 50)
+    torch.testing.assert_close(sae.firing_margin(x), before + sum(shifts) / 2, rtol=0, atol=1e-5)
+    sae.calibrate(x[:50], 50)
+    assert int((sae.encode(x[:50]) != 0).sum()) == round(target * 50)
 
 
 def test_feature_choice_calibrates_one_threshold_per_latent(data):

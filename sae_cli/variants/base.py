@@ -137,9 +137,22 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
-        """End of training: set whatever the inference rule estimated from training batches (a running
-        threshold) from the final weights on `x_ND` (training tokens, split into batches of the training
-        `batch_size`). The trainer calls it once, after the last step and before saving. Default: nothing."""
+        """End of training (the trainer calls it once, after the last step, before saving; LoopConfig.calibrate):
+        set the inference rule's threshold from the final weights on the calibration tokens `x_ND`, split into
+        whole batches of the training `batch_size`. Default, for variants with a firing margin (the steered
+        ones): shift every margin by the mean over those batches of the exact shift that puts the batch's L0 on
+        the target (l0_control.exact_shift, the final trim's rule at rate 1). Without a margin (TopK): nothing.
+        The batch-level rules override it."""
+        from ..l0_control import exact_shift
+
+        shifts = [
+            exact_shift(margin_BF, self.cfg.l0_target)
+            for margin_BF in (self.firing_margin(x_BD) for x_BD in whole_batches(x_ND, batch_size))
+            if margin_BF is not None
+        ]
+        shifts = [d for d in shifts if d is not None]
+        if shifts:
+            self.shift_threshold(sum(shifts) / len(shifts))
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -160,3 +173,9 @@ class SAE(nn.Module):
         self.W_enc_FD *= c
         self.W_dec_FD /= c
         self.b_dec_D /= c
+
+
+def whole_batches(x_ND: Tensor, batch_size: int) -> list[Tensor]:
+    """`x_ND` cut into whole batches of `batch_size` (the tail left out); one short batch if none is whole."""
+    B = max(1, min(batch_size, len(x_ND)))
+    return [x_ND[i : i + B] for i in range(0, len(x_ND) - B + 1, B)] if len(x_ND) else []

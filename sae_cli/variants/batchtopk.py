@@ -5,7 +5,7 @@ Training: pre = ReLU(W_enc (x - b_dec) + b_enc); keep the k*|B| largest entries 
 matrix; x_hat = f W_dec + b_dec; L = ||x - x_hat||^2 + aux_coef * AuxK (dead latents, as TopK).
 Inference: f = pre * 1[pre > theta], theta = bias-corrected EMA (decay `threshold_decay`) of the smallest
 positive kept activation of each training batch, updated in after_optimizer_step. theta = 0 (before the
-first step) is plain ReLU. At the end of training (`calibrate`, option `calibrate_threshold`) theta is set to
+first step) is plain ReLU. At the end of training (`calibrate`, LoopConfig.calibrate) theta is set to
 the mean of that cut-off over batches of the calibration sample under the final weights: the EMA averages
 cut-offs of earlier, different weights, and the cut-off falls as training goes on, so the EMA sits above it
 (demo store, L0 32: inference L0 28.2 against 32.0 calibrated, docs/benchmarks.md). Unit-norm decoder with
@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import kernels
 from ..registry import register
 from . import _common as C
-from .base import SAE, LossOutput, SAEConfig, StepState
+from .base import SAE, LossOutput, SAEConfig, StepState, whole_batches
 
 
 @register
@@ -41,9 +41,6 @@ class BatchTopKSAE(SAE):
         """Decay of the running inference threshold (SAELens uses a rate of 0.01, i.e. 0.99)."""
         b_dec_init: str = "median"
         """Decoder bias init from the first batch: "median" (geometric), "mean" or "zero"."""
-        calibrate_threshold: bool = True
-        """At the end of training, set the inference threshold to the mean training-rule cut-off over batches of
-        the calibration sample under the final weights (False: keep the running EMA, as SAELens)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -137,14 +134,12 @@ class BatchTopKSAE(SAE):
         `gap_cutoff` under the current weights. The gap's midpoint, not the smallest kept entry that the running
         EMA tracks: with the strict `pre > theta` that entry itself is dropped, one pick in m for a per-latent
         rule (Feature Choice keeps m = 8 tokens per latent on the demo store: 12 %)."""
-        if not self.opts.calibrate_threshold or len(x_ND) == 0:
-            return
-        B = max(1, min(batch_size, len(x_ND)))
         cutoffs = [
-            self.gap_cutoff(self.pre_acts(x_ND[i : i + B] - self.b_dec_D)).float()
-            for i in range(0, len(x_ND) - B + 1, B)
+            self.gap_cutoff(self.pre_acts(x_BD - self.b_dec_D)).float()
+            for x_BD in whole_batches(x_ND, batch_size)
         ]
-        self.threshold.copy_(torch.stack(cutoffs).mean(0))
+        if cutoffs:
+            self.threshold.copy_(torch.stack(cutoffs).mean(0))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

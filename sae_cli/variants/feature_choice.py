@@ -9,7 +9,7 @@ Training L0 d_sae*m/|B| >= k (the ceil).
 Inference: per-latent threshold theta_i = bias-corrected EMA of latent i's cut-off in each training batch
 (its smallest positive kept activation, 0 if none); f_i = pre_i * 1[pre_i > theta_i]. A latent then fires on
 about m/|B| of the tokens, so the inference L0 is about d_sae * m / |B|, as in training. At the end of training
-theta_i is recomputed under the final weights (BatchTopK's `calibrate`, option `calibrate_threshold`) so that a
+theta_i is recomputed under the final weights (BatchTopK's `calibrate`) so that a
 latent passes k/d_sae of the tokens: the inference L0 is then the target k (`gap_cutoff`).
 """
 
