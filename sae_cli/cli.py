@@ -288,6 +288,11 @@ def _device(name: str) -> str:
     return name
 
 
+def _calibration_note(calibration_range: list[int]) -> str:
+    n = calibration_range[1] - calibration_range[0]
+    return f" (+ {n:,} held back to calibrate thresholds)" if n > 0 else ""
+
+
 def _header(cfg: TrainConfig, loop: LoopConfig, plan: Any, resolved: dict[str, Any]) -> None:
     from .trainer import dead_window
 
@@ -298,7 +303,8 @@ def _header(cfg: TrainConfig, loop: LoopConfig, plan: Any, resolved: dict[str, A
         f"[bold]sae train {m.variant}[/bold] layer {m.layer} {m.site}: d_in {resolved['d_in']} -> d_sae "
         f"{resolved['d_sae']}, L0 target {m.l0_target:g} ({'steered' if plan.steered else 'by the rule'}), "
         f"lr {plan.lr:.3g}, {n_tokens:,} tokens = {steps} steps of {loop.batch_size} (~{epochs:.1f} epochs), "
-        f"held out {resolved['eval_range'][1] - resolved['eval_range'][0]:,} tokens, {resolved['device']}; "
+        f"held out {resolved['eval_range'][1] - resolved['eval_range'][0]:,} tokens"
+        f"{_calibration_note(resolved['calibration_range'])}, {resolved['device']}; "
         f"dead = no firing in {dead_window(loop, n_tokens):,} tokens"
     )
 

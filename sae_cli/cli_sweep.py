@@ -128,12 +128,14 @@ def _header(prep: Any) -> None:
     workers = prep.trainer.member_workers
     how = f"{workers} members at a time, one thread each" if workers > 1 else "members one after another"
     free = f" of {prep.memory_free / 2**30:.1f} GiB free" if prep.memory_free else ""
+    n_calib = prep.calib_range[1] - prep.calib_range[0]
+    held = f"; {n_calib:,} training tokens held back to calibrate thresholds" if n_calib > 0 else ""
     console.print(
         f"[bold]sae sweep[/bold]: {len(prep.plans)} members = {len(cfg.layers)} layer(s) x {len(cfg.sites)} site(s) "
         f"x {len(cfg.variants)} variant(s) x {len(cfg.widths)} width(s) x {len(cfg.l0_targets)} L0 target(s); "
         f"d_in {prep.store.d_model}, d_sae {', '.join(map(str, widths))}; {prep.tokens:,} tokens = {steps} steps "
         f"of {loop.batch_size}; {len(shape_groups(prep.plans))} equal-shape group(s); "
-        f"{how}; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}"
+        f"{how}; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}{held}"
     )
 
 

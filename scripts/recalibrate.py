@@ -1,6 +1,7 @@
 """Calibrate the inference thresholds of already trained SAEs, as `sae train` now does at the end of training
 (`SAE.calibrate`), and write them back in place: SAEs trained before the calibration existed, or with
-`calibrate_threshold = false`. The weights are not touched; only the threshold buffers change.
+`calibrate = false`. Only the thresholds change (BatchTopK-like `threshold`; the steered variants' margin:
+ReLU's b_enc, Gated's b_gate, JumpReLU's theta).
 
 The calibration tokens are those the trainer would use: the run's held-back calibration range when it recorded
 one, else the seeded normalisation sample of its training range (`data.calibration_sample`). Re-run
@@ -26,7 +27,7 @@ log = logging.getLogger("recalibrate")
 
 
 def recalibrate(run: Path, store_path: str | None) -> tuple[float, float]:
-    """(mean threshold before, after) of the SAE in `run`, rewritten in place."""
+    """(L0 on the calibration tokens before, after) of the SAE in `run`, rewritten in place."""
     cfg = io.read_cfg(run)
     tr = cfg["training"]
     sae = io.load_sae(run)
@@ -38,10 +39,10 @@ def recalibrate(run: Path, store_path: str | None) -> tuple[float, float]:
     train = tuple(tr["train_range"])
     calib = tuple(tr.get("calibration_range", (train[1], train[1])))
     x_ND = data.calibration_sample(store, [key], loop, train, calib)[key].float()
-    before = float(sae.threshold.float().mean()) if hasattr(sae, "threshold") else float("nan")
     with torch.no_grad():
+        before = float((sae.encode(x_ND) != 0).sum(-1).float().mean())
         sae.calibrate(x_ND, int(tr["batch_size"]))  # the saved SAE takes raw activations: no scale to apply
-    after = float(sae.threshold.float().mean()) if hasattr(sae, "threshold") else float("nan")
+        after = float((sae.encode(x_ND) != 0).sum(-1).float().mean())
     summary = {**tr, "recalibrated": {"tokens": len(x_ND), "script": "scripts/recalibrate.py"}}
     io.save_sae(run, sae, summary, freq_F=io.load_densities(run))
     (run / EVAL_FILE).unlink(missing_ok=True)
@@ -56,7 +57,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for run in args.runs:
         before, after = recalibrate(run, args.store)
-        print(f"{run}: mean threshold {before:.5g} -> {after:.5g}")
+        print(f"{run}: L0 on the calibration tokens {before:.2f} -> {after:.2f}")
 
 
 if __name__ == "__main__":
