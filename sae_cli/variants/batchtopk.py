@@ -6,9 +6,9 @@ matrix; x_hat = f W_dec + b_dec; L = ||x - x_hat||^2 + aux_coef * AuxK (dead lat
 Inference: f = pre * 1[pre > theta], theta = bias-corrected EMA (decay `threshold_decay`) of the smallest
 positive kept activation of each training batch, updated in after_optimizer_step. theta = 0 (before the
 first step) is plain ReLU. At the end of training (`calibrate`, LoopConfig.calibrate) theta is set to
-the mean of that cut-off over batches of the calibration sample under the final weights: the EMA averages
-cut-offs of earlier, different weights, and the cut-off falls as training goes on, so the EMA sits above it
-(demo store, L0 32: inference L0 28.2 against 32.0 calibrated, docs/benchmarks.md). Unit-norm decoder with
+the mean over batches of the calibration tokens of the threshold that keeps exactly the batch's picks, under
+the final weights: the EMA averages cut-offs of earlier, different weights, and the cut-off falls as training
+goes on, so the EMA sits above it (docs/variants.md, "Running inference thresholds"). Unit-norm decoder with
 gradient projection; b_dec from the data.
 """
 
