@@ -257,7 +257,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         sample = data.sample(store, [key], loop, train_range)
         if loop.normalize == "none":
             scales = {key: 1.0}
-        trainer.start(sample, scales, data.calibration_sample(store, [key], loop, train_range, calib_range))
+        trainer.start(
+            sample, scales, data.calibration_sample(store, [key], loop, train_range, calib_range, sample)
+        )
         if loop.normalize == "sample":
             c = input_scale(sample[key])
             console.print(f"input scale c = {c:.4g} (E||c x||^2 = 1 on {len(sample[key])} tokens)")

@@ -88,12 +88,14 @@ def calibration_sample(
     loop: LoopConfig,
     train_range: tuple[int, int],
     calibration_range: tuple[int, int],
+    norm_sample: dict[Key, Tensor] | None = None,
 ) -> dict[Key, Tensor]:
     """The tokens `Trainer` calibrates on: all of the held-back range (BOS / outlier filters as in training), or,
-    when it is empty, the normalisation sample (`sample`, seeded: the same on --resume)."""
+    when it is empty, the normalisation sample: `norm_sample` when the caller has it, else read again (`sample`
+    is seeded: the same on --resume)."""
     lo, hi = calibration_range
     if hi <= lo:
-        return sample(store, keys, loop, train_range)
+        return norm_sample if norm_sample is not None else sample(store, keys, loop, train_range)
     reader = ActivationReader(
         store,
         keys,

@@ -312,7 +312,9 @@ def start_training(prep: PreparedSweep) -> None:
         elif loop.normalize == "none":
             scales = {k: 1.0 for k in prep.keys}
         prep.sample = data.sample(prep.store, prep.keys, loop, prep.train_range)
-        calibration = data.calibration_sample(prep.store, prep.keys, loop, prep.train_range, prep.calib_range)
+        calibration = data.calibration_sample(
+            prep.store, prep.keys, loop, prep.train_range, prep.calib_range, prep.sample
+        )
         prep.trainer.start(prep.sample, scales, calibration)
         if prep.out.exists():
             shutil.rmtree(prep.out)  # --overwrite of a sweep (_prepare_out refused anything else)

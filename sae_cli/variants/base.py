@@ -17,6 +17,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..l0_control import exact_shift
+
 
 @dataclass(frozen=True)
 class SAEConfig:
@@ -143,8 +145,6 @@ class SAE(nn.Module):
         ones): shift every margin by the mean over those batches of the exact shift that puts the batch's L0 on
         the target (l0_control.exact_shift, the final trim's rule at rate 1). Without a margin (TopK): nothing.
         The batch-level rules override it."""
-        from ..l0_control import exact_shift
-
         shifts = [
             exact_shift(margin_BF, self.cfg.l0_target)
             for margin_BF in (self.firing_margin(x_BD) for x_BD in whole_batches(x_ND, batch_size))
