@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
@@ -204,19 +203,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     key = (member.layer, member.site)
     data.check_keys(store, [key])
     _prepare_out(out, resume, overwrite)
-    if resume:  # the split, batch and length of the run being resumed, even if the store grew since
-        saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"]
-        train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
-        calib_range = tuple(saved.get("calibration_range", (train_range[1], train_range[1])))
-        loop = dataclasses.replace(
-            cfg.loop,
-            batch_size=cfg.loop.batch_size or int(saved["batch_size"]),
-            tokens=cfg.loop.tokens or int(saved["tokens"]),
-        )
-    else:
-        train_range, eval_range = data.split(store, cfg.loop.eval_tokens)
-        loop = resolve_loop(cfg.loop, train_range[1] - train_range[0])
-        train_range, calib_range = data.calibration_split(store, train_range, loop)
+    saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"] if resume else None
+    (train_range, calib_range, eval_range), loop = data.plan_ranges(store, cfg.loop, saved)
     n_tokens = loop.tokens
     plan = plan_member(member, store.d_model, out, steps=math.ceil(n_tokens / loop.batch_size))
     get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options

@@ -3,9 +3,11 @@ ordered evaluation batches and LM windows (on top of actcache.reader)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,7 +15,7 @@ from torch import Tensor
 from actcache.reader import ActivationReader, iter_windows, split_ranges
 from actcache.store import FLAG_BOS, FLAG_PAD, Store, StoreError
 
-from .config import LoopConfig
+from .config import LoopConfig, resolve_loop
 from .splice import Window
 
 Key = tuple[int, str]
@@ -80,6 +82,33 @@ def calibration_split(
         n_windows = 0  # automatic on a store of one window: calibrate on the normalisation sample
     cut = hi - n_windows * ctx
     return (lo, cut), (cut, hi)
+
+
+class Ranges(NamedTuple):
+    train: tuple[int, int]
+    calibration: tuple[int, int]
+    eval: tuple[int, int]
+
+
+def plan_ranges(store: Store, loop: LoopConfig, saved: dict | None = None) -> tuple[Ranges, LoopConfig]:
+    """The token ranges of a run and its resolved loop (automatic batch size and length filled in). Fresh
+    (`saved` None): split off the eval windows, resolve the loop on the training range, hold back the calibration
+    windows. Resumed (`saved`: the run's recorded "train_range", "eval_range", "calibration_range", "batch_size",
+    "tokens"): the ranges and length of the run being resumed, even if the store grew since; explicit loop
+    values win."""
+    if saved is not None:
+        train, ev = tuple(saved["train_range"]), tuple(saved["eval_range"])
+        calib = tuple(saved.get("calibration_range", (train[1], train[1])))
+        resolved = dataclasses.replace(
+            loop,
+            batch_size=loop.batch_size or int(saved["batch_size"]),
+            tokens=loop.tokens or int(saved["tokens"]),
+        )
+        return Ranges(train, calib, ev), resolved
+    train, ev = split(store, loop.eval_tokens)
+    resolved = resolve_loop(loop, train[1] - train[0])
+    train, calib = calibration_split(store, train, resolved)
+    return Ranges(train, calib, ev), resolved
 
 
 def calibration_sample(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import data, io
-from .config import ConfigError, LoopConfig, MemberConfig, resolve_loop, resolve_width
+from .config import ConfigError, LoopConfig, MemberConfig, resolve_width
 from .registry import get_variant, variant_names
 from .trainer import MemberPlan, Trainer, TrainResult, available_memory, estimate_memory, plan_member
 
@@ -256,21 +256,12 @@ def prepare_sweep(
     keys = [(layer, site) for layer in cfg.layers for site in cfg.sites]
     data.check_keys(store, keys)
     requested = dataclasses.replace(cfg.loop, tokens=tokens or cfg.loop.tokens)
-    if resume:  # the split, batch and length of the sweep being resumed, even if the store grew since
+    saved = None
+    if resume:
         if not (out / SWEEP_FILE).is_file():
             raise SweepError(f"nothing to resume in {out}; start without --resume")
         saved = io.read_json(out / SWEEP_FILE)
-        train_range, eval_range = tuple(saved["train_range"]), tuple(saved["eval_range"])
-        calib_range = tuple(saved.get("calibration_range", (train_range[1], train_range[1])))
-        loop = dataclasses.replace(
-            requested,
-            batch_size=requested.batch_size or int(saved["batch_size"]),
-            tokens=requested.tokens or int(saved["tokens"]),
-        )
-    else:
-        train_range, eval_range = data.split(store, requested.eval_tokens)
-        loop = resolve_loop(requested, train_range[1] - train_range[0])
-        train_range, calib_range = data.calibration_split(store, train_range, loop)
+    (train_range, calib_range, eval_range), loop = data.plan_ranges(store, requested, saved)
     plans = plan_sweep(cfg, store.d_model, out, steps=math.ceil(loop.tokens / loop.batch_size))
     dev = torch.device(device)
     need, free = check_sweep_memory(plans, loop, dev, reader_bytes(store, keys, loop))
