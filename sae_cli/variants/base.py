@@ -145,12 +145,14 @@ class SAE(nn.Module):
         ones): shift every margin by the mean over those batches of the exact shift that puts the batch's L0 on
         the target (l0_control.exact_shift, the final trim's rule at rate 1). Without a margin (TopK): nothing.
         The batch-level rules override it."""
-        shifts = [
-            exact_shift(margin_BF, self.cfg.l0_target)
-            for margin_BF in (self.firing_margin(x_BD) for x_BD in whole_batches(x_ND, batch_size))
-            if margin_BF is not None
-        ]
-        shifts = [d for d in shifts if d is not None]
+        shifts = []
+        for x_BD in whole_batches(x_ND, batch_size):
+            margin_BF = self.firing_margin(x_BD)
+            if margin_BF is None:
+                return  # no firing margin (TopK): nothing to calibrate
+            shift = exact_shift(margin_BF, self.cfg.l0_target)
+            if shift is not None:
+                shifts.append(shift)
         if shifts:
             self.shift_threshold(sum(shifts) / len(shifts))
 

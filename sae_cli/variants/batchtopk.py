@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..l0_control import nth_and_next_largest
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState, whole_batches
@@ -123,10 +124,13 @@ class BatchTopKSAE(SAE):
     def gap_cutoff(self, pre_BF: Tensor) -> Tensor:
         """The threshold that keeps exactly the training rule's picks of this batch: midway between the smallest
         kept entry (the k*B-th largest) and the largest dropped one (0 when none is dropped)."""
-        n_keep = min(self.k * pre_BF.shape[0], pre_BF.numel())
-        vals_N = pre_BF.flatten().topk(min(n_keep + 1, pre_BF.numel()), sorted=True).values
-        dropped = vals_N[n_keep] if n_keep < pre_BF.numel() else vals_N.new_zeros(())
-        return (vals_N[n_keep - 1] + dropped) / 2
+        flat = pre_BF.flatten()
+        n_keep = min(self.k * pre_BF.shape[0], flat.numel())
+        if n_keep == flat.numel():
+            return flat.min() / 2
+        return (
+            sum(nth_and_next_largest(flat, n_keep)) / 2
+        )  # the steered rules' exact shift uses the same pair
 
     @torch.no_grad()
     def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
