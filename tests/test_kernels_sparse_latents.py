@@ -67,6 +67,33 @@ def test_sparse_matches_dense(theta: bool, weighted: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("theta", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_dense_path_matches_reference(theta: bool, weighted: bool, monkeypatch) -> None:
+    """Above the sparse density (half the latents fire, as at init) the fused dense pass (threshold_dense) gives
+    the reference's outputs and gradients, theta's straight-through terms included."""
+    bw = 0.2
+    ref = _run(kernels.threshold_encode_decode_ref, _inputs(4, theta, density=0.5), theta, bw, weighted)
+    calls = []
+    real = kernels.ThresholdDense.apply
+    monkeypatch.setattr(kernels.ThresholdDense, "apply", lambda *a: calls.append(1) or real(*a))
+    params = _inputs(4, theta, density=0.5)
+    if theta:
+        with torch.no_grad():
+            window = ((params[0] @ params[1].T + params[2] - params[4]) / bw).abs() < 0.5
+            assert window.sum() > 100  # many pairs carry theta's gradient
+    out = _run(kernels.threshold_encode_decode, params, theta, bw, weighted)
+    assert calls == [1]  # the fused dense pass ran
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], ref[1])
+    assert torch.equal(out[3], ref[3])
+    if weighted:
+        torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[4], ref[4], strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_rows_with_no_active_latent() -> None:
     params = _inputs(1, theta=True)
     with torch.no_grad():

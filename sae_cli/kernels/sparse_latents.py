@@ -13,7 +13,7 @@ The support of a JumpReLU is {pre > theta} plus the rectangle window {|pre - the
 2407.14435, eq. 11-12): entries in the window but below theta output 0 yet their output gradient feeds theta's
 straight-through estimate, so they are kept with value 0 (they add nothing to the decode). ReLU is theta = 0
 without the theta gradient. Above a density of `CPU_SPARSE_*_MAX_DENSITY` (ReLU at init fires on half the
-latents) the caller takes the dense reference instead (`kernels.threshold_encode_decode`).
+latents) the caller takes a dense path instead (`kernels.threshold_encode_decode`, `threshold_dense`).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ class Pairs:
     def of_mask(cls, mask_BF: Tensor, max_density: float) -> Pairs | None:
         """The True entries of a [B, F] mask, or None when they are more than `max_density` of it (the caller
         then takes its dense path)."""
-        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)  # row-major: rows sorted
-        if rows_N.numel() > max_density * mask_BF.numel():
+        if int(mask_BF.count_nonzero()) > max_density * mask_BF.numel():  # a count is cheaper than nonzero
             return None
+        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)  # row-major: rows sorted
         return cls(rows_N, cols_N, mask_BF.shape[0], mask_BF.shape[1])
 
     def fired(self, vals_N: Tensor) -> Tensor:
