@@ -27,7 +27,6 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +36,8 @@ from torch import Tensor
 
 from . import io
 from .config import LoopConfig, MemberConfig, resolve_width
-from .l0_control import TRIM_RATE, ControllerConfig, L0Controller, Trim, initial_coef, trim_to_target
+from .l0_control import TRIM_RATE, ControllerConfig, L0Controller, initial_coef, trim_to_target
+from .lanes import LaneFailure, Lanes
 from .registry import get_variant
 from .variants.base import SAE, LossOutput, SAEConfig, StepState
 
@@ -56,10 +56,35 @@ ADAM_BETAS = {"jumprelu": (0.0, 0.999)}
 # FVU from 0.212 to 0.173 and JumpReLU's from 0.276 to 0.220 (docs/training.md). Gemma Scope's 7e-5 for JumpReLU
 # is tuned for runs of billions of tokens.
 LR_BASE, LR_REF_WIDTH, LR_SHORT_RUN_STEPS, LR_SHORT_RUN_MAX = 2e-4, 2**14, 1200, 2.0
+LANE_DEPTH = 4
+"""How many steps apart the members of a CPU sweep may run (`Lanes`); the batches in between stay in memory."""
 
 
 class TrainingError(Exception):
     """Training cannot go on (bad data, NaN loss, resume mismatch, memory); one line naming the fix."""
+
+
+class _StepFailure(Exception):
+    """A member's step found bad data or a non-finite loss (before its update): what happened and the fix; the
+    loop adds where the checkpoint is."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what, self.fix = what, fix
+
+    def message(self, checkpoint: str) -> str:
+        return f"{self.what}; {checkpoint}; {self.fix}"
+
+
+@dataclass
+class _Pass:
+    """A member's forward and backward of one step: loss output, the step's state, its scaled batch, and the
+    numbers the host checks (data finite, loss, L0, loss parts, gradient norm)."""
+
+    out: LossOutput
+    state: StepState
+    x_BD: Tensor
+    check: Tensor
 
 
 class Reader(Protocol):
@@ -261,9 +286,6 @@ class Trainer:
         self._threads = torch.get_num_threads()
         cpu = self.device.type == "cpu" and self.loop.member_threads
         self._workers = min(len(plans), self._threads) if cpu else 1
-        self._pool: ThreadPoolExecutor | None = None
-        self._member_s: dict[tuple[str, int], float] = {}
-        """Seconds each member's last call of each phase took (`_map_members`): longest first next step."""
         self.tokens = 0
         self.elapsed_s = 0.0
         self.rows: list[dict[str, Any]] = []
@@ -330,36 +352,10 @@ class Trainer:
     def run(self) -> TrainResult:
         if not self.members:
             raise TrainingError("call start() or resume() before run()")
-        next_ckpt = self._next_checkpoint()
-        t_last, tok_last = time.perf_counter(), self.tokens
-        t_run = time.perf_counter()
-        elapsed0 = self.elapsed_s
-        status = "done"
-        batches = iter(self.reader)
-        try:
-            while self.tokens < self.tokens_total:
-                if self.should_stop():
-                    status = "interrupted"
-                    break
-                batch = next(batches, None)
-                if batch is None:
-                    log.warning("the reader ran out of data at %d tokens", self.tokens)
-                    break
-                self._step(batch)
-                self.elapsed_s = elapsed0 + time.perf_counter() - t_run
-                if self.step % self.loop.log_every == 0 or self.tokens >= self.tokens_total:
-                    now = time.perf_counter()
-                    tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, self.tokens
-                    self.callback(self._log_rows(tps))
-                if next_ckpt and self.tokens >= next_ckpt and self.tokens < self.tokens_total:
-                    self.save_checkpoint()
-                    next_ckpt = self._next_checkpoint()
-                    self.callback(self._progress("checkpoint", 0.0, []))
-        finally:  # the member threads end with the loop, also when a step raises
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
+        if self._workers > 1:
+            status = self._run_lanes()
+        else:
+            status = self._run_loop(self._step)
         self.save_checkpoint()
         if status == "done":
             result = self._finish()
@@ -368,136 +364,226 @@ class Trainer:
         self.callback(self._progress(status, 0.0, []))
         return result
 
+    def _run_loop(self, step: Callable[[Any], None], sync: Callable[[], None] = lambda: None) -> str:
+        """The steps until the token budget, a stop request or the end of the data: `step(batch)` for each batch;
+        `sync()` before every log row and checkpoint (lanes: all members at the same step)."""
+        next_ckpt = self._next_checkpoint()
+        t_last, tok_last = time.perf_counter(), self.tokens
+        t_run = time.perf_counter()
+        elapsed0 = self.elapsed_s
+        batches = iter(self.reader)
+        while self.tokens < self.tokens_total:
+            if self.should_stop():
+                sync()
+                return "interrupted"
+            batch = next(batches, None)
+            if batch is None:
+                log.warning("the reader ran out of data at %d tokens", self.tokens)
+                break
+            step(batch)
+            self.elapsed_s = elapsed0 + time.perf_counter() - t_run
+            if self.step % self.loop.log_every == 0 or self.tokens >= self.tokens_total:
+                sync()
+                now = time.perf_counter()
+                self.elapsed_s = elapsed0 + now - t_run
+                tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, self.tokens
+                self.callback(self._log_rows(tps))
+            if next_ckpt and self.tokens >= next_ckpt and self.tokens < self.tokens_total:
+                sync()
+                self.save_checkpoint()
+                next_ckpt = self._next_checkpoint()
+                self.callback(self._progress("checkpoint", 0.0, []))
+        sync()
+        self.elapsed_s = elapsed0 + time.perf_counter() - t_run
+        return "done"
+
     def _next_checkpoint(self) -> int:
         every = self.loop.checkpoint_every
         return (self.tokens // every + 1) * every if every else 0
 
     def _step(self, batch: Any) -> None:
-        lr_mult = lr_multiplier(self.step, self.n_steps, self.loop)
+        """One step of every member, one member after another: all forward/backward passes, ONE host sync that
+        checks them all, then all updates (a bad loss stops the run before any member's weights change)."""
+        step, n_tokens = self.step, self._batch_tokens(batch)
+        passes = [self._forward_backward(m, batch, step) for m in self.members]
+        values = torch.cat([p.check for p in passes]).tolist()
+        offset = 0
+        try:
+            for m, p in zip(self.members, passes, strict=True):
+                self._check(m, p, values[offset : offset + p.check.numel()], batch, step, self.tokens)
+                offset += p.check.numel()
+        except _StepFailure as err:
+            self.save_checkpoint()
+            where = f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}"
+            raise TrainingError(err.message(where)) from None
+        for m, p in zip(self.members, passes, strict=True):
+            self._update(m, p, step, n_tokens)
+        self.step += 1
+        self.tokens += n_tokens
+
+    # ---- members concurrently (CPU) -------------------------------------------------------------------
+    def _run_lanes(self) -> str:
+        """The loop with the members in `Lanes`: on CPU with several members and several intra-op threads, each
+        member on one intra-op thread (its numbers are those of a solo run on one thread, bit for bit), the
+        members concurrently on as many threads, up to LANE_DEPTH batches apart; all at the same step at every
+        log row, checkpoint and at the end. The cores stay busy through the single-threaded parts of a step
+        (sort, index, embedding bags, Python) without a barrier per step (docs/training.md)."""
+        pushed: dict[int, tuple[int, dict[str, Any]]] = {}
+        """Tokens before each pushed step and the reader state after it: for messages and a failure checkpoint."""
+
+        def member_step(i: int, step: int, batch: Any) -> None:
+            m = self.members[i]
+            p = self._forward_backward(m, batch, step)
+            self._check(m, p, p.check.tolist(), batch, step, pushed[step][0])
+            self._update(m, p, step, self._batch_tokens(batch))
+
+        lanes = Lanes(
+            len(self.members),
+            self._workers,
+            member_step,
+            depth=LANE_DEPTH,
+            first_step=self.step,
+            thread_init=lambda: torch.set_num_threads(1),
+        )
+
+        def push(batch: Any) -> None:
+            pushed[self.step] = (self.tokens, self.reader.state_dict())
+            for old in [s for s in pushed if s < min(lanes.done)]:
+                del pushed[old]
+            lanes.push(batch)
+            self.step += 1
+            self.tokens += self._batch_tokens(batch)
+
+        try:
+            return self._run_loop(push, lanes.drain)
+        except LaneFailure as fail:
+            if not isinstance(fail.error, _StepFailure):
+                raise fail.error from None  # a bug or an interrupt in a member's step: as the one-thread loop raises it
+            raise self._lane_failure(lanes, fail, pushed) from None
+        finally:
+            lanes.close()
+
+    def _lane_failure(
+        self, lanes: Lanes, fail: LaneFailure, pushed: dict[int, tuple[int, dict[str, Any]]]
+    ) -> TrainingError:
+        """The error for a member's bad batch or loss. As in the one-thread loop, the run stops with a checkpoint
+        of the last good step when every member can be brought to it (the members behind run up to it); a
+        member already past it (the lanes run up to LANE_DEPTH steps apart) cannot go back: then no checkpoint."""
+        assert isinstance(fail.error, _StepFailure)
+        ahead = [self.members[i].plan.name for i, d in enumerate(lanes.done) if d > fail.step]
+        where = ""
+        if ahead:
+            where = (
+                f"no checkpoint of this step: {', '.join(ahead)} had already passed it (sweep members run up to "
+                f"{LANE_DEPTH} steps apart on CPU; LoopConfig.member_threads=False keeps them in step)"
+            )
+        else:
+            try:
+                lanes.catch_up(fail.step)
+            except LaneFailure as other:
+                name = self.members[other.member].plan.name
+                where = (
+                    f"no checkpoint of this step: {name} failed too, at step {other.step + 1} ({other.error})"
+                )
+        if not where:
+            self.step, (self.tokens, reader_state) = fail.step, pushed[fail.step]
+            self.save_checkpoint(reader_state=reader_state)
+            where = f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}"
+        return TrainingError(fail.error.message(where))
+
+    # ---- one member's step ------------------------------------------------------------------------------
+    @staticmethod
+    def _batch_tokens(batch: Any) -> int:
+        return int(next(iter(batch.acts.values())).shape[0])
+
+    def _forward_backward(self, m: Member, batch: Any, step: int) -> _Pass:
+        x_BD = batch.acts[m.plan.key].to(self.device, non_blocking=True).float() * m.scale
+        state = StepState(
+            step=step,
+            total_steps=self.n_steps,
+            sparsity_coef=self._coef(m, step),
+            dead_F=m.since_fired_F >= self.window,
+            freq_F=m.freq_F,
+        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.loop.autocast == "bf16"):
+            out = m.sae.training_loss(x_BD, state)
+        m.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
+        grad_norm = global_grad_norm(m.sae.parameters())  # logged; before projection, normalisation
+        check = torch.stack([torch.isfinite(x_BD).all().float(), *parts, grad_norm])
+        return _Pass(out, state, x_BD, check)
+
+    def _check(self, m: Member, p: _Pass, values: list[float], batch: Any, step: int, tokens: int) -> None:
+        """Raise _StepFailure for bad data or a non-finite loss (`values`: the host copy of `p.check`), else add
+        the step's numbers to the member's log sums."""
+        data_ok, loss, l0, *parts, grad_norm = values
+        if data_ok != 1.0:
+            x = batch.acts[m.plan.key]
+            bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
+            where = ""
+            if getattr(batch, "index", None) is not None and bad.numel():
+                where = f" at store token {int(batch.index[bad[0]])}"
+            raise _StepFailure(
+                f"NaN/Inf in the activations of layer {m.plan.key[0]} {m.plan.key[1]}{where} (step {step + 1}, "
+                f"tokens {tokens})",
+                "run `actcache verify` on the store",
+            )
+        if not math.isfinite(loss) or not all(math.isfinite(v) for v in parts):
+            raise _StepFailure(
+                f"member {m.plan.name}: loss is {loss} at step {step + 1} (tokens {tokens})",
+                "lower --lr or check the data",
+            )
+        self._accumulate(m, loss, l0, dict(zip(p.out.parts, parts, strict=True)), grad_norm)
+
+    def _update(self, m: Member, p: _Pass, step: int, n_tokens: int) -> None:
+        """The optimizer step and what follows it: the L0 trim, dead-latent counters, controller, log sums."""
+        lr_mult = lr_multiplier(step, self.n_steps, self.loop)
         trim_start = (
             math.ceil(self.n_steps * (1.0 - self.loop.l0_trim_fraction))
             if self.loop.l0_trim_fraction
             else self.n_steps
         )
-        log_next = self._logging_next()
-
-        def forward_backward(m: Member) -> tuple[LossOutput, StepState, Tensor, Tensor]:
-            x_BD = batch.acts[m.plan.key].to(self.device, non_blocking=True).float() * m.scale
-            state = StepState(
-                step=self.step,
-                total_steps=self.n_steps,
-                sparsity_coef=self._coef(m),
-                dead_F=m.since_fired_F >= self.window,
-                freq_F=m.freq_F,
-            )
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.loop.autocast == "bf16"):
-                out = m.sae.training_loss(x_BD, state)
-            m.opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            parts = [out.loss.detach().float(), out.l0.float(), *(v.float() for v in out.parts.values())]
-            grad_norm = global_grad_norm(m.sae.parameters())  # logged; before projection, normalisation
-            check = torch.stack([torch.isfinite(x_BD).all().float(), *parts, grad_norm])
-            return out, state, x_BD, check
-
-        outs = self._map_members(forward_backward)
-        n_tokens = int(batch.acts[self.members[0].plan.key].shape[0])
-        # One host sync per step: finiteness of data and losses, L0s and loss parts for logs and controllers.
-        values = torch.cat([o[3] for o in outs]).tolist()
-        offset = 0
-        for m, (out, _, _, _) in zip(self.members, outs, strict=True):
-            n = 4 + len(out.parts)
-            data_ok, loss, l0, *parts, grad_norm = values[offset : offset + n]
-            offset += n
-            if data_ok != 1.0:
-                self._fail_data(batch, m)
-            if not math.isfinite(loss) or not all(math.isfinite(p) for p in parts):
-                self.save_checkpoint()
-                raise TrainingError(
-                    f"member {m.plan.name}: loss is {loss} at step {self.step + 1} (tokens {self.tokens}); "
-                    f"checkpoint of the last good step in {self.run_dir / CHECKPOINT_DIR}; lower --lr or check the data"
-                )
-            self._accumulate(m, loss, l0, dict(zip(out.parts, parts, strict=True)), grad_norm)
-
-        def update(
-            item: tuple[Member, tuple[LossOutput, StepState, Tensor, Tensor]],
-        ) -> tuple[float | None, Trim | None]:
-            m, (out, state, x_BD, _) = item
-            m.sae.before_optimizer_step()
-            if self.loop.grad_normalize:
-                normalize_grad_(m.sae.parameters())
-            elif self.loop.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(m.sae.parameters(), self.loop.grad_clip)
-            for group in m.opt.param_groups:
-                group["lr"] = m.plan.lr * lr_mult
-            m.opt.step()
-            m.sae.after_optimizer_step()
-            trim = None
-            if m.controller is not None and self.step >= trim_start:
-                trim = trim_to_target(
-                    m.sae, x_BD, m.plan.sae_cfg.l0_target, TRIM_RATE, m.controller.trim_shift
-                )
-            self._track(m, out.fired_F, n_tokens)
-            return (_batch_fvu(x_BD, out.x_hat_BD) if log_next else None), trim
-
-        results = self._map_members(update, list(zip(self.members, outs, strict=True)))
-        for m, (_, state, _, _), (fvu, trim) in zip(self.members, outs, results, strict=True):
-            if m.controller is not None:
-                # While the trim holds the L0, lambda follows the L0 the SAE would have without the trim: the
-                # trim closes the gap at once, lambda drains it (docs/training.md, "Steering the L0").
-                if trim is not None:
-                    m.controller.trim_shift += trim.shift
-                m.controller.update(trim.l0_untrimmed if trim is not None else m.sums["l0_last"])
-            if fvu is not None:
-                m.sums["fvu"] = m.sums.get("fvu", 0.0) + fvu
-                m.sums["n_fvu"] = m.sums.get("n_fvu", 0.0) + 1
-            m.sums["lr"] = m.plan.lr * lr_mult
-            m.sums["sparsity_coef"] = state.sparsity_coef
-        self.step += 1
-        self.tokens += n_tokens
+        m.sae.before_optimizer_step()
+        if self.loop.grad_normalize:
+            normalize_grad_(m.sae.parameters())
+        elif self.loop.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(m.sae.parameters(), self.loop.grad_clip)
+        for group in m.opt.param_groups:
+            group["lr"] = m.plan.lr * lr_mult
+        m.opt.step()
+        m.sae.after_optimizer_step()
+        trim = None
+        if m.controller is not None and step >= trim_start:
+            trim = trim_to_target(m.sae, p.x_BD, m.plan.sae_cfg.l0_target, TRIM_RATE, m.controller.trim_shift)
+        self._track(m, p.out.fired_F, n_tokens)
+        if m.controller is not None:
+            # While the trim holds the L0, lambda follows the L0 the SAE would have without the trim: the
+            # trim closes the gap at once, lambda drains it (docs/training.md, "Steering the L0").
+            if trim is not None:
+                m.controller.trim_shift += trim.shift
+            m.controller.update(trim.l0_untrimmed if trim is not None else m.sums["l0_last"])
+        if self._logging_next(step):
+            m.sums["fvu"] = m.sums.get("fvu", 0.0) + _batch_fvu(p.x_BD, p.out.x_hat_BD)
+            m.sums["n_fvu"] = m.sums.get("n_fvu", 0.0) + 1
+        m.sums["lr"] = m.plan.lr * lr_mult
+        m.sums["sparsity_coef"] = p.state.sparsity_coef
 
     @property
     def member_workers(self) -> int:
         """Members trained at once (threads; 1: one after another)."""
         return self._workers
 
-    def _map_members(self, fn: Callable[[Any], Any], items: list[Any] | None = None) -> list[Any]:
-        """fn over the members (or `items`, one per member), in member order. On CPU with several members and
-        several intra-op threads, the members run concurrently, one per thread, each on one intra-op thread:
-        a member's numbers are then those of a solo run on one thread (bit-identical), and the cores stay busy
-        through the single-threaded parts of a step (sort, index, embedding bags, Python) that leave a core
-        idle when the members take turns (docs/benchmarks.md, "Sweeps"). The members are handed out longest first
-        (by their time in the previous step: the LPT rule), so that the threads reach the step's barrier together
-        rather than one waiting while the other runs the last long member."""
-        items = self.members if items is None else items
-        if self._workers <= 1:
-            return [fn(it) for it in items]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="sae-member")
-        phase = fn.__name__
+    def _logging_next(self, step: int) -> bool:
+        return (step + 1) % self.loop.log_every == 0 or step + 1 >= self.n_steps
 
-        def one_thread(i: int) -> Any:
-            torch.set_num_threads(1)
-            t0 = time.perf_counter()
-            out = fn(items[i])
-            self._member_s[phase, i] = time.perf_counter() - t0
-            return i, out
-
-        order = sorted(range(len(items)), key=lambda i: -self._member_s.get((phase, i), 0.0))
-        try:
-            done = dict(self._pool.map(one_thread, order))
-        finally:
-            torch.set_num_threads(self._threads)
-        return [done[i] for i in range(len(items))]
-
-    def _logging_next(self) -> bool:
-        return (self.step + 1) % self.loop.log_every == 0 or self.step + 1 >= self.n_steps
-
-    def _coef(self, m: Member) -> float:
+    def _coef(self, m: Member, step: int) -> float:
         if m.controller is not None:
             return m.controller.coef
         frac = self.loop.sparsity_warmup_fraction
         warm = max(1, int(frac * self.n_steps)) if frac > 0 else 0
-        return m.plan.fixed_coef * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
+        return m.plan.fixed_coef * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
     @torch.no_grad()
     def _track(self, m: Member, fired_F: Tensor, n_tokens: int) -> None:
@@ -517,18 +603,6 @@ class Trainer:
         for k, v in parts.items():
             m.sums[f"part_{k}"] = m.sums.get(f"part_{k}", 0.0) + v
         m.n_sums += 1
-
-    def _fail_data(self, batch: Any, m: Member) -> None:
-        x = batch.acts[m.plan.key]
-        bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
-        where = ""
-        if getattr(batch, "index", None) is not None and bad.numel():
-            where = f" at store token {int(batch.index[bad[0]])}"
-        self.save_checkpoint()
-        raise TrainingError(
-            f"NaN/Inf in the activations of layer {m.plan.key[0]} {m.plan.key[1]}{where} (step {self.step + 1}, "
-            f"tokens {self.tokens}); run `actcache verify` on the store; checkpoint in {self.run_dir / CHECKPOINT_DIR}"
-        )
 
     # ---- logging ---------------------------------------------------------------------------------------
     def _log_rows(self, tokens_per_s: float) -> Progress:
@@ -572,8 +646,9 @@ class Trainer:
         tmp.replace(path)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write the full training state (tensors file named by step, then state.json pointing at it)."""
+    def save_checkpoint(self, reader_state: dict[str, Any] | None = None) -> Path:
+        """Write the full training state (tensors file named by step, then state.json pointing at it); the reader's
+        position is its current one unless `reader_state` is given."""
         ckpt = self.run_dir / CHECKPOINT_DIR
         ckpt.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {"rng.cpu": torch.get_rng_state()}
@@ -615,7 +690,7 @@ class Trainer:
                 "tokens_total": self.tokens_total,
                 "elapsed_s": self.elapsed_s,
                 "members": members,
-                "reader": self.reader.state_dict(),
+                "reader": self.reader.state_dict() if reader_state is None else reader_state,
                 "metrics_rows": len(self.rows),
             },
         )

@@ -4,7 +4,6 @@ refusal, the member plan and the Pareto frontier."""
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,10 +51,9 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(
     """2 layers x 2 variants x 2 L0 targets in one loop; two members against `sae train` of the same settings:
     identical weights (the sweep shares only the decoded batches). Then the table, the plot, `sae pareto`."""
     out = tmp_path / "sweep"
-    pools = []
-    monkeypatch.setattr(
-        sw_trainer, "ThreadPoolExecutor", lambda *a, **k: pools.append(a) or ThreadPoolExecutor(*a, **k)
-    )
+    lanes = []
+    real_lanes = sw_trainer.Lanes
+    monkeypatch.setattr(sw_trainer, "Lanes", lambda *a, **k: lanes.append(a[:2]) or real_lanes(*a, **k))
     torch.set_num_threads(2)  # the sweep's members run in 2 threads, one intra-op thread each ...
     try:
         res = invoke(
@@ -65,7 +63,7 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(
     finally:
         torch.set_num_threads(1)  # ... and the solo runs below on one thread: the same numbers, bit for bit
     assert res.exit_code == 0, res.output
-    assert pools == [(2,)]
+    assert lanes == [(8, 2)]  # 8 members concurrently on 2 threads
     meta = json.loads((out / "sweep.json").read_text())
     names = [m["name"] for m in meta["members"]]
     assert len(names) == 8 and names[0] == "topk-L0-resid_post-w128-l0_4"

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,64 @@ def test_calibration_split_holds_back_windows_only_for_runs_of_several_epochs(tm
     assert data.calibration_split(store, train, explicit) == ((0, 3456), (3456, 3584))
     with pytest.raises(data.DataError, match="calibration tokens"):
         data.calibration_split(store, train, LoopConfig(batch_size=256, calibration_tokens=3584))
+
+
+def _two_member_run_with_a_nan(
+    tmp_path: Path, name: str, slow: str, threads: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Trainer, str]:
+    """TopK and BatchTopK on 2 threads (or one after another); TopK's loss turns NaN at its 4th step; `slow`
+    sleeps 0.1 s in every step, so that the other member runs ahead or falls behind."""
+    store = small_store(tmp_path)
+    torch.set_num_threads(2)  # two intra-op threads: the members run in lanes (restored by the fixture)
+    trainer, sample = make_trainer(
+        store, tmp_path / name, [TOPK, BTK], tokens=256 * 20, member_threads=threads
+    )
+    assert trainer.member_workers == (2 if threads else 1)
+    trainer.start(sample)
+    for m in trainer.members:
+        original = type(m.sae).training_loss
+
+        def patched(self, x_BD, state, _original=original, _name=m.plan.name):
+            if _name == slow:
+                time.sleep(0.1)
+            out = _original(self, x_BD, state)
+            if _name == "topk" and state.step == 3:
+                return out._replace(loss=out.loss * float("nan"))
+            return out
+
+        monkeypatch.setattr(type(m.sae), "training_loss", patched)
+    with pytest.raises(TrainingError) as info:
+        trainer.run()
+    return trainer, str(info.value)
+
+
+def test_a_nan_in_a_lane_checkpoints_the_last_good_step_like_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members in lanes (CPU, several threads): TopK fails at step 4 while BatchTopK is behind; BatchTopK runs up
+    to the failed step and the checkpoint holds what the one-thread loop writes, bit for bit."""
+    _, msg = _two_member_run_with_a_nan(tmp_path, "lanes", "btk", True, monkeypatch)
+    assert "member topk: loss is nan at step 4 (tokens 768); checkpoint of the last good step" in msg
+    _, msg_ref = _two_member_run_with_a_nan(tmp_path, "loop", "btk", False, monkeypatch)
+    assert msg_ref == msg.replace("lanes", "loop")
+    states = [json.loads((tmp_path / n / "checkpoint" / "state.json").read_text()) for n in ("lanes", "loop")]
+    assert states[0]["step"] == states[1]["step"] == 3 and states[0]["tokens"] == 768
+    assert states[0]["reader"] == states[1]["reader"]
+    a, b = (
+        io.read_tensors(tmp_path / n / "checkpoint" / s["tensors"])
+        for n, s in zip(("lanes", "loop"), states, strict=True)
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_nan_in_a_lane_behind_the_others_writes_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TopK (slow) fails at step 4 when BatchTopK has already taken that step: no state holds both at step 3,
+    so no checkpoint is written, and the message says so and how to keep the members in step."""
+    _, msg = _two_member_run_with_a_nan(tmp_path, "lanes", "topk", True, monkeypatch)
+    assert msg.startswith("member topk: loss is nan at step 4 (tokens 768); no checkpoint of this step: btk")
+    assert "member_threads=False" in msg and msg.endswith("lower --lr or check the data")
+    assert not (tmp_path / "lanes" / "checkpoint" / "state.json").exists()
