@@ -5,6 +5,8 @@ scale c (E||c x||^2 = 1), `training_loss`, backward; then ONE host sync checks e
 NaN/Inf and fetches the L0s for the controllers; then for each member: `before_optimizer_step` (decoder-parallel
 gradient removal), gradient clipping, Adam, `after_optimizer_step` (renormalise rows, clamp thresholds), dead-latent
 counters. A bad loss therefore never reaches the weights: the loop stops with a checkpoint of the last good state.
+On CPU with several members the members instead run in lanes (sae_cli/lanes.py): each member's whole step on one
+thread, with its own check, up to LANE_DEPTH steps apart, all in step at every log row, checkpoint and the end.
 
 Schedules (docs/training.md): linear lr warm-up over min(warmup_steps, 5 % of the steps), linear decay to 0 over
 the last `decay_fraction`; a fixed sparsity coefficient warms up linearly over `sparsity_warmup_fraction`; steered
@@ -282,7 +284,7 @@ class Trainer:
         self.extra_summary = dict(extra_summary or {})
         self.members: list[Member] = []
         self.step = 0
-        # Members in parallel threads (_map_members): CPU, several members, several intra-op threads.
+        # Members in lanes (_run_lanes): CPU, several members, several intra-op threads.
         self._threads = torch.get_num_threads()
         cpu = self.device.type == "cpu" and self.loop.member_threads
         self._workers = min(len(plans), self._threads) if cpu else 1

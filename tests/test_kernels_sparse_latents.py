@@ -204,3 +204,49 @@ def test_flat_topk_matches_topk(B: int, F: int, k: int, sparse: bool) -> None:
     assert idx.unique().numel() == n
     assert torch.equal(v.flatten()[idx], vals)
     assert torch.equal(vals.sort().values, ref_vals.sort().values)
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "relu", "gated"])
+def test_variant_dense_step_matches_eager(name: str, monkeypatch) -> None:
+    """At init about half the latents fire: the fused dense pass (threshold_dense) against SAE_KERNELS=eager:
+    loss, reconstruction, fired counts and every parameter gradient."""
+    from synthetic import make_sae
+
+    from sae_cli.variants.base import StepState
+
+    torch.manual_seed(0)
+    sae = make_sae(name, 16, 256, 4)
+    x = torch.randn(96, 16)
+    sae.init_from_data(x)
+    with torch.no_grad():
+        if name == "jumprelu":
+            sae.theta_F.fill_(0.05)  # a window of width 0.05 around 0.05: many pairs carry theta's gradient
+            sae.opts = type(sae.opts)(bandwidth=0.05)
+        if name == "gated":  # magnitudes apart from the gates: exp(r_mag) != 1, b_mag != b_gate
+            sae.r_mag_F.normal_(0.0, 0.5)
+            sae.b_mag_F.normal_(0.0, 0.2)
+    state = StepState(0, 1, 0.5, dead_F=torch.zeros(256, dtype=torch.bool))
+
+    def run():
+        sae.zero_grad(set_to_none=True)
+        out = sae.training_loss(x, state)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+    calls = []
+    fused = kernels.GatedDense if name == "gated" else kernels.ThresholdDense
+    real = fused.apply
+    monkeypatch.setattr(fused, "apply", lambda *a: calls.append(1) or real(*a))
+    out, grads = run()
+    assert calls == [1]  # the fused dense pass ran
+    assert out.l0 > 0.3 * 256  # dense: above the sparse path's density
+    monkeypatch.setenv("SAE_KERNELS", "eager")
+    out_ref, grads_ref = run()
+    assert calls == [1]  # eager: the reference only
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.x_hat_BD, out_ref.x_hat_BD, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.fired_F, out_ref.fired_F)
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads_ref.items():
+        assert g.abs().max() > 0, n
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)

@@ -14,8 +14,8 @@ references live in `reference.py`; docs/kernels.md describes each kernel and the
                                                         pairs carrying gradient <= r_enc,
                                                         else one fused dense pass
                                                         (threshold_dense); fp32, no autocast
-    gated_encode_decode      reference                  the same COO sparse path, else the     reference
-                                                        reference (fp32, no autocast)
+    gated_encode_decode      reference                  the same COO sparse path, else one     reference
+                                                        fused dense pass (fp32, no autocast)
     batch_topk_encode_decode COO sparse on CPU (the caller checks sparse_latents_ok)
     flat_topk         topk                              sampled cut + top-k of the candidates  topk
 """
@@ -41,7 +41,7 @@ from .reference import (
 )
 from .sparse_latents import CooDecode, GatedEncode, Pairs, ThresholdEncode, support
 from .sparse_topk import sparse_topk_decode, sparse_topk_encode
-from .threshold_dense import ThresholdDense
+from .threshold_dense import GatedDense, ThresholdDense
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ def gated_encode_decode(
     ReLU(exp(r_mag) proj + b_mag). Returns (f W_dec, sum_F ReLU(gate) weight_F averaged over tokens,
     ReLU(gate) sg(W_dec), fired count per latent [F]); both products without bias. On CPU fp32 with at most
     CPU_SPARSE_ENCODE_MAX_DENSITY of the gates open, everything after the matmul runs on the open gates
-    (`sparse_latents.GatedEncode`); else the dense reference (`gated_encode_decode_ref`)."""
+    (`sparse_latents.GatedEncode`), with more one fused dense pass (`threshold_dense.GatedDense`); elsewhere
+    the dense reference (`gated_encode_decode_ref`)."""
     proj_BF = x_in_BD @ W_FD.T
     if sparse_latents_ok(x_in_BD, W_FD, b_gate_F, r_mag_F, b_mag_F, W_dec_FD):
         with torch.no_grad():
@@ -241,6 +242,10 @@ def gated_encode_decode(
             sparsity = (gate_N * weight_F[pairs.cols_N]).sum() / n
             x_frozen_BD = CooDecode.apply(pairs, gate_N, W_dec_FD.detach())
             return x_hat_BD, sparsity, x_frozen_BD, pairs.fired(f_N)
+        # too many open gates for the sparse path (init): one fused dense pass (threshold_dense)
+        acts_BF, gate_pos_BF, fired_F = GatedDense.apply(proj_BF, b_gate_F, r_mag_F, b_mag_F)
+        sparsity = (gate_pos_BF @ weight_F).mean()
+        return acts_BF @ W_dec_FD, sparsity, gate_pos_BF @ W_dec_FD.detach(), fired_F
     return _gated_dense(proj_BF, b_gate_F, r_mag_F, b_mag_F, W_dec_FD, weight_F)
 
 

@@ -1,5 +1,6 @@
-"""Dense CPU training pass of the threshold rules (JumpReLU, ReLU) when too many latents fire for the sparse path
-(`sparse_latents`): JumpReLU starts at theta = 0.001 with about half of its latents active, ReLU too.
+"""Dense CPU training passes of the threshold rules (JumpReLU, ReLU) and the Gated rule when too many latents fire
+for the sparse path (`sparse_latents`): JumpReLU starts at theta = 0.001 with about half of its latents active,
+ReLU and the gates of a Gated SAE too.
 
 The eager reference (`kernels.reference._JumpReLU` and `_Step`) makes about twenty passes over the [B, F]
 pre-activations per step (the mask twice, bool-to-float copies, the rectangle kernel over every entry, a zero
@@ -61,3 +62,38 @@ class ThresholdDense(torch.autograd.Function):
             grad_theta = torch.zeros_like(theta_F, dtype=torch.float32).index_add_(0, cols_N, per_N.float())
             grad_theta = grad_theta.to(theta_F.dtype)
         return grad_pre, grad_theta, None
+
+
+class GatedDense(torch.autograd.Function):
+    """Gated SAE (arXiv 2404.16014, weight tying) on all of [B, F] from proj = x_in W^T: returns
+    (f, ReLU(pi_gate), fired count per latent [F] int64) with pi_gate = proj + b_gate, pi_mag = exp(r_mag) proj +
+    b_mag, f = 1[pi_gate > 0] ReLU(pi_mag). Two masks (gate open; f > 0) are all the backward needs besides proj:
+    dL/dproj = dL/dReLU(gate) 1[open] + dL/df 1[f > 0] exp(r_mag), and the per-latent sums of the same terms for
+    b_gate, r_mag and b_mag. Same outputs and gradients as `kernels._gated_dense`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, proj_BF: Tensor, b_gate_F: Tensor, r_mag_F: Tensor, b_mag_F: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        scale_F = r_mag_F.exp()
+        gate_BF = proj_BF + b_gate_F
+        open_BF = gate_BF > 0
+        mag_BF = torch.addcmul(b_mag_F, proj_BF, scale_F)
+        on_BF = open_BF & (mag_BF > 0)
+        acts_BF = mag_BF.mul_(on_BF)
+        gate_pos_BF = gate_BF.mul_(open_BF)  # ReLU(gate): open exactly where gate > 0
+        fired_F = on_BF.view(torch.uint8).sum(0, dtype=torch.int32).long()
+        ctx.save_for_backward(proj_BF, open_BF, on_BF, scale_F)
+        ctx.mark_non_differentiable(fired_F)
+        return acts_BF, gate_pos_BF, fired_F
+
+    @staticmethod
+    def backward(ctx, grad_f_BF: Tensor | None, grad_gate_BF: Tensor | None, _grad_fired: None):  # type: ignore[override]
+        proj_BF, open_BF, on_BF, scale_F = ctx.saved_tensors
+        g_gate = grad_gate_BF * open_BF if grad_gate_BF is not None else torch.zeros_like(proj_BF)
+        g_mag = grad_f_BF * on_BF if grad_f_BF is not None else torch.zeros_like(proj_BF)
+        grad_proj = torch.addcmul(g_gate, g_mag, scale_F) if ctx.needs_input_grad[0] else None
+        grad_b_gate = g_gate.sum(0) if ctx.needs_input_grad[1] else None
+        grad_r = (g_mag * proj_BF).sum(0) * scale_F if ctx.needs_input_grad[2] else None
+        grad_b_mag = g_mag.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_proj, grad_b_gate, grad_r, grad_b_mag
