@@ -9,6 +9,7 @@ import pytest
 import torch
 from synthetic import make_sae, sparse_data
 
+from sae_cli import kernels
 from sae_cli.variants import _common as C
 from sae_cli.variants.base import StepState
 
@@ -103,6 +104,33 @@ def test_aux_forms_agree_on_random_data(data):
     a = C.aux_residual_loss(x_in, sae.W_enc_FD, sae.b_enc_F, sae.W_dec_FD, elig, res, k_aux=8)
     b = C.aux_residual_loss_from_pre(pre, elig, sae.W_dec_FD, res, k_aux=8)
     torch.testing.assert_close(a, b)
+
+
+def test_aux_loss_sparse_backward_matches_eager(monkeypatch):
+    """AuxK through the TopK encoder kernel (sparse backward on CPU: k_aux is 6 % of the eligible rows) against
+    SAE_KERNELS=eager: the loss and the gradients of x_in, W_enc, b_enc and W_dec."""
+    g = torch.Generator().manual_seed(3)
+    B, D, F = 64, 24, 512
+    x_in = torch.randn(B, D, generator=g)
+    W_enc, W_dec = torch.randn(F, D, generator=g) / D**0.5, torch.randn(F, D, generator=g) / D**0.5
+    b_enc = torch.randn(F, generator=g) * 0.1
+    elig = torch.rand(F, generator=g) < 0.5
+    res = torch.randn(B, D, generator=g)
+    assert kernels.kernel_path("topk_encode", "cpu", 16, int(elig.sum())) == "cpu-sparse"
+
+    def run():
+        ps = [t.clone().requires_grad_(True) for t in (x_in, W_enc, b_enc, W_dec)]
+        loss = C.aux_residual_loss(ps[0], ps[1], ps[2], ps[3], elig, res, k_aux=16)
+        return loss.detach(), torch.autograd.grad(loss, ps)
+
+    loss, grads = run()
+    monkeypatch.setenv("SAE_KERNELS", "eager")
+    loss_ref, grads_ref = run()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert (grads[1][~elig] == 0).all() and (grads[2][~elig] == 0).all()  # only eligible rows learn
 
 
 def test_batchtopk_keeps_exactly_k_times_batch(data):

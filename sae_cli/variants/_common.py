@@ -68,15 +68,17 @@ def aux_residual_loss(
     loss = sum_B ||e - e_hat||^2 / sum_B ||e - mean_B(e)||^2 (the FVU of the residual, as sparsify and OpenAI's
     normalised MSE), so alpha = 1/32 has the paper's meaning. Only the eligible latents' encoder rows, encoder
     biases and decoder rows (and the pre-encoder bias folded into `x_in_BD`) receive gradient. This form
-    runs the encoder matmul over the eligible rows alone, for rules (TopK) that never materialise [B, F].
+    runs the encoder matmul over the eligible rows alone, for rules (TopK) that never materialise [B, F], through
+    the TopK encoder kernel: its backward touches only the k_aux picks per token (CPU: embedding bags when
+    k_aux is a small share of the eligible rows) instead of two dense products over [B, eligible].
     """
     if eligible_F is None or k_aux <= 0:
         return x_in_BD.new_zeros(())
     idx_E = eligible_F.nonzero().squeeze(-1)
     if idx_E.numel() == 0:
         return x_in_BD.new_zeros(())
-    pre_BE = torch.relu(x_in_BD @ W_enc_FD[idx_E].T + b_enc_F[idx_E])
-    vals_BK, local_BK = pre_BE.topk(min(k_aux, idx_E.numel()), dim=-1, sorted=False)
+    k = min(k_aux, idx_E.numel())
+    vals_BK, local_BK = kernels.topk_encode(x_in_BD, W_enc_FD[idx_E], b_enc_F[idx_E], k)
     return _residual_fvu(idx_E[local_BK], vals_BK, W_dec_FD, residual_BD)
 
 
