@@ -228,10 +228,16 @@ def test_sweep_with_the_model_draws_both_charts(tmp_path: Path, tiny_llama_dir: 
     assert "delta_lm_loss" in (out / "summary.md").read_text().splitlines()[0]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_an_interrupted_sweep_resumes_to_the_same_weights(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
-    """Ctrl-C after 3 of 8 steps, then `sae sweep --resume`: the weights of an uninterrupted sweep."""
+    """Ctrl-C after 3 of 8 steps, then `sae sweep --resume`: the weights of an uninterrupted sweep; members one
+    after another (1 thread) and in lanes (2 threads: the interrupt first brings every member to the same step)."""
+    torch.set_num_threads(threads)  # the fixture restores 1
+    lanes = []
+    real_lanes = sw_trainer.Lanes
+    monkeypatch.setattr(sw_trainer, "Lanes", lambda *a, **k: lanes.append(a[:2]) or real_lanes(*a, **k))
     loop = LoopConfig(batch_size=256, seed=3, eval_tokens=512)
     cfg = sw.SweepConfig(
         store=str(store),
@@ -247,14 +253,18 @@ def test_an_interrupted_sweep_resumes_to_the_same_weights(
     prep.trainer.should_stop = lambda: next(calls) >= 3
     assert sw.run_training(prep).status == "interrupted"
     assert json.loads((tmp_path / "part" / "sweep.json").read_text())["status"] == "interrupted"
+    assert json.loads((tmp_path / "part" / "checkpoint" / "state.json").read_text())["step"] == 3
     steps = []
-    real_step = Trainer._step
+    real = Trainer._forward_backward
     monkeypatch.setattr(
-        Trainer, "_step", lambda self, batch: steps.append(self.step) or real_step(self, batch)
+        Trainer,
+        "_forward_backward",
+        lambda self, m, batch, step: steps.append(step) or real(self, m, batch, step),
     )
     res = invoke("sweep", "--out", tmp_path / "part", "--resume", "--no-model", "--device", "cpu")
     assert res.exit_code == 0, res.output
-    assert steps == list(range(3, 8))  # continued from the checkpoint, did not start over
+    assert sorted(steps) == sorted(list(range(3, 8)) * 2)  # both members continued from the checkpoint
+    assert lanes == ([(2, 2)] * 3 if threads == 2 else [])  # full, part, resume: in lanes on 2 threads
     for p in full.plans:
         a = load_file(p.out_dir / "sae.safetensors")
         b = load_file(tmp_path / "part" / "members" / p.name / "sae.safetensors")
