@@ -52,11 +52,13 @@ def evaluate(
     lm_windows_per_batch: int = 4,
     progress: Callable[[str, int, int], None] | None = None,
     model: Any = None,
+    lm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json).
     `tokens`: at most this many held-out tokens for everything (0: all); `lm_tokens`: at most this many of them
     for the LM metrics, which cost three model passes per window (0: as `tokens`). `model`: the store's LM,
-    already loaded on `device` (a sweep evaluates many SAEs with one load)."""
+    already loaded on `device` (a sweep evaluates many SAEs with one load). `lm`: the LM metrics, already
+    computed on `lm_range(...)` of this run (a sweep computes them for all its members at once)."""
     run = Path(run)
     cfg = io.read_cfg(run)
     training = cfg.get("training", {})
@@ -93,12 +95,21 @@ def evaluate(
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
 
     if with_model:
-        lm_range = first_windows((lo, hi), lm_tokens, store.spec.context)
-        result.update(
-            lm_metrics(sae.forward, store, key, lm_range, device, lm_windows_per_batch, report, model)
-        )
+        if lm is None:
+            lm = lm_metrics(
+                sae.forward, store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
+                lm_windows_per_batch, report, model,
+            )  # fmt: skip
+        result.update(lm)
     io.write_json_atomic(run / EVAL_FILE, result)
     return result
+
+
+def lm_range(run: str | Path, store: Any, tokens: int = 0, lm_tokens: int = 0) -> tuple[int, int]:
+    """The token range `evaluate` splices into the model for the SAE in `run` (the first whole windows of its
+    held-out range)."""
+    lo, hi = held_out_range(io.read_cfg(Path(run)).get("training", {}), store, tokens)
+    return first_windows((lo, hi), lm_tokens, store.spec.context)
 
 
 def lm_metrics(
@@ -113,10 +124,25 @@ def lm_metrics(
 ) -> dict[str, Any]:
     """delta LM loss, CE recovered and KL of splicing `sae_fn` (activations -> reconstruction) into the store's
     model at `key`, on the whole windows of `token_range` (sae_cli/splice.py)."""
+    return lm_metrics_many([sae_fn], store, key, token_range, device, windows, report, model)[0]
+
+
+def lm_metrics_many(
+    sae_fns: list[Callable[[torch.Tensor], torch.Tensor]],
+    store: Any,
+    key: tuple[int, str],
+    token_range: tuple[int, int],
+    device: str = "cpu",
+    windows: int = 4,
+    report: Callable[[str, int, int], None] | None = None,
+    model: Any = None,
+) -> list[dict[str, Any]]:
+    """`lm_metrics` of several SAEs of one site on the same windows, sharing the clean and zero-ablated passes
+    (splice.splice_metrics_many); each SAE's numbers equal `lm_metrics` alone."""
     from actcache.models import load_config, load_model, parse_dtype, resolve_model, text_config
     from actcache.sites import ArchSites, arch_sites
 
-    from .splice import splice_metrics
+    from .splice import splice_metrics_many
 
     spec = store.spec
     source = resolve_model(spec.model, spec.revision)
@@ -140,10 +166,14 @@ def lm_metrics(
         if report is not None:
             report("lm", done, hi - lo)
 
-    out = splice_metrics(
-        model, arch, key[0], key[1], sae_fn, lm_windows(store, key, token_range, windows), progress=step
+    outs = splice_metrics_many(
+        model, arch, key[0], key[1], sae_fns, lm_windows(store, key, token_range, windows), progress=step
     )
-    out["model"] = spec.model
+    return [_finish_lm(out, spec.model) for out in outs]
+
+
+def _finish_lm(out: dict[str, Any], model_name: str) -> dict[str, Any]:
+    out["model"] = model_name
     if out.get("site_match_rel_err", 0) > 0.05:
         log.warning(
             "the model's live activations differ from the store's by %.1f %% (relative); LM metrics may not "

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from actcache.harvest import HarvestConfig, plan_harvest, run_harvest
 from actcache.models import load_model
+from sae_cli import data
+from sae_cli import evaluate as ev_mod
 from sae_cli import sweep as sw
 from sae_cli import trainer as sw_trainer
 from sae_cli.cli import app
@@ -207,8 +209,13 @@ def test_sweep_with_the_model_draws_both_charts(tmp_path: Path, tiny_llama_dir: 
     loads = []
     real_load_lm = sw.load_lm
     out = tmp_path / "sweep"
+    shared = []
+    real_many = ev_mod.lm_metrics_many
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sw, "load_lm", lambda *a: loads.append(a) or real_load_lm(*a))
+        mp.setattr(
+            ev_mod, "lm_metrics_many", lambda fns, *a, **k: shared.append(len(fns)) or real_many(fns, *a, **k)
+        )
         res = invoke(
             "sweep", "--store", tmp_path / "store", "--layer", 1, "--variants", "topk,jumprelu",
             "--l0-target", "4,16", "--width", "4x", "--out", out, "--batch-size", 128, "--tokens", 128 * 10,
@@ -216,8 +223,24 @@ def test_sweep_with_the_model_draws_both_charts(tmp_path: Path, tiny_llama_dir: 
         )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert len(loads) == 1
+    assert shared == [4]  # one shared pass for the 4 members of layer 1 resid_post
     rows = pq.read_table(out / "summary.parquet").to_pylist()
     assert len(rows) == 4
+    # The four members' LM metrics come from one pass that shares the clean and zero-ablated forward passes;
+    # each equals what the member's own `sae eval` (three passes per window batch) gives, to the last bit.
+    model = sw.load_lm(data.open_store(tmp_path / "store"), "cpu")
+    for r in rows[::3]:
+        ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
+        alone = ev_mod.evaluate(out / "members" / r["name"], tmp_path / "store", device="cpu", model=model)
+        for k in (
+            "lm_tokens",
+            "ce_clean",
+            "ce_spliced",
+            "ce_zero_ablation",
+            "delta_lm_loss",
+            "kl_clean_spliced",
+        ):
+            assert ev[k] == alone[k], (r["name"], k)
     for r in rows:
         ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
         assert r["delta_lm_loss"] == ev["delta_lm_loss"] and torch.isfinite(torch.tensor(r["delta_lm_loss"]))
