@@ -97,9 +97,9 @@ def evaluate(
     if with_model:
         if lm is None:
             lm = lm_metrics(
-                sae.forward, store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
+                [sae.forward], store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
                 lm_windows_per_batch, report, model,
-            )  # fmt: skip
+            )[0]  # fmt: skip
         result.update(lm)
     io.write_json_atomic(run / EVAL_FILE, result)
     return result
@@ -113,21 +113,6 @@ def lm_range(run: str | Path, store: Any, tokens: int = 0, lm_tokens: int = 0) -
 
 
 def lm_metrics(
-    sae_fn: Callable[[torch.Tensor], torch.Tensor],
-    store: Any,
-    key: tuple[int, str],
-    token_range: tuple[int, int],
-    device: str = "cpu",
-    windows: int = 4,
-    report: Callable[[str, int, int], None] | None = None,
-    model: Any = None,
-) -> dict[str, Any]:
-    """delta LM loss, CE recovered and KL of splicing `sae_fn` (activations -> reconstruction) into the store's
-    model at `key`, on the whole windows of `token_range` (sae_cli/splice.py)."""
-    return lm_metrics_many([sae_fn], store, key, token_range, device, windows, report, model)[0]
-
-
-def lm_metrics_many(
     sae_fns: list[Callable[[torch.Tensor], torch.Tensor]],
     store: Any,
     key: tuple[int, str],
@@ -137,12 +122,13 @@ def lm_metrics_many(
     report: Callable[[str, int, int], None] | None = None,
     model: Any = None,
 ) -> list[dict[str, Any]]:
-    """`lm_metrics` of several SAEs of one site on the same windows, sharing the clean and zero-ablated passes
-    (splice.splice_metrics_many); each SAE's numbers equal `lm_metrics` alone."""
+    """delta LM loss, CE recovered and KL of splicing each of `sae_fns` (activations -> reconstruction) into the
+    store's model at `key`, on the whole windows of `token_range` (sae_cli/splice.py): one dict per SAE. The SAEs
+    share the clean and zero-ablated passes; each one's numbers equal those it gets alone."""
     from actcache.models import load_config, load_model, parse_dtype, resolve_model, text_config
     from actcache.sites import ArchSites, arch_sites
 
-    from .splice import splice_metrics_many
+    from .splice import splice_metrics
 
     spec = store.spec
     source = resolve_model(spec.model, spec.revision)
@@ -166,7 +152,7 @@ def lm_metrics_many(
         if report is not None:
             report("lm", done, hi - lo)
 
-    outs = splice_metrics_many(
+    outs = splice_metrics(
         model, arch, key[0], key[1], sae_fns, lm_windows(store, key, token_range, windows), progress=step
     )
     return [_finish_lm(out, spec.model) for out in outs]

@@ -6,8 +6,7 @@ forward pre-hook on the block that replaces its input. Positions flagged BOS (an
 activation: the SAE was trained without them, and the BOS residual is a fixed massive vector (methods.md).
 
 Per window batch, three forward passes on the same token ids: clean, spliced, zero-ablated (the site's output
-set to 0 at the same positions); several SAEs of one site share the clean and zero-ablated passes
-(`splice_metrics_many`). Metrics over next-token predictions whose target is a real token (not
+set to 0 at the same positions); several SAEs of one site share the clean and zero-ablated passes. Metrics over next-token predictions whose target is a real token (not
 padding, not a BOS that starts a new document):
 - delta LM loss = CE_spliced - CE_clean;
 - CE recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean) (1 = as good as clean, 0 = as bad as zero);
@@ -109,27 +108,14 @@ def splice_metrics(
     arch: ArchSites,
     layer: int,
     site: str,
-    sae_fn: Replace,
-    windows: Iterable[Window],
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """delta LM loss, CE recovered, KL(clean || spliced) and the store-match error over `windows`."""
-    return splice_metrics_many(model, arch, layer, site, [sae_fn], windows, progress)[0]
-
-
-@torch.no_grad()
-def splice_metrics_many(
-    model: nn.Module,
-    arch: ArchSites,
-    layer: int,
-    site: str,
     sae_fns: list[Replace],
     windows: Iterable[Window],
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """`splice_metrics` of several SAEs of the same site over the same windows: the clean and the zero-ablated
-    passes run once per window batch and serve every SAE (2 + n passes instead of 3 n; a sweep's evaluation).
-    Each SAE's numbers are exactly those of `splice_metrics` alone (the same passes, summed in the same order)."""
+    """delta LM loss, CE recovered, KL(clean || spliced) and the store-match error over `windows`, one dict per
+    SAE in `sae_fns` (all of the same site). The clean and the zero-ablated passes run once per window batch and
+    serve every SAE (2 + n passes instead of 3 n; a sweep's evaluation); each SAE's numbers are exactly those it
+    gets alone (the same passes, summed in the same order)."""
     device = next(model.parameters()).device
     sums = [_Sums() for _ in sae_fns]
     for win in windows:

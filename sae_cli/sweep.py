@@ -386,10 +386,10 @@ def evaluate_folders(
 ) -> list[dict[str, Any]]:
     """`sae eval` (sae_cli/evaluate.py) on each SAE folder, the model loaded once; returns the eval dicts.
     The LM metrics of the members of one (layer, site) come from one pass over the windows that shares the clean
-    and the zero-ablated forward passes among them (evaluate.lm_metrics_many: 2 + n passes per window batch
+    and the zero-ablated forward passes among them (evaluate.lm_metrics: 2 + n passes per window batch
     instead of 3 n), up to LM_GROUP members at a time; each member's numbers equal its own `sae eval`.
     progress(stage, done, total): stage 'members' counts folders; the evaluation's own stages pass through."""
-    from .evaluate import evaluate, lm_metrics_many, lm_range
+    from .evaluate import evaluate, lm_metrics, lm_range
 
     model = load_lm(store, device) if with_model and folders else None
     report = progress or (lambda stage, done, total: None)
@@ -404,7 +404,7 @@ def evaluate_folders(
             for i in range(0, len(group), LM_GROUP):
                 part = group[i : i + LM_GROUP]
                 saes = [io.load_sae(f, device) for f in part]
-                outs = lm_metrics_many([sae.forward for sae in saes], store, key, token_range, device,
+                outs = lm_metrics([sae.forward for sae in saes], store, key, token_range, device,
                                        report=progress, model=model)  # fmt: skip
                 lm.update(zip(part, outs, strict=True))
     results = []

@@ -127,8 +127,8 @@ def lm_metrics(
     from sae_cli.evaluate import lm_metrics as splice
 
     return splice(
-        lambda x: contender.reconstruct(x.float())[0].to(x.dtype), store, key, token_range, model=model
-    )
+        [lambda x: contender.reconstruct(x.float())[0].to(x.dtype)], store, key, token_range, model=model
+    )[0]
 
 
 def evaluate(contender: peers.Peer, batches: list[Tensor], d_sae: int) -> dict[str, float]:

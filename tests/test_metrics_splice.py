@@ -31,14 +31,14 @@ def windows(n: int = 3, t: int = 16) -> list[Window]:
 
 def test_identity_changes_nothing_and_zeros_equal_zero_ablation(model) -> None:
     arch = ARCH_TABLE["llama"]
-    same = splice_metrics(model, arch, 1, "resid_post", lambda x: x, windows())
+    same = splice_metrics(model, arch, 1, "resid_post", [lambda x: x], windows())[0]
     assert same["ce_spliced"] == pytest.approx(same["ce_clean"], abs=1e-6)
     assert same["kl_clean_spliced"] == pytest.approx(0.0, abs=1e-6)
     assert same["lm_tokens"] == 3 * 15 - 3  # every next-token target but the padded ones
-    zero = splice_metrics(model, arch, 1, "mlp_out", torch.zeros_like, windows())
+    zero = splice_metrics(model, arch, 1, "mlp_out", [torch.zeros_like], windows())[0]
     assert zero["ce_spliced"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-6)
     assert zero["ce_recovered"] == pytest.approx(0.0, abs=1e-5)
-    half = splice_metrics(model, arch, 1, "resid_post", lambda x: 0.5 * x, windows())
+    half = splice_metrics(model, arch, 1, "resid_post", [lambda x: 0.5 * x], windows())[0]
     assert half["kl_clean_spliced"] > 1e-4
 
 

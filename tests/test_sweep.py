@@ -210,11 +210,11 @@ def test_sweep_with_the_model_draws_both_charts(tmp_path: Path, tiny_llama_dir: 
     real_load_lm = sw.load_lm
     out = tmp_path / "sweep"
     shared = []
-    real_many = ev_mod.lm_metrics_many
+    real_lm = ev_mod.lm_metrics
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sw, "load_lm", lambda *a: loads.append(a) or real_load_lm(*a))
         mp.setattr(
-            ev_mod, "lm_metrics_many", lambda fns, *a, **k: shared.append(len(fns)) or real_many(fns, *a, **k)
+            ev_mod, "lm_metrics", lambda fns, *a, **k: shared.append(len(fns)) or real_lm(fns, *a, **k)
         )
         res = invoke(
             "sweep", "--store", tmp_path / "store", "--layer", 1, "--variants", "topk,jumprelu",
