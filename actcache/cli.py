@@ -35,6 +35,17 @@ def _fail(err: BaseException) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
+def _environment_fail(err: OSError, after: str = "") -> typer.Exit:
+    """A full / read-only / forbidden disk: one line with the fix, exit code 2 (re-raises any other OSError)."""
+    from .faults import environment_fault
+
+    fault = environment_fault(err)
+    if fault is None:
+        raise err
+    what, fix = fault
+    return _fail(f"{what}; {after}{fix}")
+
+
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .corpus import CorpusError
     from .harvest import HarvestError
@@ -132,9 +143,22 @@ def harvest(
     chunk_tokens: int | None = typer.Option(None, help="Rows per compressed chunk (default: planned)."),
     shard_tokens: int | None = typer.Option(None, help="Rows per shard file and commit (default: planned)."),
     workers: int | None = typer.Option(None, help="Writer threads (default: min(4, CPUs))."),
+    repair: bool = typer.Option(
+        False,
+        help="Before resuming, check the crc32c of every committed shard against the manifest (reads the whole "
+        "store) and harvest the damaged ones again; without it only missing or resized shard files are found.",
+    ),
 ) -> None:
     """Run MODEL over a corpus and write its activations into a zarr v3 store (resumable: rerun to resume)."""
-    from .harvest import HarvestConfig, HarvestInterrupted, check_disk, check_out, plan_harvest, run_harvest
+    from .harvest import (
+        HarvestConfig,
+        HarvestError,
+        HarvestInterrupted,
+        check_disk,
+        check_resume,
+        plan_harvest,
+        run_harvest,
+    )
 
     cfg = HarvestConfig(
         model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
@@ -142,19 +166,33 @@ def harvest(
         module_paths=module_paths, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens,
     )  # fmt: skip
     try:
+        if workers is not None and workers < 1:
+            raise HarvestError(f"--workers {workers} must be at least 1")
         with console.status("planning (config, tokenizer, corpus)..."):
             plan = plan_harvest(cfg)
-        committed = check_out(plan, out, overwrite)
+        committed, damaged = check_resume(plan, out, overwrite, deep=repair)
         status = (
             "overwrite" if overwrite and out.exists() else f"resume at {committed:,}" if committed else "new"
         )
         if committed >= plan.spec.tokens_target:
             status = "complete"
+        if damaged:
+            status += f", {len({s for s, _ in damaged})} damaged shard(s) to harvest again"
         probe = out.resolve()
         while not probe.exists():
             probe = probe.parent
         free = shutil.disk_usage(probe).free
         out_console.print(_plan_table(plan, out, status, free))
+        if tokens is not None and plan.spec.tokens_target < tokens:
+            console.print(
+                f"[yellow]warning[/]: the corpus holds {plan.n_content_tokens:,} tokens ({plan.n_windows:,} windows of "
+                f"{context}), fewer than --tokens {tokens:,}; harvesting all of them",
+                soft_wrap=True,
+            )
+        for shard, why in damaged:
+            console.print(
+                f"[yellow]warning[/]: committed shard {shard}: {why}; harvesting it again", soft_wrap=True
+            )
         if dry_run:
             return
         check_disk(plan, out, committed, force)
@@ -163,7 +201,7 @@ def harvest(
             return
         if committed:
             console.print(f"resuming {out} at {committed:,} committed tokens", soft_wrap=True)
-        result = _run(plan, out, overwrite, workers, run_harvest)
+        result = _run(plan, out, overwrite, workers, run_harvest, repair)
     except HarvestInterrupted as stop:
         console.print(
             f"[yellow]interrupted[/]: {stop.committed_tokens:,} tokens committed to {out}; "
@@ -173,6 +211,14 @@ def harvest(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except _bad_input_errors() as err:
         raise _fail(err) from None
+    except OSError as err:
+        kept = _committed_text(out)
+        raise _environment_fail(err, f"{kept}; " if kept else "") from None
+    if result.repaired:
+        console.print(
+            f"[green]repaired[/]: {result.repaired} damaged shard(s) harvested again, bit-identical to the manifest",
+            soft_wrap=True,
+        )
     ratio = result.bytes_disk / result.bytes_raw if result.bytes_raw else float("nan")
     console.print(
         f"[green]done[/]: {result.tokens_committed:,} tokens in {out} "
@@ -182,7 +228,18 @@ def harvest(
     )
 
 
-def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest):
+def _committed_text(out: Path) -> str:
+    """'N tokens committed to OUT are intact, rerun the same command to resume' (empty when there is no store)."""
+    from .store import Store, StoreError
+
+    try:
+        n = Store.open(out).committed_tokens
+    except (StoreError, OSError):
+        return ""
+    return f"the {n:,} tokens committed to {out} are intact and the same command resumes after you "
+
+
+def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest, repair: bool = False):
     from .harvest import HarvestProgress
 
     with console.status(f"loading {plan.spec.model}..."):
@@ -207,7 +264,15 @@ def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest):
                 disk=p.bytes_disk, raw=p.bytes_raw,
             )  # fmt: skip
 
-        return run_harvest(plan, out, overwrite=overwrite, model=model, progress=on_progress, workers=workers)
+        return run_harvest(
+            plan,
+            out,
+            overwrite=overwrite,
+            model=model,
+            progress=on_progress,
+            workers=workers,
+            deep_check=repair,
+        )
 
 
 def _size(n: float) -> str:

@@ -221,6 +221,27 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _file_docs(path: Path, text_field: str, rule: PackingRule) -> Iterator[str | np.ndarray]:
+    """The documents of one file; a file that does not parse as its suffix says gives a CorpusError naming it."""
+    try:
+        yield from _parse_file(path, text_field, rule)
+    except CorpusError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+    ) as err:  # pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors
+        kind = {".jsonl": "JSONL", ".json": "JSONL", ".parquet": "Parquet", ".npy": "a NumPy .npy file"}.get(
+            path.suffix.lower(), "raw int32 token ids" if path.suffix.lower() == ".bin" else "UTF-8 text"
+        )
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CorpusError(
+            f"{path}: cannot read it as {kind} ({type(err).__name__}: {text}); fix the file or give it the suffix "
+            f"of its format ({', '.join(ALL_SUFFIXES)})"
+        ) from None
+
+
+def _parse_file(path: Path, text_field: str, rule: PackingRule) -> Iterator[str | np.ndarray]:
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         yield from _jsonl_texts(path, text_field)

@@ -39,6 +39,7 @@ from .codecs import DEFAULT_CODEC, canonical_dtype
 from .corpus import FLAG_BOS, FLAG_PAD, PackingRule, Window
 from .models import (
     ModelSource,
+    check_device,
     d_model_of,
     default_compute_dtype,
     dtype_name,
@@ -53,7 +54,17 @@ from .models import (
 )
 from .sites import ArchSites, arch_sites, find_blocks, parse_layers, parse_sites, site_module
 from .stats import RunningStats
-from .store import Store, StoreError, StoreSpec, StoreWriter, acts_key, plan_bytes, plan_chunks
+from .store import (
+    Store,
+    StoreError,
+    StoreSpec,
+    StoreWriter,
+    acts_key,
+    check_store_folder,
+    damaged_shards,
+    plan_bytes,
+    plan_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +180,8 @@ class HarvestResult:
     bytes_raw: int
     bytes_disk: int
     complete: bool
+    repaired: int = 0
+    """Committed shards the manifest did not prove, harvested again and found bit-identical to their record."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -196,6 +209,7 @@ def _max_positions(config) -> int | None:
 
 
 def _validate_numbers(cfg: HarvestConfig) -> None:
+    check_device(cfg.device)
     if cfg.context < 2:
         raise HarvestError(f"--context {cfg.context} is too small; use at least 2 (e.g. 1024)")
     if cfg.batch_size < 1:
@@ -289,24 +303,36 @@ def plan_harvest(cfg: HarvestConfig) -> HarvestPlan:
     )
 
 
-def check_out(plan: HarvestPlan, out: str | os.PathLike, overwrite: bool = False) -> int:
+def check_out(plan: HarvestPlan, out: str | os.PathLike, overwrite: bool = False, deep: bool = False) -> int:
     """Committed tokens of a store at ``out`` that this plan resumes (0: a new store). Writes nothing.
 
     StoreError when ``out`` is not a store, holds a newer format, or holds a different spec (without
-    ``overwrite``).
+    ``overwrite``), or when its manifest does not hold together (``store.damaged_shards``).
+    """
+    return check_resume(plan, out, overwrite, deep)[0]
+
+
+def check_resume(
+    plan: HarvestPlan, out: str | os.PathLike, overwrite: bool = False, deep: bool = False
+) -> tuple[int, list[tuple[int, str]]]:
+    """(committed tokens, damaged committed shards) of the store at ``out`` that this plan resumes; writes nothing.
+
+    A damaged shard is one whose file the manifest does not prove (missing, another size; ``deep``: another
+    crc32c): the harvest writes it again and checks that the new bytes equal the recorded ones.
     """
     path = Path(out)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return 0
-    store = Store.open(path)  # raises: not a store / newer format version
+        return 0, []
     if overwrite:
-        return 0
+        check_store_folder(path)  # not a store, or a newer format: refused even with --overwrite
+        return 0, []
+    store = Store.open(path)  # raises: not a store / newer format version / damaged commit record
     if store.spec != plan.spec:
         raise StoreError(
             f"{path} holds a store with a different config ({'; '.join(store.spec.diff(plan.spec))}); to resume "
             "rerun the same command, or pass --overwrite to replace it"
         )
-    return store.committed_tokens
+    return store.committed_tokens, damaged_shards(store, deep)
 
 
 def check_disk(plan: HarvestPlan, out: str | os.PathLike, committed: int = 0, force: bool = False) -> int:
@@ -461,6 +487,8 @@ class _ShardJob:
     sums: dict[str, list[torch.Tensor]]
     count: int
     events: list
+    repair: bool = False
+    """A committed shard written again: its bytes must equal the manifest's record (no commit)."""
     futures: list[Future] = field(default_factory=list)
 
 
@@ -485,6 +513,7 @@ class _Pipeline:
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.committed = writer.committed_tokens
+        self.repaired = 0
         self.bytes_raw = self.bytes_disk = 0
         self.slow_commit = float(os.environ.get(SLOW_COMMIT_ENV, "0") or 0)
         self.committer = threading.Thread(target=self._commit_loop, name="actcache-commit", daemon=True)
@@ -542,7 +571,10 @@ class _Pipeline:
                 return
             try:
                 disk = sum(f.result() for f in job.futures)
-                if self.error is None:
+                if self.error is None and job.repair:
+                    self.writer.confirm_repair(job.index)
+                    self.repaired += 1
+                elif self.error is None:
                     self.writer.commit(job.start + job.rows, self._stats(job))
                     self.committed = job.start + job.rows
                     self.bytes_raw += sum(job.buffers[k][: job.rows].nbytes for k in self.spec.acts_keys)
@@ -580,6 +612,20 @@ def _windows_from(plan: HarvestPlan, first: int) -> Iterator[Window]:
     return itertools.islice(windows, first, plan.n_windows)
 
 
+def _shard_windows(plan: HarvestPlan, shards: list[int]) -> Iterator[tuple[int, list[Window]]]:
+    """(shard, its windows) for each shard in order; the corpus is read again only where the shards jump."""
+    n_win = plan.spec.shard_tokens // plan.config.context
+    windows: Iterator[Window] | None = None
+    at = -1
+    for shard in shards:
+        if windows is None or at != shard * n_win:
+            at = shard * n_win
+            windows = _windows_from(plan, at)
+        batch = list(itertools.islice(windows, n_win))
+        at += len(batch)
+        yield shard, batch
+
+
 def run_harvest(
     plan: HarvestPlan,
     out: str | os.PathLike,
@@ -589,12 +635,14 @@ def run_harvest(
     progress: Callable[[HarvestProgress], None] | None = None,
     inflight: int = 2,
     workers: int | None = None,
+    deep_check: bool = False,
 ) -> HarvestResult:
     """Harvest ``plan`` into ``out`` (new, or resumed at its last committed shard).
 
     ``model``: an already loaded model (else it is loaded from the plan). ``inflight`` shard buffers bound the
     memory (``inflight * shard_tokens * d_model * itemsize * arrays``). Ctrl-C raises HarvestInterrupted after
-    committing every complete shard.
+    committing every complete shard. Committed shards that the manifest does not prove (missing or resized files;
+    ``deep_check``: any byte changed) are harvested again and must come out bit-identical to their record.
     """
     cfg, spec = plan.config, plan.spec
     t0 = time.perf_counter()
@@ -603,17 +651,43 @@ def run_harvest(
         compute = parse_dtype(spec.harvest_config["compute_dtype"])
         model = load_model(plan.source, cfg.device, compute)
     writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
+    try:
+        return _harvest_into(plan, writer, model, progress, inflight, workers, deep_check, t0)
+    finally:
+        writer.close()
+
+
+def _harvest_into(
+    plan: HarvestPlan,
+    writer: StoreWriter,
+    model: nn.Module,
+    progress: Callable[[HarvestProgress], None] | None,
+    inflight: int,
+    workers: int | None,
+    deep_check: bool,
+    t0: float,
+) -> HarvestResult:
+    cfg, spec, out = plan.config, plan.spec, writer.path
     start = writer.committed_tokens
-    if writer.complete or start >= spec.tokens_target:
+    found = writer.damaged_shards(deep=deep_check)
+    for shard, why in found:
+        log.warning(
+            "committed shard %d is not what the manifest records (%s); harvesting it again", shard, why
+        )
+    damaged = sorted({shard for shard, _ in found})
+    writer.repairing = set(damaged)
+    done_already = writer.complete or start >= spec.tokens_target
+    if done_already and not damaged:
         return HarvestResult(start, start, time.perf_counter() - t0, 0, 0, True)
-    if start % spec.shard_tokens:
+    if start % spec.shard_tokens and not done_already:
         raise StoreError(f"{out}: committed tokens {start} are not at a shard boundary; pass --overwrite")
     store = Store.open(out)
     capture = _Capture(find_blocks(model, plan.arch), plan.arch, plan.layers, plan.sites)
     device = input_device(model)
     pipeline = _Pipeline(writer, store, spec, inflight, workers or min(4, os.cpu_count() or 1))
     C, n_win = cfg.context, spec.shard_tokens // cfg.context
-    done = start
+    # Repaired shards go through the forward again: count them so that the progress ends at the total.
+    done = start - sum(min(spec.shard_tokens, start - i * spec.shard_tokens) for i in damaged)
     t_run = time.perf_counter()
 
     def report() -> None:
@@ -630,11 +704,14 @@ def run_harvest(
                 )
             )
 
-    windows = _windows_from(plan, start // C)
+    todo = (
+        damaged
+        if done_already
+        else [*damaged, *range(start // spec.shard_tokens, math.ceil(plan.n_windows / n_win))]
+    )
     try:
         with torch.inference_mode():
-            for shard in range(start // spec.shard_tokens, math.ceil(plan.n_windows / n_win)):
-                batch_windows = list(itertools.islice(windows, n_win))
+            for shard, batch_windows in _shard_windows(plan, todo):
                 rows = len(batch_windows) * C
                 token_arrays = _stack(batch_windows)
                 keep_N = torch.from_numpy((token_arrays["flags"] & (FLAG_BOS | FLAG_PAD)) == 0)
@@ -655,7 +732,7 @@ def run_harvest(
                     events.append(event)
                 job = _ShardJob(
                     shard, shard * spec.shard_tokens, rows, buffers, token_arrays, capture.sums,
-                    int(keep_N.sum()), events,
+                    int(keep_N.sum()), events, repair=shard in writer.repairing,
                 )  # fmt: skip
                 pipeline.submit(job)
         pipeline.close()
@@ -674,5 +751,6 @@ def run_harvest(
     seconds = time.perf_counter() - t0
     log.info("harvested %d tokens in %.1f s", pipeline.committed - start, seconds)
     return HarvestResult(
-        pipeline.committed, start, seconds, pipeline.bytes_raw, pipeline.bytes_disk, writer.complete
-    )
+        pipeline.committed, start, seconds, pipeline.bytes_raw, pipeline.bytes_disk, writer.complete,
+        pipeline.repaired,
+    )  # fmt: skip

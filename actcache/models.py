@@ -6,6 +6,7 @@ Resolution never hangs on a missing network: a Hub id is first looked up in the 
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import importlib.util
 import json
@@ -199,10 +200,41 @@ def d_model_of(config) -> int:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; anything else is returned unchanged."""
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; anything else is checked (`check_device`) and
+    returned unchanged."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     return device
+
+
+def check_device(device: str) -> None:
+    """ModelError unless `device` names a torch device that exists on this machine (cpu, cuda, cuda:N, mps, ...)."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ModelError(
+                f"--device {device}: this machine's torch sees no CUDA device (torch {torch.__version__}); use "
+                "--device cpu or auto"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise ModelError(
+                f"--device {device}: only {n} CUDA device(s) (cuda:0..cuda:{n - 1}); pick one of them"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        accel = getattr(torch, dev.type, None)
+        if accel is None or not getattr(accel, "is_available", lambda: False)():
+            raise ModelError(
+                f"--device {device}: no {dev.type} device is available here; use --device cpu or auto"
+            )
 
 
 def default_compute_dtype(device: str) -> torch.dtype:
@@ -237,11 +269,23 @@ def load_model(source: ModelSource, device: str = "auto", dtype: torch.dtype | N
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {source.name!r}: {str(err).splitlines()[0]}") from err
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        raise ModelError(f"cannot load model {source.name!r}: {_first_line(err)}") from err
+    except Exception as err:  # safetensors, gguf and torch raise their own types for a damaged weights file
+        raise ModelError(
+            f"cannot load the weights of model {source.name!r} ({type(err).__name__}: {_first_line(err)}); the "
+            "weights file may be truncated or corrupt: download or save it again"
+        ) from err
     if "device_map" not in kwargs:
         model.to(target)
     log.info("loaded %s (%s) on %s in %s", source.name, type(model).__name__, target, dtype)
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -35,6 +35,19 @@ from actcache.codecs import (
     get_codec,
     to_stored,
 )
+from actcache.lock import StoreLock
+from actcache.manifest import (
+    MANIFEST_DIR,
+    DigestingLocalStore,
+    ShardRecord,
+    canonical,
+    file_digest,
+    genesis,
+    read_record,
+    seal,
+    sha256_hex,
+    write_record,
+)
 from actcache.stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -42,7 +55,9 @@ log = logging.getLogger(__name__)
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 FLAG_BOS, FLAG_PAD = 1, 2
 FORMAT_NAME = "actcache-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a manifest binds every committed shard's bytes to its position (actcache/manifest.py); the store has an id.
+Format-1 stores still open, read and resume; verify checks their chunk checksums only."""
 COMMIT_FILE = "commit.json"
 TOKEN_ARRAYS: dict[str, np.dtype] = {
     "token_ids": np.dtype(np.int32),
@@ -231,13 +246,23 @@ def _read_root_attrs(path: Path) -> dict[str, Any]:
 
 
 def _read_commit(path: Path) -> dict[str, Any]:
+    """The commit record, checked for the fields every reader relies on (StoreError naming what is wrong)."""
     commit_path = path / COMMIT_FILE
     if not commit_path.exists():
-        return {"committed_tokens": 0, "stats": {}, "complete": False}
+        raise StoreError(
+            f"{commit_path} is missing: nothing proves which rows of {path} are data; run `actcache verify {path}`, "
+            "then harvest the store again (--overwrite)"
+        )
     try:
-        return json.loads(commit_path.read_text())
-    except (json.JSONDecodeError, OSError) as e:
+        commit = json.loads(commit_path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         raise StoreError(f"cannot read {commit_path}: {e}; the commit record is damaged") from None
+    tokens = commit.get("committed_tokens") if isinstance(commit, dict) else None
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise StoreError(
+            f"{commit_path} is damaged: committed_tokens is {tokens!r}, not a count >= 0; run `actcache verify {path}`"
+        )
+    return commit
 
 
 def parse_shard_index(tail: bytes, n_chunks: int) -> np.ndarray | None:
@@ -252,6 +277,15 @@ def parse_shard_index(tail: bytes, n_chunks: int) -> np.ndarray | None:
     if not crc32c_matches(u8[:-4], u8[-4:]):
         return None
     return np.frombuffer(tail[:-4], dtype="<u8").reshape(n_chunks, 2)
+
+
+def check_store_folder(path: str | os.PathLike) -> None:
+    """StoreError unless `path` holds an actcache store of a format this version reads (its commit record is not
+    looked at: a store whose commit record is damaged can still be replaced)."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist; harvest one with `actcache harvest ... --out {path}`")
+    _read_root_attrs(path)
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -269,6 +303,8 @@ class Store:
         self.path = path
         self.format_version: int = attrs["format_version"]
         self.spec = StoreSpec.from_json(attrs["spec"])
+        self.store_id: str | None = attrs.get("store_id")
+        """Made at creation (format 2); None for format-1 stores."""
         self.d_model = self.spec.d_model
         self._arrays: dict[str, Any] = {}
         self._decoders: dict[str, ChunkDecoder | None] = {}
@@ -292,6 +328,78 @@ class Store:
         self.committed_tokens: int = int(commit["committed_tokens"])
         self.complete: bool = bool(commit.get("complete", False))
         self._stats: dict[str, Any] = commit.get("stats", {})
+        self.manifest: dict[str, Any] | None = commit.get("manifest")
+        """{"shards", "chain", "genesis", "meta"} (actcache/manifest.py); None for format-1 stores."""
+        if self.committed_tokens > self.spec.tokens_target:
+            raise StoreError(
+                f"{self.path / COMMIT_FILE} is damaged: {self.committed_tokens} committed tokens exceed the store's "
+                f"{self.spec.tokens_target} rows; run `actcache verify {self.path}`"
+            )
+
+    # ---- identity -------------------------------------------------------------------------------------------
+    IDENTITY_FIELDS = ("model", "revision", "corpus", "dtype", "d_model", "context")
+
+    def content_digest(self, tokens: int) -> str | None:
+        """The manifest's chain value after the shards holding rows [0, tokens): a digest of the spec, the array
+        metadata and every byte of those shards. None for a format-1 store (no manifest)."""
+        if self.manifest is None:
+            return None
+        if not 0 <= tokens <= self.committed_tokens:
+            raise StoreError(f"{self.path} holds {self.committed_tokens} committed tokens, not {tokens}")
+        shards = math.ceil(tokens / self.spec.shard_tokens)
+        if shards == 0:
+            return str(self.manifest["genesis"])
+        if shards == int(self.manifest["shards"]):
+            return str(self.manifest["chain"])
+        try:
+            return read_record(self.path, shards - 1).chain
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(
+                f"manifest record of shard {shards - 1} of {self.path} is unreadable ({e}); run `actcache verify`"
+            ) from None
+
+    def identity(self, tokens: int | None = None) -> dict[str, Any]:
+        """What a run records of the store it reads: where it came from (model, revision, corpus, ...), its id, and
+        the content digest of its first `tokens` rows (default: all committed rows). `check_identity` compares."""
+        tokens = self.committed_tokens if tokens is None else int(tokens)
+        spec = self.spec
+        return {
+            "path": str(self.path),
+            "store_id": self.store_id,
+            **{k: getattr(spec, k) for k in self.IDENTITY_FIELDS},
+            "tokens": tokens,
+            "content": self.content_digest(min(tokens, self.committed_tokens)),
+        }
+
+    def identity_mismatch(self, recorded: Mapping[str, Any]) -> str | None:
+        """None when this store holds what `recorded` (an `identity()`) describes, else the differences."""
+        diffs = [
+            f"{k} {recorded[k]!r} != {getattr(self.spec, k)!r}"
+            for k in self.IDENTITY_FIELDS
+            if k in recorded and recorded[k] != getattr(self.spec, k)
+        ]
+        tokens = int(recorded.get("tokens", 0) or 0)
+        if tokens > self.committed_tokens:
+            diffs.append(f"it holds {self.committed_tokens} committed tokens, the run read {tokens}")
+        elif not diffs and recorded.get("content") and self.manifest is not None:
+            mine = self.content_digest(tokens)
+            if mine != recorded["content"]:
+                diffs.append(
+                    f"the content of its first {tokens} tokens differs (digest {str(recorded['content'])[:12]} != "
+                    f"{str(mine)[:12]})"
+                )
+        return "; ".join(diffs) or None
+
+    def check_identity(self, recorded: Mapping[str, Any] | None, what: str = "the run") -> None:
+        """StoreError naming both stores when this is not the store `recorded` describes (None: nothing to check)."""
+        if not recorded:
+            return
+        diff = self.identity_mismatch(recorded)
+        if diff is not None:
+            raise StoreError(
+                f"{self.path} is not the store {what} used ({recorded.get('path', '?')}: {diff}); pass that store "
+                "with --store, or start a new run"
+            )
 
     @property
     def keys(self) -> list[tuple[int, str]]:
@@ -435,8 +543,16 @@ class StoreWriter:
         }
         self._store = Store(path, _read_root_attrs(path))
         self._written: dict[str, dict[int, int]] = {k: {} for k in spec.array_keys}  # key -> shard -> rows
+        self._digests: dict[str, dict[int, tuple[int, str]]] = {k: {} for k in spec.array_keys}
+        self.manifest: dict[str, Any] | None = commit.get("manifest")
+        """None for a format-1 store (resumed without a manifest)."""
+        self.store_id: str | None = self._store.store_id
+        self.repairing: set[int] = set()
+        """Committed shards the harvest rewrites because the manifest does not prove them (`damaged_shards`)."""
+        self._zarr_store = DigestingLocalStore(path)
         self._arrays: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.lock: StoreLock | None = None
 
     @classmethod
     def create_or_resume(
@@ -445,6 +561,17 @@ class StoreWriter:
         """A new store, or the existing one if its spec is equal (resume from committed_tokens)."""
         path = Path(path)
         spec.validate()
+        lock = _acquire(path)
+        try:
+            writer = cls._create_or_resume(path, spec, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        writer.lock = lock
+        return writer
+
+    @classmethod
+    def _create_or_resume(cls, path: Path, spec: StoreSpec, overwrite: bool) -> StoreWriter:
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             if not is_store(path) and not (path / "zarr.json").exists():
                 raise StoreError(
@@ -472,7 +599,7 @@ class StoreWriter:
             if key not in self._arrays:
                 # write_empty_chunks is a runtime setting, not stored metadata: without it zarr omits
                 # all-zero chunks (e.g. flags), and verify could not tell an omitted chunk from a lost one.
-                arr = zarr.open_array(str(self.path / key), mode="r+")
+                arr = zarr.open_array(store=self._zarr_store, path=key, mode="r+")
                 self._arrays[key] = arr.with_config({"write_empty_chunks": True})
             return self._arrays[key]
 
@@ -483,7 +610,9 @@ class StoreWriter:
         The data stays invisible to readers until commit() covers it.
         """
         spec = self.spec
-        if start % spec.shard_tokens or start < self.committed_tokens or self.complete:
+        shard = start // spec.shard_tokens
+        repair = shard in self.repairing
+        if start % spec.shard_tokens or ((start < self.committed_tokens or self.complete) and not repair):
             raise StoreError(
                 f"write_shard(start={start}) must start a shard (multiple of {spec.shard_tokens}) at or after the "
                 f"{self.committed_tokens} committed tokens of a store that is not complete; committed shards are "
@@ -496,7 +625,6 @@ class StoreWriter:
         n = next(iter(rows.values()))
         if not 0 < n <= spec.shard_tokens or start + n > spec.tokens_target:
             raise StoreError(f"write_shard: {n} rows at {start} exceed the shard or tokens_target")
-        shard = start // spec.shard_tokens
         for key, data in arrays.items():
             if key in TOKEN_ARRAYS:
                 stored = np.asarray(data.cpu().numpy() if hasattr(data, "cpu") else data).astype(
@@ -509,10 +637,15 @@ class StoreWriter:
                         f"write_shard: {key} has shape {stored.shape}, expected {(n, spec.d_model)}"
                     )
             # A torn shard from a killed run may sit here; remove it so zarr never reads it back.
-            self._store.shard_path(key, shard).unlink(missing_ok=True)
+            path = self._store.shard_path(key, shard)
+            path.unlink(missing_ok=True)
             self._array(key)[start : start + n] = stored
+            # The digest of the bytes zarr handed to the file (no re-read); read back only where zarr wrote by
+            # a path the digesting store does not see.
+            digest = self._zarr_store.pop_digest(path.relative_to(self.path).as_posix()) or file_digest(path)
             with self._lock:
                 self._written[key][shard] = n
+                self._digests[key][shard] = digest
 
     def commit(self, tokens: int, stats_update: Mapping[Any, RunningStats] | None = None) -> None:
         """Make rows [0, tokens) durable and visible; stats_update holds the statistics of the NEW rows only
@@ -540,18 +673,53 @@ class StoreWriter:
             key = acts_key(*key) if isinstance(key, tuple) else key
             merged.setdefault(key, RunningStats(spec.d_model)).merge(update)
         complete = ends_short or tokens >= spec.tokens_target
-        write_json_atomic(
-            self.path / COMMIT_FILE,
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "committed_tokens": int(tokens),
-                "complete": complete,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "stats": {k: v.to_json() for k, v in merged.items()},
-            },
-        )
+        manifest = self._extend_manifest(first, last, tokens)
+        record: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": self._store.format_version,
+            "committed_tokens": int(tokens),
+            "complete": complete,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stats": {k: v.to_json() for k, v in merged.items()},
+        }
+        if manifest is not None:
+            record = seal(record | {"store_id": self.store_id, "manifest": manifest})
+        write_json_atomic(self.path / COMMIT_FILE, record)
         self.committed_tokens, self.stats, self.complete = int(tokens), merged, complete
+        self.manifest = manifest
+
+    def _extend_manifest(self, first: int, last: int, tokens: int) -> dict[str, Any] | None:
+        """Write (fsynced) the manifest records of shards [first, last) and return the commit's manifest entry."""
+        if self.manifest is None:
+            return None
+        chain = str(self.manifest["chain"])
+        for shard in range(first, last):
+            rows = min(self.spec.shard_tokens, tokens - shard * self.spec.shard_tokens)
+            digests = {key: self._digests[key][shard] for key in self.spec.array_keys}
+            record = ShardRecord.make(chain, shard, rows, digests)
+            write_record(self.path, record)
+            chain = record.chain
+        if last > first:
+            _fsync_dir(self.path / MANIFEST_DIR)
+        return {**self.manifest, "shards": last, "chain": chain}
+
+    def damaged_shards(self, deep: bool = False) -> list[tuple[int, str]]:
+        """`damaged_shards` of this store; those the harvest rewrites."""
+        return damaged_shards(self._store, deep)
+
+    def confirm_repair(self, shard: int) -> None:
+        """After a damaged committed shard was written again: its bytes must equal the manifest's record."""
+        record = read_record(self.path, shard)
+        for key in self.spec.array_keys:
+            got = self._digests[key].get(shard)
+            if got != record.arrays[key]:
+                raise StoreError(
+                    f"{self.path}: shard {shard} of {key} harvested again differs from the committed one "
+                    f"({got} != {record.arrays[key]}): the model, corpus or software changed; pass --overwrite to "
+                    "harvest the store again"
+                )
+        self.repairing.discard(shard)
+        log.info("repaired shard %d of %s bit-exactly", shard, self.path)
 
     def _files_between(self, first: int, last: int) -> list[Path]:
         return [
@@ -571,6 +739,62 @@ class StoreWriter:
         write_json_atomic(meta_path, meta)
         log.info("store %s finished at %d tokens", self.path, self.committed_tokens)
 
+    def close(self) -> None:
+        """Release the store's write lock (the process exit releases it too)."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+def damaged_shards(store: Store, deep: bool = False) -> list[tuple[int, str]]:
+    """Committed shards the manifest does not prove: (shard, why), for the harvest to write again.
+
+    Every record must exist and continue the chain up to the commit record's value, and every array's shard file
+    must have the recorded size (`deep`: and crc32c, which reads every committed byte). StoreError when the records
+    or the metadata themselves are damaged: nothing then proves which bytes are right. [] for format-1 stores.
+    """
+    if store.manifest is None:
+        return []
+    from actcache.manifest import check_chain, meta_digests
+
+    spec = store.spec
+    problem = check_chain(store.path, spec, store.store_id, store.manifest, store.committed_tokens)
+    if problem is None:
+        current = meta_digests(store.path, spec.array_keys)
+        edited = [k for k in spec.array_keys if current.get(k) != store.manifest["meta"].get(k)]
+        if edited:
+            problem = f"the metadata of {edited[0]} ({edited[0]}/zarr.json) was edited"
+    if problem is not None:
+        raise StoreError(
+            f"{store.path}: {problem}; the committed data cannot be trusted: run `actcache verify {store.path}`, "
+            "then --overwrite to harvest it again"
+        )
+    damaged: list[tuple[int, str]] = []
+    for shard in range(int(store.manifest["shards"])):
+        record = read_record(store.path, shard)
+        for key in spec.array_keys:
+            path = store.shard_path(key, shard)
+            size, crc = record.arrays[key]
+            if not path.is_file():
+                why = f"{key} shard file {path} is missing"
+            elif path.stat().st_size != size:
+                why = f"{key} shard file {path} has {path.stat().st_size} bytes, the manifest records {size}"
+            elif deep and file_digest(path)[1] != crc:
+                why = f"{key} shard file {path} differs from the manifest (crc32c)"
+            else:
+                continue
+            damaged.append((shard, why))
+            break
+    return damaged
+
+
+def _acquire(path: Path) -> StoreLock:
+    from actcache.lock import LockHeld
+
+    try:
+        return StoreLock(path).acquire()
+    except LockHeld as e:
+        raise StoreError(str(e)) from None
+
 
 def _create(path: Path, spec: StoreSpec) -> None:
     """Create the group and every array in a temporary folder, then rename it into place (atomic)."""
@@ -579,9 +803,13 @@ def _create(path: Path, spec: StoreSpec) -> None:
     if path.exists():
         path.rmdir()  # an empty folder
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Derived from the spec, not random: two harvests of one spec are bit-identical stores (the content digests
+    # of the manifest tell their bytes apart if they ever differ).
+    store_id = sha256_hex(canonical(spec.to_json()))[:32]
     attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "store_id": store_id,
         "spec": spec.to_json(),
         "commit_file": COMMIT_FILE,
     }
@@ -616,15 +844,24 @@ def _create(path: Path, spec: StoreSpec) -> None:
             dimension_names=("token",),
             **common,
         )
+    from actcache.manifest import meta_digests
+
+    meta = meta_digests(tmp, spec.array_keys)
+    start = genesis(store_id, spec.to_json(), meta)
+    (tmp / MANIFEST_DIR).mkdir()
     write_json_atomic(
         tmp / COMMIT_FILE,
-        {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "committed_tokens": 0,
-            "complete": False,
-            "stats": {},
-        },
+        seal(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "committed_tokens": 0,
+                "complete": False,
+                "stats": {},
+                "store_id": store_id,
+                "manifest": {"shards": 0, "chain": start, "genesis": start, "meta": meta},
+            }
+        ),
     )
     os.rename(tmp, path)
     _fsync_dir(path.parent)
@@ -687,4 +924,5 @@ def make_synthetic_store(
         if start + n <= commit_at:
             writer.commit(start + n, stats)
     writer.finish()
+    writer.close()
     return Store.open(path)

@@ -1,9 +1,15 @@
-"""Read every chunk of every array up to the committed tokens, check every checksum, name the first bad chunk.
+"""Prove a whole store: the commit record, the manifest, every committed shard's bytes; name the first problem.
 
-The shard files are parsed directly (docs/store-format.md, "Shards"): the index at the end of each shard
-(n_chunks x (offset, nbytes) uint64 LE + crc32c) is checked against its own crc32c, then every inner chunk's
-trailing crc32c against its bytes. A shard whose checksums pass is then decoded through zarr, which also catches
-a stream the codec cannot decode. So a flipped byte is reported as the exact inner chunk that holds it.
+In order (docs/store-format.md, "Manifest" and "Shards"):
+1. The commit record: present, parseable, its counts in range, its store id the store's.
+2. The manifest (format 2): the chain of shard records from the store's identity (id, spec, array metadata
+   digests) to the commit record's digest; every array's zarr.json against its recorded digest.
+3. Every committed shard of every array: present, of the recorded size, the index at its end (n_chunks x (offset,
+   nbytes) uint64 LE + crc32c) against its own crc32c, every inner chunk's trailing crc32c against its bytes, then
+   the crc32c of the whole file against the manifest (a valid shard of another position or store fails here),
+   then a decode through zarr (a stream the codec cannot decode). A flipped byte is reported as the exact inner
+   chunk that holds it.
+Format-1 stores have no manifest: step 2 and the whole-file digests are skipped, and the report says so.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 from actcache.codecs import crc32c_matches
-from actcache.store import Store, parse_shard_index
+from actcache.manifest import ShardRecord, is_sealed, meta_digests, read_chain
+from actcache.store import COMMIT_FILE, Store, StoreError, check_store_folder, parse_shard_index
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,18 @@ class BadChunk:
 
 
 @dataclass(frozen=True)
+class BadRecord:
+    """A problem of the store as a whole: the commit record, the manifest, an array's metadata."""
+
+    path: str
+    """The file at fault."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """Outcome of verify_store."""
 
@@ -58,13 +78,20 @@ class VerifyReport:
     """Inner chunks whose checksums were checked."""
     stored_bytes: int
     """Bytes of shard files read."""
-    bad: BadChunk | None = None
+    bad: BadChunk | BadRecord | None = None
+    manifest: bool = True
+    """Whether the store has a manifest (format 2) that was checked."""
 
     def __str__(self) -> str:
         if self.ok:
+            proof = (
+                "every checksum and the manifest match"
+                if self.manifest
+                else "every checksum matches (format-1 store: no manifest, so shards are not bound to positions)"
+            )
             return (
                 f"ok: {self.chunks} chunks of {self.arrays} arrays ({self.stored_bytes / 2**20:.1f} MiB) up to "
-                f"{self.committed_tokens} committed tokens, every checksum matches"
+                f"{self.committed_tokens} committed tokens, {proof}"
             )
         return f"CORRUPT: {self.bad}"
 
@@ -91,8 +118,18 @@ def _check_shard(data: bytes, n_chunks: int, wanted: int) -> tuple[int, str] | N
 
 
 def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Check every chunk below the committed tokens; progress(done_chunks, total_chunks) after each shard."""
-    store = Store.open(path)
+    """Check the commit record, the manifest and every chunk below the committed tokens (module docstring);
+    progress(done_chunks, total_chunks) after each shard. StoreError only when `path` is not a store at all."""
+    path = Path(path)
+    check_store_folder(path)  # StoreError: missing, not a store, newer format
+    try:
+        store = Store.open(path)
+    except StoreError as e:  # the commit record is missing, unreadable or out of range
+        return VerifyReport(False, 0, 0, 0, 0, BadRecord(str(path / COMMIT_FILE), _after_path(str(e), path)))
+    bad_record, records = _check_store_records(store)
+    if bad_record is not None:
+        log.info("verify %s: %s", path, bad_record)
+        return VerifyReport(False, store.committed_tokens, 0, 0, 0, bad_record)
     spec, committed = store.spec, store.committed_tokens
     per_shard = spec.shard_tokens // spec.chunk_tokens
     n_shards = math.ceil(committed / spec.shard_tokens)
@@ -105,7 +142,8 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
             stop = min(committed, start + spec.shard_tokens)
             wanted = math.ceil((stop - start) / spec.chunk_tokens)
             shard_path = store.shard_path(key, shard)
-            problem = _shard_problem(store, key, shard_path, start, stop, per_shard, wanted)
+            recorded = records[shard].arrays[key] if records is not None else None
+            problem = _shard_problem(store, key, shard_path, start, stop, per_shard, wanted, recorded)
             if problem is not None:
                 j, reason = problem
                 chunk = shard * per_shard + j
@@ -123,17 +161,79 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
             done += wanted
             if progress is not None:
                 progress(done, total)
-    return VerifyReport(True, committed, len(keys), done, stored_bytes)
+    return VerifyReport(True, committed, len(keys), done, stored_bytes, manifest=records is not None)
+
+
+def _after_path(message: str, path: Path) -> str:
+    return message.split(": ", 1)[1] if message.startswith(str(path)) and ": " in message else message
+
+
+def _check_store_records(store: Store) -> tuple[BadRecord | None, list[ShardRecord] | None]:
+    """The commit record's fields, the manifest chain and the array metadata; (problem, the shard records)."""
+    commit_path = str(store.path / COMMIT_FILE)
+    spec = store.spec
+    if store.complete is False and store.committed_tokens % spec.shard_tokens:
+        return BadRecord(
+            commit_path, "the commit ends inside a shard but the store is not marked complete"
+        ), None
+    if store.manifest is None:
+        if store.format_version >= 2:
+            return BadRecord(commit_path, "the commit record of a format-2 store has no manifest"), None
+        return None, None
+    commit = _commit_record(store)
+    if not is_sealed(commit):
+        return BadRecord(
+            commit_path, "the commit record was edited (its digest does not match its fields)"
+        ), None
+    commit_id = commit.get("store_id")
+    if commit_id != store.store_id:
+        return BadRecord(commit_path, f"store id {commit_id!r} is not the store's {store.store_id!r}"), None
+    records, problem = read_chain(store.path, spec, store.store_id, store.manifest, store.committed_tokens)
+    if problem is not None:
+        return BadRecord(commit_path if problem.startswith("the ") else str(store.path), problem), None
+    current = meta_digests(store.path, spec.array_keys)
+    for key in spec.array_keys:
+        if current[key] != store.manifest["meta"].get(key):
+            what = "is missing" if current[key] == "missing" else "was edited since the store was created"
+            return BadRecord(str(store.path / key / "zarr.json"), f"the metadata of array {key} {what}"), None
+    return None, records
+
+
+def _commit_record(store: Store) -> dict:
+    import json
+
+    return json.loads((store.path / COMMIT_FILE).read_text())
 
 
 def _shard_problem(
-    store: Store, key: str, shard_path: Path, start: int, stop: int, per_shard: int, wanted: int
+    store: Store,
+    key: str,
+    shard_path: Path,
+    start: int,
+    stop: int,
+    per_shard: int,
+    wanted: int,
+    recorded: tuple[int, str] | None = None,
 ) -> tuple[int, str] | None:
     if not shard_path.is_file():
         return 0, "shard file missing"
-    problem = _check_shard(shard_path.read_bytes(), per_shard, wanted)
+    data = shard_path.read_bytes()
+    if recorded is not None and len(data) != recorded[0]:
+        return (
+            0,
+            f"shard file has {len(data)} bytes, the manifest records {recorded[0]} (truncated or replaced)",
+        )
+    problem = _check_shard(data, per_shard, wanted)
     if problem is not None:
         return problem
+    if recorded is not None:
+        u8 = np.frombuffer(data, dtype=np.uint8)
+        crc = f"{google_crc32c.value(u8):08x}"
+        if crc != recorded[1]:
+            return 0, (
+                f"shard content differs from the manifest (crc32c {crc} != {recorded[1]}): the file was replaced "
+                "by another shard or edited"
+            )
     try:
         store.read_raw(key, start, stop)
     except Exception as e:  # any decode failure is corruption of this shard

@@ -139,6 +139,7 @@ def test_uncommitted_data_is_invisible_and_resume_rewrites_it(tmp_path: Path) ->
     # A torn shard file from the killed run must not trouble the resumed one.
     torn = store.shard_path("acts/mlp_out/2", 1)
     torn.write_bytes(torn.read_bytes()[:100])
+    writer.close()  # the killed process's store lock went with it
     resumed = StoreWriter.create_or_resume(tmp_path / "s", spec)
     assert resumed.committed_tokens == 256
     with pytest.raises(StoreError, match="never rewritten"):

@@ -1,0 +1,32 @@
+"""Environment faults (a full or read-only disk, no permission) as one line that says what to do.
+
+Both CLIs turn these into `error: ...`, exit code 2, instead of a traceback; library code lets them propagate.
+"""
+
+from __future__ import annotations
+
+import errno
+
+_FAULTS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+    errno.EROFS: ("the file system is read-only", "write to a writable folder"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "write to a folder you may write to, or fix its permissions"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
+    errno.ENOMEM: ("out of memory", "use smaller batches or a larger machine"),
+    errno.EIO: ("an input/output error from the disk", "check the disk (dmesg), then retry"),
+}
+
+
+def environment_fault(err: BaseException) -> tuple[str, str] | None:
+    """(what happened, including the file; what to do) for an OSError of the environment, else None."""
+    if not isinstance(err, OSError) or err.errno not in _FAULTS:
+        return None
+    what, fix = _FAULTS[err.errno]
+    where = err.filename if err.filename is not None else ""
+    return (f"{what} ({where})" if where else what), fix
+
+
+def is_environment_fault(err: BaseException) -> bool:
+    return environment_fault(err) is not None

@@ -1,0 +1,250 @@
+"""The store manifest: binds every committed shard's bytes to its position (docs/store-format.md, "Manifest").
+
+One small JSON record per committed shard, ``manifest/{shard:08d}.json``, holds the byte size and crc32c of that
+shard's file for every array, and a hash chain: ``chain_{i+1} = sha256(chain_i || record_i)``, starting from the
+``genesis`` digest of the store's identity (its id, spec and the digest of every array's ``zarr.json``). The
+commit record holds the chain value after its last committed shard, so ``commit.json`` alone proves the whole
+committed store: a shard swapped for another valid shard, a deleted or truncated shard file, an edited array
+metadata file or an edited record all break the chain or a digest.
+
+The digests cost no extra read: the writer hashes each shard's bytes as zarr hands them to the file
+(``DigestingLocalStore``); only where a zarr version writes by another path does the commit read the file back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from zarr.storage import LocalStore
+
+MANIFEST_DIR = "manifest"
+
+
+def _readonly_u8(data: Any) -> np.ndarray:
+    """A read-only uint8 view (google_crc32c takes only read-only buffers), no copy."""
+    u8 = np.frombuffer(data, dtype=np.uint8)
+    u8.flags.writeable = False
+    return u8
+
+
+def crc32c_hex(data: Any) -> str:
+    """crc32c of a bytes-like object, as 8 hex digits."""
+    import google_crc32c
+
+    return f"{google_crc32c.value(_readonly_u8(data)):08x}"
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size, crc32c hex) of a file, read in 16 MiB pieces."""
+    import google_crc32c
+
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            crc = google_crc32c.extend(crc, piece)
+            size += len(piece)
+    return size, f"{crc:08x}"
+
+
+def canonical(obj: Any) -> bytes:
+    """The bytes a digest is taken of: JSON with sorted keys and no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def genesis(store_id: str, spec_json: Mapping[str, Any], meta_digests: Mapping[str, str]) -> str:
+    """The chain's start: binds the records to this store's id, spec and array metadata."""
+    return sha256_hex(canonical({"store_id": store_id, "spec": spec_json, "meta": dict(meta_digests)}))
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """The manifest record of one committed shard."""
+
+    shard: int
+    rows: int
+    """Committed rows of the shard (shard_tokens, or fewer in the short last shard)."""
+    arrays: dict[str, tuple[int, str]]
+    """Array key -> (bytes, crc32c hex) of its shard file."""
+    chain: str
+    """sha256 chain value after this record (see the module docstring)."""
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "rows": self.rows,
+            "arrays": {k: list(v) for k, v in sorted(self.arrays.items())},
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.body(), "chain": self.chain}
+
+    @classmethod
+    def make(
+        cls, prev_chain: str, shard: int, rows: int, arrays: Mapping[str, tuple[int, str]]
+    ) -> ShardRecord:
+        draft = cls(shard, rows, {k: (int(n), str(d)) for k, (n, d) in arrays.items()}, "")
+        return cls(draft.shard, draft.rows, draft.arrays, next_chain(prev_chain, draft.body()))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShardRecord:
+        arrays = {str(k): (int(v[0]), str(v[1])) for k, v in dict(data["arrays"]).items()}
+        return cls(int(data["shard"]), int(data["rows"]), arrays, str(data["chain"]))
+
+
+def next_chain(prev: str, body: Mapping[str, Any]) -> str:
+    return sha256_hex(prev.encode() + canonical(body))
+
+
+def record_path(store_path: Path, shard: int) -> Path:
+    return store_path / MANIFEST_DIR / f"{shard:08d}.json"
+
+
+def read_record(store_path: Path, shard: int) -> ShardRecord:
+    """The record of one shard; ValueError / OSError when it is missing or unreadable."""
+    data = json.loads(record_path(store_path, shard).read_text())
+    record = ShardRecord.from_json(data)
+    if record.shard != shard:
+        raise ValueError(f"the record names shard {record.shard}")
+    return record
+
+
+def write_record(store_path: Path, record: ShardRecord) -> None:
+    """Write a record durably (fsynced) before the commit that covers it."""
+    path = record_path(store_path, record.shard)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(canonical(record.to_json()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DigestingLocalStore(LocalStore):
+    """zarr's LocalStore that remembers the (size, crc32c) of every value it writes, keyed by its store key.
+
+    The harvest writes whole shard files, so each digest is that of a complete shard, taken from the bytes in
+    memory as they go to disk.
+    """
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.digests: dict[str, tuple[int, str]] = {}
+        self._digest_lock = threading.Lock()
+
+    def _remember(self, key: str, value: Any) -> None:
+        u8 = _readonly_u8(memoryview(value.as_buffer_like()).cast("B"))
+        digest = (u8.nbytes, crc32c_hex(u8))
+        with self._digest_lock:
+            self.digests[key] = digest
+
+    def pop_digest(self, key: str) -> tuple[int, str] | None:
+        with self._digest_lock:
+            return self.digests.pop(key, None)
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        self._remember(key, value)
+        await super()._set(key, value, exclusive=exclusive)
+
+    def set_sync(self, key: str, value: Any) -> None:
+        self._remember(key, value)
+        super().set_sync(key, value)
+
+    def with_read_only(self, read_only: bool = False) -> DigestingLocalStore:
+        clone = type(self)(root=self.root, read_only=read_only)
+        clone.digests, clone._digest_lock = self.digests, self._digest_lock
+        return clone
+
+
+def meta_digests(store_path: Path, keys: list[str]) -> dict[str, str]:
+    """sha256 of every array's zarr.json (a missing file digests as "missing")."""
+    out = {}
+    for key in keys:
+        try:
+            out[key] = sha256_hex((store_path / key / "zarr.json").read_bytes())
+        except OSError:
+            out[key] = "missing"
+    return out
+
+
+def check_chain(
+    store_path: Path, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
+) -> str | None:
+    """None when the commit record's manifest entry and every shard record form an unbroken chain from the store's
+    identity to the commit record's digest; else what is wrong, naming the record."""
+    records, problem = read_chain(store_path, spec, store_id, manifest, committed_tokens)
+    return problem
+
+
+def read_chain(
+    store_path: Path, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
+) -> tuple[list[ShardRecord], str | None]:
+    """The shard records of the committed shards, and the first problem of the chain (None: it holds)."""
+    import math
+
+    if not isinstance(manifest, dict) or not all(
+        k in manifest for k in ("shards", "chain", "genesis", "meta")
+    ):
+        return [], "the commit record has no valid manifest entry"
+    shards = math.ceil(committed_tokens / spec.shard_tokens)
+    if manifest["shards"] != shards:
+        return [], (
+            f"the commit record's manifest covers {manifest['shards']} shards but its {committed_tokens} committed "
+            f"tokens fill {shards}"
+        )
+    if (
+        not isinstance(manifest["meta"], dict)
+        or genesis(str(store_id), spec.to_json(), manifest["meta"]) != (manifest["genesis"])
+    ):
+        return [], "the store's id or spec (zarr.json) is not the one its manifest was started with"
+    chain, records = str(manifest["genesis"]), []
+    for shard in range(shards):
+        path = record_path(store_path, shard)
+        try:
+            record = read_record(store_path, shard)
+        except FileNotFoundError:
+            return records, f"manifest record {path} is missing"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            return records, f"manifest record {path} is unreadable ({type(e).__name__}: {e})"
+        rows = min(spec.shard_tokens, committed_tokens - shard * spec.shard_tokens)
+        if next_chain(chain, record.body()) != record.chain:
+            return (
+                records,
+                f"manifest record {path} was edited or belongs to another store (its digest chain breaks)",
+            )
+        if record.rows != rows or sorted(record.arrays) != sorted(spec.array_keys):
+            return records, f"manifest record {path} does not describe {rows} rows of every array"
+        chain = record.chain
+        records.append(record)
+    if chain != manifest["chain"]:
+        return records, "the manifest records do not end at the commit record's digest"
+    return records, None
+
+
+UNSEALED = ("digest", "time")
+"""Fields of the commit record outside its digest ("time" differs between runs that are otherwise bit-identical)."""
+
+
+def seal(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The commit record with a "digest" of its fields, so that any edit of it is seen by verify."""
+    body = {k: v for k, v in record.items() if k not in UNSEALED}
+    return {**record, "digest": sha256_hex(canonical(body))}
+
+
+def is_sealed(record: Mapping[str, Any]) -> bool:
+    """Whether a commit record's "digest" matches its fields."""
+    return record.get("digest") == sha256_hex(
+        canonical({k: v for k, v in record.items() if k not in UNSEALED})
+    )
