@@ -436,7 +436,17 @@ class Store:
     def read_raw(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of an array in the stored dtype (bf16 as uint16 bits)."""
         self._check_range(start, stop)
+        # zarr reads an absent shard file as fill values (zeros): a lost file must be an error, never data.
+        for shard in range(start // self.spec.shard_tokens, math.ceil(stop / self.spec.shard_tokens)):
+            self._require_file(key, self.shard_path(key, shard))
         return self.array(key)[start:stop]
+
+    def _require_file(self, key: str, path: Path) -> None:
+        if not path.is_file():
+            raise StoreError(
+                f"{key}: committed shard file {path} is missing; run `actcache verify {self.path}`, then rerun the "
+                "harvest command to write it again"
+            )
 
     def read_acts(self, layer: int, site: str, start: int, stop: int, dtype: str = "float32") -> np.ndarray:
         """Rows [start, stop) decoded to float32 (default) or left in the stored dtype (dtype='stored')."""
@@ -485,8 +495,12 @@ class Store:
         offset, nbytes = (int(v) for v in index[j])
         if offset == 2**64 - 1:
             raise StoreError(f"{key} chunk {chunk} is missing from {path}; run `actcache verify {self.path}`")
-        with open(path, "rb") as f:
-            data = os.pread(f.fileno(), nbytes, offset)
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), nbytes, offset)
+        except FileNotFoundError:
+            self._require_file(key, path)
+            raise
         try:
             return decoder.decode(data)[: stop - start]
         except ValueError as e:
@@ -509,9 +523,13 @@ class Store:
         if cached is not None:
             return cached
         size = per_shard * 16 + 4
-        with open(path, "rb") as f:
-            f.seek(-size, os.SEEK_END)
-            tail = f.read(size)
+        self._require_file(key, path)
+        try:
+            with open(path, "rb") as f:
+                f.seek(-size, os.SEEK_END)
+                tail = f.read(size)
+        except OSError:  # shorter than its index: truncated
+            tail = b""
         index = parse_shard_index(tail, per_shard)
         if index is None:
             raise StoreError(f"shard index of {path} is damaged; run `actcache verify {self.path}`")

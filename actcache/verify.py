@@ -165,7 +165,11 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
 
 
 def _after_path(message: str, path: Path) -> str:
-    return message.split(": ", 1)[1] if message.startswith(str(path)) and ": " in message else message
+    """A reader's message about the commit record, without the file name (the report names it) and without the
+    advice to run verify."""
+    commit = str(path / COMMIT_FILE)
+    message = message.split("; run `actcache verify", 1)[0]
+    return message[len(commit) :].lstrip(": ") if message.startswith(commit) else message
 
 
 def _check_store_records(store: Store) -> tuple[BadRecord | None, list[ShardRecord] | None]:
