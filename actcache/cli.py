@@ -296,6 +296,8 @@ def info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
         st = Store.open(store)
     except StoreError as err:
         raise _fail(err) from None
+    except OSError as err:
+        raise _environment_fail(err) from None
     spec, n = st.spec, st.committed_tokens
     out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping of the table in logs and pipes
     out.print(
@@ -348,6 +350,8 @@ def verify(store: Path = typer.Argument(..., help="Store folder.")) -> None:
             )
     except StoreError as err:
         raise _fail(err) from None
+    except OSError as err:
+        raise _environment_fail(err) from None
     if not report.ok:
         typer.echo(f"{store}: {report}", err=True)
         raise typer.Exit(1)

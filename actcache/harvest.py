@@ -216,6 +216,11 @@ def _validate_numbers(cfg: HarvestConfig) -> None:
         raise HarvestError(f"--batch-size {cfg.batch_size} must be at least 1")
     if cfg.tokens is not None and cfg.tokens < 1:
         raise HarvestError(f"--tokens {cfg.tokens} must be positive (or omitted for the whole corpus)")
+    for name in ("chunk_tokens", "shard_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise HarvestError(f"{flag} {value} must be positive (or omitted for the planned size)")
 
 
 def plan_harvest(cfg: HarvestConfig) -> HarvestPlan:

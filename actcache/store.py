@@ -78,6 +78,10 @@ class StoreError(Exception):
     """Bad store input or state; the message names the problem and the fix (the CLI exits with code 2)."""
 
 
+class StoreDamaged(StoreError):
+    """The store's own metadata or commit record is damaged (verify reports it as corruption, exit code 1)."""
+
+
 def acts_key(layer: int, site: str) -> str:
     """Array key of one (layer, site): 'acts/resid_post/15'."""
     return f"acts/{site}/{int(layer)}"
@@ -234,7 +238,7 @@ def _read_root_attrs(path: Path) -> dict[str, Any]:
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {}).get("actcache")
     except (json.JSONDecodeError, OSError) as e:
-        raise StoreError(f"cannot read {meta}: {e}; the store's metadata is damaged") from None
+        raise StoreDamaged(f"cannot read {meta}: {e}; the store's metadata is damaged") from None
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a zarr group but not an actcache store (no actcache attributes)")
     version = attrs.get("format_version")
@@ -249,17 +253,17 @@ def _read_commit(path: Path) -> dict[str, Any]:
     """The commit record, checked for the fields every reader relies on (StoreError naming what is wrong)."""
     commit_path = path / COMMIT_FILE
     if not commit_path.exists():
-        raise StoreError(
+        raise StoreDamaged(
             f"{commit_path} is missing: nothing proves which rows of {path} are data; run `actcache verify {path}`, "
             "then harvest the store again (--overwrite)"
         )
     try:
         commit = json.loads(commit_path.read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-        raise StoreError(f"cannot read {commit_path}: {e}; the commit record is damaged") from None
+        raise StoreDamaged(f"cannot read {commit_path}: {e}; the commit record is damaged") from None
     tokens = commit.get("committed_tokens") if isinstance(commit, dict) else None
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        raise StoreError(
+        raise StoreDamaged(
             f"{commit_path} is damaged: committed_tokens is {tokens!r}, not a count >= 0; run `actcache verify {path}`"
         )
     return commit
@@ -320,7 +324,13 @@ class Store:
             raise StoreError(
                 f"store {path} does not exist; harvest one with `actcache harvest ... --out {path}`"
             )
-        return cls(path, _read_root_attrs(path))
+        attrs = _read_root_attrs(path)
+        try:
+            return cls(path, attrs)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a spec that does not parse
+            raise StoreDamaged(
+                f"the store metadata of {path} (zarr.json) is damaged ({type(e).__name__}: {e}); harvest it again"
+            ) from None
 
     def refresh(self) -> None:
         """Re-read the commit record (a store that is still being harvested grows)."""
@@ -331,7 +341,7 @@ class Store:
         self.manifest: dict[str, Any] | None = commit.get("manifest")
         """{"shards", "chain", "genesis", "meta"} (actcache/manifest.py); None for format-1 stores."""
         if self.committed_tokens > self.spec.tokens_target:
-            raise StoreError(
+            raise StoreDamaged(
                 f"{self.path / COMMIT_FILE} is damaged: {self.committed_tokens} committed tokens exceed the store's "
                 f"{self.spec.tokens_target} rows; run `actcache verify {self.path}`"
             )

@@ -26,7 +26,7 @@ import numpy as np
 
 from actcache.codecs import crc32c_matches
 from actcache.manifest import ShardRecord, is_sealed, meta_digests, read_chain
-from actcache.store import COMMIT_FILE, Store, StoreError, check_store_folder, parse_shard_index
+from actcache.store import COMMIT_FILE, Store, StoreDamaged, check_store_folder, parse_shard_index
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,12 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
     """Check the commit record, the manifest and every chunk below the committed tokens (module docstring);
     progress(done_chunks, total_chunks) after each shard. StoreError only when `path` is not a store at all."""
     path = Path(path)
-    check_store_folder(path)  # StoreError: missing, not a store, newer format
     try:
+        check_store_folder(path)  # StoreError: missing, not a store, newer format
         store = Store.open(path)
-    except StoreError as e:  # the commit record is missing, unreadable or out of range
-        return VerifyReport(False, 0, 0, 0, 0, BadRecord(str(path / COMMIT_FILE), _after_path(str(e), path)))
+    except StoreDamaged as e:  # the root metadata or the commit record is missing, unreadable or out of range
+        where = path / ("zarr.json" if "zarr.json" in str(e) else COMMIT_FILE)
+        return VerifyReport(False, 0, 0, 0, 0, BadRecord(str(where), _after_path(str(e), path)))
     bad_record, records = _check_store_records(store)
     if bad_record is not None:
         log.info("verify %s: %s", path, bad_record)

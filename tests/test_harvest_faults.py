@@ -250,3 +250,15 @@ def test_more_tokens_than_the_corpus_holds_is_said(tmp_path, tiny_llama_dir, tin
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     assert "warning: the corpus holds" in result.stderr and "fewer than --tokens 10,000,000" in result.stderr
+
+
+def test_bad_sizes_and_an_out_path_under_a_file(tmp_path, tiny_llama_dir, tiny_corpus):
+    out = tmp_path / "store"
+    for flag in ("--shard-tokens", "--chunk-tokens"):
+        args = _args(tiny_llama_dir, tiny_corpus, out)
+        args = [*args, flag, "0"] if flag not in args else args
+        args[args.index(flag) + 1] = "0"
+        _one_error_line(_invoke(*args), f"{flag} 0 must be positive")
+    (tmp_path / "afile").write_text("x")
+    _one_error_line(_invoke(*_args(tiny_llama_dir, tiny_corpus, tmp_path / "afile" / "store")), "afile")
+    assert not out.exists()

@@ -250,3 +250,19 @@ def test_info_on_a_damaged_commit_record_is_one_line(s: Path) -> None:
     assert "committed_tokens is None" in result.output
     report = verify_store(s)
     assert isinstance(report.bad, BadRecord) and report.bad.path == str(s / "commit.json")
+
+
+def test_damaged_root_metadata_is_corruption_not_bad_input(s: Path, tmp_path: Path) -> None:
+    root = s / "zarr.json"
+    original = root.read_text()
+    root.write_text("{")
+    _assert_corrupt(s, "zarr.json", "metadata is damaged")
+    root.write_text(original)
+    _edit_json(root, lambda d: d["attributes"]["actcache"]["spec"].pop("d_model"))
+    _assert_corrupt(s, "zarr.json", "damaged")
+    # Not a store at all, or no such folder: bad input (exit 2), not corruption.
+    code, lines = _verify_cli(tmp_path / "nothing")
+    assert code == 2 and "does not exist" in lines[0]
+    (tmp_path / "plain").mkdir()
+    code, lines = _verify_cli(tmp_path / "plain")
+    assert code == 2 and "not an actcache store" in lines[0]
