@@ -123,6 +123,8 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
             part = part.strip()
             lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
             if sep:
+                if int(hi) < int(lo):
+                    raise SiteError(f"bad --layers range {part!r}: write it low-high, e.g. {hi}-{lo}")
                 layers.update(range(int(lo), int(hi) + 1))
             else:
                 index = int(part)

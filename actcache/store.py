@@ -175,7 +175,20 @@ class StoreSpec:
     def diff(self, other: StoreSpec) -> list[str]:
         """Names of the fields that differ, each with both values."""
         a, b = self.to_json(), other.to_json()
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+        out = []
+        for k in a:
+            if a[k] == b[k]:
+                continue
+            if isinstance(a[k], dict) and isinstance(b[k], dict):  # harvest_config: only the keys that differ
+                keys = sorted(set(a[k]) | set(b[k]))
+                out += [
+                    f"{k}.{sub}: {a[k].get(sub)!r} != {b[k].get(sub)!r}"
+                    for sub in keys
+                    if a[k].get(sub) != b[k].get(sub)
+                ]
+            else:
+                out.append(f"{k}: {a[k]!r} != {b[k]!r}")
+        return out
 
 
 def plan_chunks(d_model: int, context: int, dtype: str = "bfloat16", n_arrays: int = 1) -> tuple[int, int]:

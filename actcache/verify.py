@@ -223,12 +223,12 @@ def _shard_problem(
     if not shard_path.is_file():
         return 0, "shard file missing"
     data = shard_path.read_bytes()
-    if recorded is not None and len(data) != recorded[0]:
-        return (
-            0,
-            f"shard file has {len(data)} bytes, the manifest records {recorded[0]} (truncated or replaced)",
-        )
     problem = _check_shard(data, per_shard, wanted)
+    if recorded is not None and len(data) != recorded[0]:
+        size = f"shard file has {len(data)} bytes, the manifest records {recorded[0]}"
+        if problem is None:
+            return 0, f"{size}: a valid shard, but not the one committed here (the file was replaced)"
+        return problem[0], f"{size} (truncated or overwritten: {problem[1]})"
     if problem is not None:
         return problem
     if recorded is not None:
