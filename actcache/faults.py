@@ -8,11 +8,14 @@ from __future__ import annotations
 import errno
 
 _FAULTS: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("no space left on the device", "free space"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
-    errno.EROFS: ("the file system is read-only", "write to a writable folder"),
-    errno.EACCES: ("permission denied", "write to a folder you may write to, or fix its permissions"),
-    errno.EPERM: ("operation not permitted", "write to a folder you may write to, or fix its permissions"),
+    errno.ENOSPC: ("no space left on the device", "free space or choose another folder"),
+    errno.EDQUOT: ("no space left: over quota", "free space or raise the quota"),
+    errno.EROFS: ("read-only file system", "write to a folder on a writable disk"),
+    errno.EACCES: ("no permission", "choose a folder you can write to, or fix its permissions"),
+    errno.EPERM: (
+        "no permission (operation not permitted)",
+        "choose a folder you can write to, or fix its permissions",
+    ),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
     errno.ENOMEM: ("out of memory", "use smaller batches or a larger machine"),
     errno.EIO: ("an input/output error from the disk", "check the disk (dmesg), then retry"),
@@ -23,11 +26,13 @@ _FAULTS: dict[int, tuple[str, str]] = {
 }
 
 
-def environment_fault(err: BaseException) -> tuple[str, str] | None:
-    """(what happened, including the file; what to do) for an OSError with an errno (the environment), else None."""
-    if not isinstance(err, OSError) or err.errno is None:
+def environment_fault(err: BaseException, code: int | None = None) -> tuple[str, str] | None:
+    """(what happened, including the file; what to do) for an OSError with an errno (the environment), else None.
+    `code`: the errno when the error carries it only in its message (safetensors, pyarrow)."""
+    code = code if code is not None else getattr(err, "errno", None)
+    if not isinstance(err, OSError) or not isinstance(code, int):
         return None
-    what, fix = _FAULTS.get(err.errno, (err.strerror or type(err).__name__, "check the path and retry"))
+    what, fix = _FAULTS.get(code, (err.strerror or type(err).__name__, "check the path and retry"))
     where = err.filename if err.filename is not None else ""
     return (f"{what} ({where})" if where else what), fix
 

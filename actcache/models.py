@@ -215,7 +215,7 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ModelError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ModelError(f"unknown --device {device}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:

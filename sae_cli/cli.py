@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import shutil
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,48 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         KeyError,
         ValueError,
     )
+
+
+def environment_message(err: OSError) -> str:
+    """One line with the fix for an environment fault (actcache.faults: a full disk or quota, a read-only or
+    unwritable folder, ...), or for a file missing from a store (the reader raises it from a worker thread)."""
+    from actcache.faults import environment_fault
+    from actcache.store import is_store
+
+    from .io import os_errno
+
+    code, path = os_errno(err), err.filename
+    if code == errno.ENOENT and path:
+        store = next((p for p in Path(path).parents if p.name and is_store(p)), None)
+        if store is not None:
+            return f"store {store} is missing {path}; run `actcache verify {store}` (and harvest again)"
+    fault = environment_fault(err, code)
+    if fault is None:
+        return str(err.strerror or err)
+    what, fix = fault
+    return f"{what}; {fix}"
+
+
+@contextlib.contextmanager
+def cli_errors(*extra: type[BaseException], hint: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """The one place where a `sae` command turns an expected failure into `error: ...` (one line, exit 2, no
+    traceback): bad input (`_bad_input_errors`, plus `extra`) and environment faults (any OSError:
+    `environment_message`). `hint()` is added after an environment fault (e.g. how to resume)."""
+    try:
+        yield
+    except (*_bad_input_errors(), *extra) as e:
+        raise _fail(e) from None
+    except OSError as e:
+        raise _fail(environment_message(e) + hint()) from None
+
+
+def _resume_hint(out: Path | None, command: str) -> str:
+    """'; continue with: sae train --out RUN --resume' when `out` holds a checkpoint, else ''."""
+    from .trainer import CHECKPOINT_DIR
+
+    if out is not None and (out / CHECKPOINT_DIR / "state.json").is_file():
+        return f"; the last checkpoint is kept: continue with `{command} --out {out} --resume`"
+    return ""
 
 
 def _fail(err: BaseException | str) -> typer.Exit:
@@ -140,6 +185,12 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     is_run = out.is_dir() and any((out / n).exists() for n in ours)
     if not is_run:
         raise ConfigError(f"{out} exists and is not an sae run; choose another --out")
+    if _never_checkpointed(out):  # killed or failed before its first checkpoint: nothing to keep
+        if resume:
+            raise ConfigError(
+                f"the run in {out} stopped before its first checkpoint: nothing to resume; rerun without --resume"
+            )
+        return
     if resume:
         if not (out / CHECKPOINT_DIR / "state.json").is_file():
             raise ConfigError(f"{out} has no checkpoint to resume from; pass --overwrite to start over")
@@ -148,6 +199,20 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
+
+
+def _never_checkpointed(out: Path) -> bool:
+    """A run folder whose start wrote train_config.json but neither a checkpoint nor a trained SAE."""
+    from .trainer import CHECKPOINT_DIR
+
+    return not (out / CHECKPOINT_DIR / "state.json").is_file() and not (out / "cfg.json").is_file()
+
+
+def _discard_failed_start(out: Path) -> None:
+    """After a fresh start failed: remove the run folder if it never reached its first checkpoint (a plain rerun
+    then starts cleanly); a folder with a checkpoint stays for --resume."""
+    if out.is_dir() and _never_checkpointed(out):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @app.command()
@@ -178,7 +243,7 @@ def train(
 ) -> None:
     """Train one SAE on one (layer, site) of a store."""
     cli = {k: v for k, v in locals().items() if k not in ("resume", "overwrite", "config")}
-    try:
+    with cli_errors(hint=lambda: _resume_hint(out, "sae train")):
         toml_out = _read_toml(config).get("out") if config is not None else None
         out = out or (Path(toml_out) if toml_out else None)
         if out is None:
@@ -186,8 +251,6 @@ def train(
         flat = _resolve_flat(cli, config, out, resume)
         cfg = TrainConfig.from_flat(flat)
         _train(cfg, out, resume, overwrite)
-    except _bad_input_errors() as e:
-        raise _fail(e) from None
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
@@ -195,22 +258,33 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
     from . import data
     from .io import read_json, write_json_atomic
     from .registry import get_variant
-    from .trainer import Trainer, check_memory, input_scale, plan_member
+    from .trainer import (
+        Trainer,
+        check_l0_targets,
+        check_memory,
+        check_variant_options,
+        input_scale,
+        plan_member,
+    )
 
     member = cfg.member
     get_variant(member.variant)  # unknown name -> KeyError naming the choices
+    dev = torch.device(_device(cfg.loop.device))
     store = data.open_store(cfg.store)
     key = (member.layer, member.site)
     data.check_keys(store, [key])
     _prepare_out(out, resume, overwrite)
     saved = read_json(out / TRAIN_CONFIG_FILE)["resolved"] if resume else None
-    (train_range, calib_range, eval_range), loop = data.plan_ranges(store, cfg.loop, saved)
+    ranges, loop = data.plan_ranges(store, cfg.loop, saved)
+    train_range, calib_range, eval_range = ranges
+    identity = data.run_identity(store, ranges, saved, f"the run in {out}")  # resume: refuses another store
     n_tokens = loop.tokens
     plan = plan_member(member, store.d_model, out, steps=math.ceil(n_tokens / loop.batch_size))
-    get_variant(plan.sae_cfg.variant)(plan.sae_cfg)  # validates the variant's options
-    dev = torch.device(_device(loop.device))
+    check_l0_targets([plan])
     reader_bytes = 2 * loop.mix_chunks * store.spec.chunk_tokens * store.d_model * 4
-    need = check_memory([plan], loop, dev, reader_bytes)
+    need = check_memory([plan], loop, dev, reader_bytes)  # before any SAE is built
+    check_variant_options([plan])
+    recorded = {"store_identity": identity} if identity is not None else {}
     resolved = {
         "d_in": store.d_model,
         "d_sae": plan.sae_cfg.d_sae,
@@ -224,6 +298,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         "eval_range": list(eval_range),
         "device": str(dev),
         "memory_estimate_bytes": need,
+        **recorded,
     }
     summary = {
         "store": str(store.path),
@@ -234,29 +309,36 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
         "eval_range": list(eval_range),
         "drop_bos": loop.drop_bos,
         "normalize": loop.normalize,
+        **recorded,
     }
     reader = data.train_reader(store, [key], loop, train_range)
     trainer = Trainer([plan], loop, reader, out, n_tokens, device=dev, extra_summary=summary)
     if resume:
         # refuses another variant or shape before anything is written
-        trainer.resume(data.calibration_sample(store, [key], loop, train_range, calib_range))
+        trainer.resume(data.calibration_sample(store, [key], loop, train_range, calib_range, finite=True))
     else:
         scales = {key: data.store_scale(store, key)} if loop.normalize == "store" else None
-        sample = data.sample(store, [key], loop, train_range)
+        sample = data.sample(store, [key], loop, train_range, finite=True)
         if loop.normalize == "none":
             scales = {key: 1.0}
-        trainer.start(
-            sample, scales, data.calibration_sample(store, [key], loop, train_range, calib_range, sample)
+        calibration = data.calibration_sample(
+            store, [key], loop, train_range, calib_range, sample, finite=True
         )
+        trainer.start(sample, scales, calibration)
         if loop.normalize == "sample":
             c = input_scale(sample[key])
             console.print(f"input scale c = {c:.4g} (E||c x||^2 = 1 on {len(sample[key])} tokens)")
         if out.exists():
             shutil.rmtree(out)  # --overwrite of a run (_prepare_out refused anything else)
         out.mkdir(parents=True)
-    write_json_atomic(out / TRAIN_CONFIG_FILE, {"config": cfg.to_flat(), "resolved": resolved})
-    _header(cfg, loop, plan, resolved)
-    result = _run_live(trainer)
+    try:
+        write_json_atomic(out / TRAIN_CONFIG_FILE, {"config": cfg.to_flat(), "resolved": resolved})
+        _header(cfg, loop, plan, resolved)
+        result = _run_live(trainer)
+    except BaseException:
+        if not resume:
+            _discard_failed_start(out)
+        raise
     if result.status != "done":
         console.print(
             f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
@@ -271,10 +353,16 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _device(name: str) -> str:
+    """The torch device of --device ('auto': cuda if available, else cpu), checked to exist on this machine
+    (actcache.models.check_device; ConfigError naming the fix) before anything is read or written."""
+    from actcache.models import ModelError, check_device
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available; use --device cpu")
+    try:
+        check_device(name)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
     return name
 
 
@@ -347,11 +435,15 @@ def _run_live(trainer: Any) -> Any:
                     )
 
         trainer.callback = callback
-        with stop_on_signals() as should_stop:
-            trainer.should_stop = should_stop
-            result = trainer.run()
-    if not console.is_terminal:
-        console.print()  # the last live frame ends without a newline when not on a terminal
+        try:
+            with stop_on_signals() as should_stop:
+                trainer.should_stop = should_stop
+                result = trainer.run()
+        finally:
+            if not console.is_terminal:
+                # The last live frame ends without a newline when not on a terminal (an error line follows it).
+                live.stop()
+                console.print()
     return result
 
 
@@ -375,9 +467,10 @@ def eval_cmd(
     batch_size: int = typer.Option(4096, help="Tokens per SAE batch."),
 ) -> None:
     """Evaluate an SAE on its store's held-out tokens (and, with the model, splice it into the LM)."""
-    from .evaluate import DENSITY_PNG, EVAL_FILE, evaluate
+    from .evaluate import DENSITY_PNG, EVAL_FILE, check_eval_options, evaluate
 
-    try:
+    with cli_errors():
+        check_eval_options(tokens, lm_tokens, batch_size)
         dev = _device(device)
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
@@ -400,8 +493,6 @@ def eval_cmd(
                 batch_size=batch_size,
                 progress=report,
             )
-    except _bad_input_errors() as e:
-        raise _fail(e) from None
     out_console.print(_eval_table(result))
     console.print(f"wrote {run / EVAL_FILE} and {run / DENSITY_PNG}")
 

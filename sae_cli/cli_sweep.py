@@ -3,6 +3,7 @@ Registered into sae_cli/cli.py's `app` by `register(app)`; prints (rich), the li
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,9 @@ def sweep(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the sweep in --out."),
 ) -> None:
     """Train variants x L0 targets x widths (x layers x sites) in one loop; evaluate, tabulate, plot."""
-    from .cli import _bad_input_errors, _device, _fail, _run_live, console
+    from .cli import _device, _resume_hint, _run_live, cli_errors, console
     from .config import ConfigError
+    from .evaluate import check_eval_options
     from .sweep import (
         SweepConfig,
         SweepError,
@@ -76,9 +78,12 @@ def sweep(
         saved_config,
     )
 
-    try:
-        if resume:  # the saved member set and loop; only the device and the evaluation options apply
+    with cli_errors(SweepError, hint=lambda: _resume_hint(out, "sae sweep")):
+        check_eval_options(0, lm_tokens, 1)
+        if resume:  # the saved member set and loop; the device, the evaluation options and --store apply
             cfg = saved_config(out)
+            if store is not None:  # a moved store; data.run_identity refuses any other one
+                cfg = dataclasses.replace(cfg, store=store)
         else:
             if store is None:
                 raise ConfigError("no store given: pass --store PATH")
@@ -101,8 +106,6 @@ def sweep(
         prep = prepare_sweep(cfg, out, device=dev, resume=resume, overwrite=overwrite)
         _header(prep)
         result = run_training(prep, _run_live)
-    except (*_bad_input_errors(), SweepError) as e:
-        raise _fail(e) from None
     if result.status != "done":
         console.print(
             f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
@@ -110,12 +113,10 @@ def sweep(
         )
         raise typer.Exit(130)
     console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
-    if not no_eval:
-        try:
+    with cli_errors(SweepError):
+        if not no_eval:
             _evaluate(prep, with_model=not no_model, lm_tokens=lm_tokens)
-        except (*_bad_input_errors(), SweepError) as e:
-            raise _fail(e) from None
-    _finish(out)
+        _finish(out)
 
 
 def _header(prep: Any) -> None:
@@ -206,12 +207,10 @@ def pareto(
     device: str = typer.Option("auto", help="Torch device for --eval."),
 ) -> None:
     """Rebuild a sweep's summary table and Pareto plots (L0 vs FVU, L0 vs delta LM loss) from its members."""
-    from .cli import _bad_input_errors, _device, _fail
+    from .cli import _device, cli_errors
     from .sweep import SweepError, evaluate_missing
 
-    try:
+    with cli_errors(SweepError):
         if eval_:
             evaluate_missing(sweep_dir, with_model=not no_model, device=_device(device))
         _finish(sweep_dir)
-    except (*_bad_input_errors(), SweepError) as e:
-        raise _fail(e) from None

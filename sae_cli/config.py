@@ -62,6 +62,19 @@ class MemberConfig:
     name: str = ""
     """Member name (sub-folder in a sweep); default derived from variant, width and L0 target."""
 
+    def validate(self) -> None:
+        """ConfigError (one line, naming the option) for a value that is accepted by its type but meaningless."""
+        _check_finite(self, ("l0_target", "lr", "sparsity_coef"))
+        if self.l0_target <= 0:
+            raise ConfigError(f"--l0-target must be positive, got {self.l0_target:g}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr must be a positive number, got {self.lr:g}")
+        if self.sparsity_coef is not None and self.sparsity_coef < 0:
+            raise ConfigError(
+                f"--sparsity-coef must be >= 0, got {self.sparsity_coef:g} (a negative coefficient rewards density)"
+            )
+        resolve_width(self.width, 1)  # syntax check only
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -124,6 +137,59 @@ class LoopConfig:
     """On CPU, train the members of a sweep concurrently, each on one intra-op thread (False: one after another,
     each with every thread)."""
 
+    def validate(self) -> None:
+        """ConfigError (one line, naming the option) for a value that is accepted by its type but meaningless;
+        runs before anything is allocated or written."""
+        floats = (
+            "decay_fraction",
+            "l0_trim_fraction",
+            "sparsity_warmup_fraction",
+            "grad_clip",
+            "max_norm_ratio",
+        )
+        _check_finite(self, floats)
+        for name in NON_NEGATIVE_INTS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in POSITIVE_INTS:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.autocast not in ("none", "bf16"):
+            raise ConfigError(f"autocast must be none or bf16, got {self.autocast!r}")
+        if self.normalize not in ("sample", "store", "none"):
+            raise ConfigError(f"normalize must be sample, store or none, got {self.normalize!r}")
+        fractions = (self.decay_fraction, self.sparsity_warmup_fraction, self.l0_trim_fraction)
+        if not all(0 <= f <= 1 for f in fractions):
+            raise ConfigError(
+                "decay_fraction, sparsity_warmup_fraction and l0_trim_fraction must lie in [0, 1]"
+            )
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip:g}")
+        if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
+            raise ConfigError(
+                f"--max-norm-ratio must be 0 (keep every token) or above 1 (a multiple of the median norm), got "
+                f"{self.max_norm_ratio:g}"
+            )
+
+
+NON_NEGATIVE_INTS = ("tokens", "batch_size", "seed", "eval_tokens", "checkpoint_every", "calibration_tokens",
+                     "warmup_steps", "dead_window_tokens")  # fmt: skip
+"""LoopConfig ints where 0 means automatic / off and a negative value means nothing."""
+POSITIVE_INTS = ("norm_sample_tokens", "log_every", "mix_chunks", "threads")
+"""LoopConfig ints that must be at least 1."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_finite(cfg: Any, names: tuple[str, ...]) -> None:
+    """ConfigError for a NaN or infinite float option (typer and TOML both accept 'nan' and 'inf')."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(name)} must be a finite number, got {value}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -158,25 +224,8 @@ class TrainConfig:
         return {"store": self.store, **dataclasses.asdict(self.member), **dataclasses.asdict(self.loop)}
 
     def validate(self) -> None:
-        loop, m = self.loop, self.member
-        if loop.batch_size < 0:
-            raise ConfigError(f"batch_size must be positive (or 0: automatic), got {loop.batch_size}")
-        if min(loop.tokens, loop.eval_tokens, loop.checkpoint_every, loop.calibration_tokens) < 0:
-            raise ConfigError("tokens, eval_tokens, checkpoint_every and calibration_tokens must be >= 0")
-        if loop.autocast not in ("none", "bf16"):
-            raise ConfigError(f"autocast must be none or bf16, got {loop.autocast!r}")
-        if loop.normalize not in ("sample", "store", "none"):
-            raise ConfigError(f"normalize must be sample, store or none, got {loop.normalize!r}")
-        fractions = (loop.decay_fraction, loop.sparsity_warmup_fraction, loop.l0_trim_fraction)
-        if not all(0 <= f <= 1 for f in fractions):
-            raise ConfigError(
-                "decay_fraction, sparsity_warmup_fraction and l0_trim_fraction must lie in [0, 1]"
-            )
-        if m.l0_target <= 0:
-            raise ConfigError(f"l0_target must be positive, got {m.l0_target}")
-        if m.lr is not None and not (m.lr > 0 and math.isfinite(m.lr)):
-            raise ConfigError(f"lr must be a positive number, got {m.lr}")
-        resolve_width(m.width, 1)  # syntax check only
+        self.member.validate()
+        self.loop.validate()
 
 
 DEFAULT_BATCH, MIN_AUTO_BATCH, BATCHES_PER_EPOCH = 4096, 1024, 32
@@ -206,7 +255,7 @@ def resolve_width(width: str | int, d_in: int) -> int:
             d_sae = int(round(mult * d_in))
         else:
             d_sae = int(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(
             f"bad width {width!r}: give a number of latents (16384) or a multiple (8x)"
         ) from None

@@ -42,6 +42,36 @@ def check_keys(store: Store, keys: list[Key]) -> None:
             raise DataError(str(e)) from None
 
 
+def run_identity(
+    store: Store, ranges: tuple[tuple[int, int], ...], resumed: dict | None = None, what: str = "the run"
+) -> dict | None:
+    """The store identity a run records: at a fresh start (`resumed` None), `Store.identity` up to the end of the
+    last range the run reads. Resumed (`resumed`: what the run recorded, train_config.json's "resolved" or
+    sweep.json): its "store_identity" after checking that `store` is that store (DataError naming both), or None
+    for a run recorded before identities existed (not checked)."""
+    try:
+        if resumed is None:  # the absolute path: the error on a mismatch names it wherever the run is resumed
+            return {**store.identity(max(hi for _, hi in ranges)), "path": str(Path(store.path).resolve())}
+        recorded = resumed.get("store_identity")
+        store.check_identity(recorded, what)
+        return recorded
+    except StoreError as e:
+        raise DataError(str(e)) from None
+
+
+def check_finite(x_BD: Tensor, index_B: Tensor | None, store: Store, key: Key) -> None:
+    """DataError naming the array and the store token when a batch read from `store` holds NaN/Inf."""
+    ok_B = torch.isfinite(x_BD).all(dim=1)
+    if bool(ok_B.all()):
+        return
+    bad = int((~ok_B).nonzero()[0, 0])
+    where = f" at store token {int(index_B[bad])}" if index_B is not None else ""
+    raise DataError(
+        f"{store.path} holds NaN/Inf in acts/{key[1]}/{key[0]}{where}; run `actcache verify {store.path}`; if it "
+        "passes, the model wrote them: harvest again in fp32"
+    )
+
+
 def default_eval_tokens(store: Store) -> int:
     """10 % of the store (at most 1M tokens), at least one window, whole windows."""
     ctx = store.spec.context
@@ -118,13 +148,17 @@ def calibration_sample(
     train_range: tuple[int, int],
     calibration_range: tuple[int, int],
     norm_sample: dict[Key, Tensor] | None = None,
+    *,
+    finite: bool = False,
 ) -> dict[Key, Tensor]:
     """The tokens `Trainer` calibrates on: all of the held-back range (BOS / outlier filters as in training), or,
     when it is empty, the normalisation sample: `norm_sample` when the caller has it, else read again (`sample`
-    is seeded: the same on --resume)."""
+    is seeded: the same on --resume). `finite`: DataError naming the array and token at a NaN/Inf (check_finite)."""
     lo, hi = calibration_range
     if hi <= lo:
-        return norm_sample if norm_sample is not None else sample(store, keys, loop, train_range)
+        return (
+            norm_sample if norm_sample is not None else sample(store, keys, loop, train_range, finite=finite)
+        )
     reader = ActivationReader(
         store,
         keys,
@@ -139,9 +173,11 @@ def calibration_sample(
     parts: dict[Key, list[Tensor]] = {k: [] for k in keys}
     for batch in reader:
         for k in keys:
+            if finite:
+                check_finite(batch.acts[k], batch.index, store, k)
             parts[k].append(batch.acts[k])
     if not parts[keys[0]]:
-        return sample(store, keys, loop, train_range)
+        return sample(store, keys, loop, train_range, finite=finite)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -169,10 +205,11 @@ def train_reader(
 
 
 def sample(
-    store: Store, keys: list[Key], loop: LoopConfig, token_range: tuple[int, int]
+    store: Store, keys: list[Key], loop: LoopConfig, token_range: tuple[int, int], *, finite: bool = False
 ) -> dict[Key, Tensor]:
     """About `norm_sample_tokens` shuffled training tokens per key (another seed than training's stream), the
-    same tokens the training sees (BOS / outlier filters applied): the normalisation and init sample."""
+    same tokens the training sees (BOS / outlier filters applied): the normalisation and init sample. `finite`:
+    DataError naming the array and the store token at a NaN/Inf (check_finite) instead of a NaN scale."""
     n = loop.norm_sample_tokens
     reader = ActivationReader(
         store,
@@ -191,6 +228,8 @@ def sample(
     got = 0
     for batch in reader:
         for k in keys:
+            if finite:
+                check_finite(batch.acts[k], batch.index, store, k)
             parts[k].append(batch.acts[k])
         got += len(batch.index)
         if got >= n:
@@ -205,6 +244,11 @@ def sample(
 def store_scale(store: Store, key: Key) -> float:
     """c from the store's running statistics (all tokens, BOS included: massive BOS norms make it small)."""
     msn = float(store.stats(*key)["mean_sq_norm"])
+    if not math.isfinite(msn):
+        raise DataError(
+            f"the statistics of acts/{key[1]}/{key[0]} in {store.path} are {msn} (the data holds NaN/Inf); run "
+            f"`actcache verify {store.path}`"
+        )
     if not msn > 0:
         raise DataError(f"the store has no statistics for layer {key[0]} {key[1]}; use normalize = sample")
     return 1.0 / math.sqrt(msn)
@@ -220,6 +264,7 @@ def eval_batches(
     seen = 0
     for batch in reader:
         x_BD = batch.acts[key]
+        check_finite(x_BD, batch.index, store, key)
         if max_tokens:
             x_BD = x_BD[: max_tokens - seen]
         seen += len(x_BD)

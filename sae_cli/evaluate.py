@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from . import io
-from .data import DataError, eval_batches, lm_windows, open_store
+from .config import ConfigError
+from .data import DataError, eval_batches, lm_windows, open_store, run_identity
 from .metrics import ReconstructionMetrics, density_histogram, save_density_png
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,22 @@ def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[i
     if "eval_range" not in training:
         raise DataError("the run records no held-out range (trained by another tool?); cannot evaluate it")
     lo, hi = (int(v) for v in training["eval_range"])
+    run_identity(store, (), training, "this SAE")
     if training.get("store_model") not in (None, store.spec.model) or hi > store.committed_tokens:
         raise DataError(
             f"{store.path} is not the store this SAE was trained on (model {training.get('store_model')!r}, "
             f"{training.get('store_tokens')} tokens); pass that store with --store"
         )
     return first_windows((lo, hi), tokens, store.spec.context)
+
+
+def check_eval_options(tokens: int = 0, lm_tokens: int = 0, batch_size: int = 1) -> None:
+    """ConfigError for a negative --tokens / --lm-tokens (0: all) or a --batch-size below 1."""
+    for flag, value in (("--tokens", tokens), ("--lm-tokens", lm_tokens)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0 (0: every held-out token), got {value}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def evaluate(
@@ -59,6 +70,7 @@ def evaluate(
     for the LM metrics, which cost three model passes per window (0: as `tokens`). `model`: the store's LM,
     already loaded on `device` (a sweep evaluates many SAEs with one load). `lm`: the LM metrics, already
     computed on `lm_range(...)` of this run (a sweep computes them for all its members at once)."""
+    check_eval_options(tokens, lm_tokens, batch_size)
     run = Path(run)
     cfg = io.read_cfg(run)
     training = cfg.get("training", {})
@@ -101,7 +113,7 @@ def evaluate(
                 lm_windows_per_batch, report, model,
             )[0]  # fmt: skip
         result.update(lm)
-    io.write_json_atomic(run / EVAL_FILE, result)
+    io.write_json_atomic(run / EVAL_FILE, io.json_safe(result))  # an undefined metric is null, never NaN
     return result
 
 

@@ -11,9 +11,12 @@ An SAE folder holds
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +42,82 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`, then os.replace it onto `path`; on any failure (a full disk, a
+    read-only folder) the temporary file is removed and the old `path` is left as it was, and an OSError names
+    `path` (pyarrow's name no file)."""
+    tmp = _tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        code = os_errno(e) if isinstance(e, OSError) else None
+        if code is not None and e.filename in (None, str(tmp)):  # name the file the user knows, not the tmp
+            raise OSError(code, os.strerror(code), str(path)) from None
+        raise
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Readers see the old or the new file, never a torn one (tmp + fsync + os.replace)."""
     path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=_json_default)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_tensors_atomic(
     path: str | Path, tensors: Mapping[str, Tensor], metadata: dict | None = None
 ) -> None:
+    """As write_json_atomic, for a safetensors file. An I/O failure is an OSError with its errno (safetensors
+    raises its own error type, whose message carries the OS error number)."""
     path = Path(path)
-    tmp = _tmp_path(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
+            )
+        except Exception as e:
+            code = os_errno(e)
+            if code is None or isinstance(e, OSError):
+                raise
+            raise OSError(code, os.strerror(code), str(path)) from None
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The OS error number of `err`: its errno, or the one its message names ('os error 28', '[errno 28]'), as
+    safetensors and pyarrow report I/O failures; None if there is none."""
+    code = getattr(err, "errno", None)
+    if isinstance(code, int):
+        return code
+    found = re.search(r"(?:os error|errno) (\d+)", str(err), re.IGNORECASE)
+    return int(found.group(1)) if found else None
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN/Inf float replaced by None (JSON null): a bare NaN is not valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def non_finite(tensors: Mapping[str, Tensor]) -> str | None:
+    """'NAME (n of N values)' for the first floating-point tensor that holds NaN/Inf, None when all are finite."""
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"{name} ({bad} of {t.numel()} values)"
+    return None
 
 
 def read_json(path: str | Path) -> Any:
@@ -102,7 +161,7 @@ def save_sae(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "sae": sae.cfg.to_dict(),
-        "training": dict(training or {}),
+        "training": json_safe(dict(training or {})),
     }
     write_json_atomic(folder / CFG_FILE, cfg)
     return folder
@@ -130,6 +189,12 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     except KeyError as e:
         raise SAEFileError(f"{folder}: {e.args[0]}") from None
     state = read_tensors(folder / WEIGHTS_FILE)
+    bad = non_finite(state)
+    if bad is not None:
+        raise SAEFileError(
+            f"{folder / WEIGHTS_FILE} holds NaN/Inf in tensor {bad}; the SAE is damaged: train it again (or "
+            "resume its run from a good checkpoint)"
+        )
     try:
         sae.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -151,7 +151,10 @@ def save_density_png(freq_F: Tensor | np.ndarray, path: str | Path, title: str =
     ax.set_ylabel("latents")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    from .io import atomic_path
+
+    try:
+        with atomic_path(Path(path)) as tmp:  # a failed write leaves no temporary file and names `path`
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

@@ -32,8 +32,17 @@ import torch
 
 from . import data, io
 from .config import ConfigError, LoopConfig, MemberConfig, resolve_width
-from .registry import get_variant, variant_names
-from .trainer import MemberPlan, Trainer, TrainResult, available_memory, estimate_memory, plan_member
+from .registry import variant_names
+from .trainer import (
+    MemberPlan,
+    Trainer,
+    TrainResult,
+    available_memory,
+    check_l0_targets,
+    check_variant_options,
+    estimate_memory,
+    plan_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +109,10 @@ class SweepConfig:
                 raise ConfigError(f"unknown SAE variant {v!r}; choose from {', '.join(sorted(known))}")
         for k in self.l0_targets:
             if not (k > 0 and math.isfinite(k)):
-                raise ConfigError(f"L0 target {k} must be a positive number")
+                raise ConfigError(f"--l0-target {k} must be a positive number")
         for w in self.widths:
             resolve_width(w, 1)  # syntax only
-        if self.loop.batch_size < 0 or self.loop.tokens < 0:
-            raise ConfigError("batch size and tokens must be >= 0 (0: automatic, as `sae train`)")
+        self.loop.validate()  # every numeric option, as `sae train` (0: automatic batch size and tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "loop": dataclasses.asdict(self.loop)}
@@ -218,6 +226,8 @@ class PreparedSweep:
     memory_bytes: int
     memory_free: int | None
     resume: bool
+    identity: dict[str, Any] | None = None
+    """The store's identity as the sweep recorded it (data.run_identity); None for sweeps made before."""
     sample: dict[Key, torch.Tensor] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -230,6 +240,12 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         return
     if not (out / SWEEP_FILE).is_file():
         raise SweepError(f"{out} exists and is not a sweep folder; choose another --out")
+    if _never_checkpointed(out):  # killed or failed before its first checkpoint: nothing to keep
+        if resume:
+            raise SweepError(
+                f"the sweep in {out} stopped before its first checkpoint: nothing to resume; rerun without --resume"
+            )
+        return
     if resume:
         if not (out / "checkpoint" / "state.json").is_file():
             raise SweepError(f"{out} has no checkpoint to resume from; pass --overwrite to start over")
@@ -238,6 +254,13 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise SweepError(
             f"{out} already holds a sweep; pass --resume to continue it or --overwrite to replace it"
         )
+
+
+def _never_checkpointed(out: Path) -> bool:
+    """A sweep folder whose start wrote sweep.json but neither a checkpoint nor a trained member."""
+    return not (out / "checkpoint" / "state.json").is_file() and not any(
+        (out / MEMBERS_DIR).glob(f"*/{io.CFG_FILE}")
+    )
 
 
 def prepare_sweep(
@@ -258,18 +281,17 @@ def prepare_sweep(
     keys = [(layer, site) for layer in cfg.layers for site in cfg.sites]
     data.check_keys(store, keys)
     requested = dataclasses.replace(cfg.loop, tokens=tokens or cfg.loop.tokens)
-    saved = None
-    if resume:
-        if not (out / SWEEP_FILE).is_file():
-            raise SweepError(f"nothing to resume in {out}; start without --resume")
-        saved = io.read_json(out / SWEEP_FILE)
-    (train_range, calib_range, eval_range), loop = data.plan_ranges(store, requested, saved)
+    _prepare_out(out, resume, overwrite)  # checks only; nothing is written before start_training
+    saved = io.read_json(out / SWEEP_FILE) if resume else None
+    ranges, loop = data.plan_ranges(store, requested, saved)
+    train_range, calib_range, eval_range = ranges
+    identity = data.run_identity(store, ranges, saved, f"the sweep in {out}")  # resume: refuses another store
     plans = plan_sweep(cfg, store.d_model, out, steps=math.ceil(loop.tokens / loop.batch_size))
+    check_l0_targets(plans)
     dev = torch.device(device)
+    # The memory check comes before any SAE is built; the variants then check their options on the meta device.
     need, free = check_sweep_memory(plans, loop, dev, reader_bytes(store, keys, loop))
-    for p in plans:  # the variants validate their options (uninitialised weights: nothing is touched)
-        get_variant(p.sae_cfg.variant)(p.sae_cfg)
-    _prepare_out(out, resume, overwrite)
+    check_variant_options(plans)
     summary = {
         "store": str(store.path),
         "store_model": store.spec.model,
@@ -280,13 +302,14 @@ def prepare_sweep(
         "drop_bos": loop.drop_bos,
         "normalize": loop.normalize,
         "sweep": str(out),
+        **({"store_identity": identity} if identity is not None else {}),
     }
     reader = data.train_reader(store, keys, loop, train_range)
     trainer = Trainer(plans, loop, reader, out, loop.tokens, device=dev, extra_summary=summary)
     return PreparedSweep(
         cfg=cfg, out=out, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=keys,
         tokens=loop.tokens, train_range=train_range, calib_range=calib_range, eval_range=eval_range, device=dev, memory_bytes=need,
-        memory_free=free, resume=resume,
+        memory_free=free, resume=resume, identity=identity,
     )  # fmt: skip
 
 
@@ -296,7 +319,9 @@ def start_training(prep: PreparedSweep) -> None:
     loop = prep.loop
     if prep.resume:
         prep.trainer.resume(
-            data.calibration_sample(prep.store, prep.keys, loop, prep.train_range, prep.calib_range)
+            data.calibration_sample(
+                prep.store, prep.keys, loop, prep.train_range, prep.calib_range, finite=True
+            )
         )
     else:
         scales = None
@@ -304,9 +329,9 @@ def start_training(prep: PreparedSweep) -> None:
             scales = {k: data.store_scale(prep.store, k) for k in prep.keys}
         elif loop.normalize == "none":
             scales = {k: 1.0 for k in prep.keys}
-        prep.sample = data.sample(prep.store, prep.keys, loop, prep.train_range)
+        prep.sample = data.sample(prep.store, prep.keys, loop, prep.train_range, finite=True)
         calibration = data.calibration_sample(
-            prep.store, prep.keys, loop, prep.train_range, prep.calib_range, prep.sample
+            prep.store, prep.keys, loop, prep.train_range, prep.calib_range, prep.sample, finite=True
         )
         prep.trainer.start(prep.sample, scales, calibration)
         if prep.out.exists():
@@ -349,15 +374,23 @@ def write_sweep_json(prep: PreparedSweep, result: TrainResult | None = None) -> 
             "status": result.status if result else "training",
             "timings": dict(prep.timings),
             "reader_wait_s": float(getattr(prep.reader, "wait_seconds", 0.0)),
+            **({"store_identity": prep.identity} if prep.identity is not None else {}),
         },
     )
 
 
 def run_training(prep: PreparedSweep, run: Callable[[Trainer], TrainResult] | None = None) -> TrainResult:
-    """start_training, then the loop: `run(trainer)` (the CLI's live view) or `trainer.run()`."""
-    start_training(prep)
+    """start_training, then the loop: `run(trainer)` (the CLI's live view) or `trainer.run()`. A fresh sweep that
+    fails before its first checkpoint leaves no folder behind (a plain rerun starts cleanly)."""
     t0 = time.perf_counter()
-    result = run(prep.trainer) if run is not None else prep.trainer.run()
+    try:
+        start_training(prep)
+        t0 = time.perf_counter()
+        result = run(prep.trainer) if run is not None else prep.trainer.run()
+    except BaseException:
+        if not prep.resume and prep.out.is_dir() and _never_checkpointed(prep.out):
+            shutil.rmtree(prep.out, ignore_errors=True)
+        raise
     prep.timings["train_s"] = time.perf_counter() - t0
     write_sweep_json(prep, result)
     return result
@@ -514,10 +547,10 @@ def write_summary(out: str | Path, rows: list[dict[str, Any]]) -> tuple[Path, Pa
 
     out = Path(out)
     parquet, md = out / SUMMARY_PARQUET, out / SUMMARY_MD
-    tmp = parquet.with_name(f".{parquet.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(parquet)
-    md.write_text(markdown_table(rows))
+    with io.atomic_path(parquet) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    with io.atomic_path(md) as tmp:
+        tmp.write_text(markdown_table(rows))
     return parquet, md
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import io
-from .config import LoopConfig, MemberConfig, resolve_width
+from .config import ConfigError, LoopConfig, MemberConfig, resolve_width
 from .l0_control import TRIM_RATE, ControllerConfig, L0Controller, initial_coef, trim_to_target
 from .lanes import LaneFailure, Lanes
 from .registry import get_variant
@@ -137,6 +137,25 @@ def plan_member(cfg: MemberConfig, d_in: int, out_dir: str | Path, steps: int | 
         fixed_coef=float(cfg.sparsity_coef or 0.0),
         out_dir=Path(out_dir),
     )
+
+
+def check_l0_targets(plans: list[MemberPlan]) -> None:
+    """ConfigError when a member's L0 target is not below its width: the SAE cannot reach it (it would land far
+    below it, with latents firing on every token)."""
+    for p in plans:
+        if p.sae_cfg.l0_target >= p.sae_cfg.d_sae:
+            raise ConfigError(
+                f"--l0-target {p.sae_cfg.l0_target:g} is not below the width ({p.sae_cfg.d_sae} latents at d_model "
+                f"{p.sae_cfg.d_in}); lower the L0 target or widen the SAE"
+            )
+
+
+def check_variant_options(plans: list[MemberPlan]) -> None:
+    """Let each variant validate its options by building it on the meta device: no memory is allocated, so a
+    width that does not fit is left to check_memory's one-line refusal."""
+    for p in plans:
+        with torch.device("meta"):
+            get_variant(p.sae_cfg.variant)(p.sae_cfg)
 
 
 def total_steps(loop: LoopConfig, tokens: int) -> int:
@@ -528,9 +547,9 @@ class Trainer:
             if getattr(batch, "index", None) is not None and bad.numel():
                 where = f" at store token {int(batch.index[bad[0]])}"
             raise _StepFailure(
-                f"NaN/Inf in the activations of layer {m.plan.key[0]} {m.plan.key[1]}{where} (step {step + 1}, "
-                f"tokens {tokens})",
-                "run `actcache verify` on the store",
+                f"NaN/Inf in the activations of layer {m.plan.key[0]} {m.plan.key[1]}{where} (array "
+                f"acts/{m.plan.key[1]}/{m.plan.key[0]}, step {step + 1}, tokens {tokens})",
+                "run `actcache verify` on the store; if it passes, the model wrote them: harvest again in fp32",
             )
         if not math.isfinite(loss) or not all(math.isfinite(v) for v in parts):
             raise _StepFailure(
@@ -642,10 +661,8 @@ class Trainer:
 
         if not self.rows:
             return
-        path = self.run_dir / METRICS_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(self.rows), tmp)
-        tmp.replace(path)
+        with io.atomic_path(self.run_dir / METRICS_FILE) as tmp:
+            pq.write_table(pa.Table.from_pylist(self.rows), tmp)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, reader_state: dict[str, Any] | None = None) -> Path:
@@ -715,6 +732,12 @@ class Trainer:
         saved = state["members"]
         self._check_same_members(saved, ckpt)
         tensors = io.read_tensors(ckpt / state["tensors"])
+        bad = io.non_finite({k: v for k, v in tensors.items() if ".sae." in k})
+        if bad is not None:
+            raise TrainingError(
+                f"{ckpt / state['tensors']} holds NaN/Inf in tensor {bad}; the checkpoint is damaged: pass "
+                "--overwrite to start over"
+            )
         for i, (plan, s) in enumerate(zip(self.plans, saved, strict=True)):
             sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
             sae.load_state_dict(

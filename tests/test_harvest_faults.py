@@ -169,7 +169,7 @@ def test_a_real_full_disk_and_a_read_only_folder(reference, tmp_path, tiny_llama
         assert committed < 512 and verify_store(out).ok
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         again = _invoke(*_args(tiny_llama_dir, tiny_corpus, disk / "another", "--force"))
-        _one_error_line(again, "read-only", "writable folder")
+        _one_error_line(again, "read-only", "writable disk")
         assert verify_store(out).ok and Store.open(out).committed_tokens == committed
     finally:
         subprocess.run(["umount", str(disk)], check=False)
@@ -183,9 +183,7 @@ def test_read_only_out_folder_by_injection(tmp_path, tiny_llama_dir, tiny_corpus
 
     monkeypatch.setattr(actcache.store, "_create", read_only)
     out = tmp_path / "ro" / "store"
-    _one_error_line(
-        _invoke(*_args(tiny_llama_dir, tiny_corpus, out)), "read-only", str(out), "writable folder"
-    )
+    _one_error_line(_invoke(*_args(tiny_llama_dir, tiny_corpus, out)), "read-only", str(out), "writable disk")
     assert not out.exists()
 
 
@@ -213,7 +211,7 @@ def test_a_second_harvest_into_the_same_store_is_refused(tmp_path, tiny_llama_di
 def test_environment_and_corpus_faults_are_one_line(tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "store"
     for device, needle in [
-        ("foo", "unknown --device 'foo'"),
+        ("foo", "unknown --device foo"),
         ("cuda:0", "no CUDA device"),
         ("cuda:7", "CUDA"),
     ]:
