@@ -1,4 +1,4 @@
-"""An advisory lock on a store being written: one writer at a time.
+"""An advisory lock on a store (or an sae run folder) being written: one writer at a time.
 
 The lock is ``fcntl.flock`` on a small file beside the store (``.{name}.lock`` in the same folder, so that it also
 guards the creation of a store that does not exist yet). The kernel drops it when the holder exits, however it
@@ -29,8 +29,10 @@ def lock_path(store_path: Path) -> Path:
 class StoreLock:
     """``with StoreLock(path): ...`` or ``acquire()`` / ``release()``; LockHeld when another writer holds it."""
 
-    def __init__(self, store_path: str | os.PathLike) -> None:
+    def __init__(self, store_path: str | os.PathLike, what: str = "harvest") -> None:
         self.store_path = Path(store_path)
+        self.what = what
+        """What writes the folder, for the message a second writer gets ("harvest", "training run", ...)."""
         self.path = lock_path(self.store_path)
         self._fd: int | None = None
 
@@ -49,7 +51,7 @@ class StoreLock:
             holder = _describe(_read_holder(fd))
             os.close(fd)
             raise LockHeld(
-                f"{self.store_path} is being written by {holder} (lock {self.path}); wait for that harvest to "
+                f"{self.store_path} is being written by {holder} (lock {self.path}); wait for that {self.what} to "
                 "finish or stop it, then rerun"
             ) from None
         except BaseException:

@@ -250,7 +250,10 @@ def train(
             raise ConfigError("no run folder given: pass --out RUN (or set out = ... in the config file)")
         flat = _resolve_flat(cli, config, out, resume)
         cfg = TrainConfig.from_flat(flat)
-        _train(cfg, out, resume, overwrite)
+        from .io import run_lock
+
+        with run_lock(out):
+            _train(cfg, out, resume, overwrite)
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:

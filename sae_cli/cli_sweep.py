@@ -68,6 +68,7 @@ def sweep(
     from .cli import _device, _resume_hint, _run_live, cli_errors, console
     from .config import ConfigError
     from .evaluate import check_eval_options
+    from .io import run_lock
     from .sweep import (
         SweepConfig,
         SweepError,
@@ -78,45 +79,51 @@ def sweep(
         saved_config,
     )
 
-    with cli_errors(SweepError, hint=lambda: _resume_hint(out, "sae sweep")):
-        check_eval_options(0, lm_tokens, 1)
-        if resume:  # the saved member set and loop; the device, the evaluation options and --store apply
-            cfg = saved_config(out)
-            if store is not None:  # a moved store; data.run_identity refuses any other one
-                cfg = dataclasses.replace(cfg, store=store)
-        else:
-            if store is None:
-                raise ConfigError("no store given: pass --store PATH")
-            if layers is None and layer is None:
-                raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
-            loop = LoopConfig(
-                tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
-                normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
-            )  # fmt: skip
-            cfg = SweepConfig(
-                store=store,
-                variants=parse_list(variants, str, "--variants"),
-                layers=parse_layers(layers) if layers else (layer,),
-                sites=parse_list(sites, str, "--sites") if sites else (site,),
-                l0_targets=parse_list(l0_target, float, "--l0-target"),
-                widths=parse_list(width, str, "--width"),
-                loop=loop,
-            )
-        dev = _device(device)
-        prep = prepare_sweep(cfg, out, device=dev, resume=resume, overwrite=overwrite)
-        _header(prep)
-        result = run_training(prep, _run_live)
-    if result.status != "done":
-        console.print(
-            f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
-            f"Continue with: sae sweep --out {out} --resume[/yellow]"
-        )
-        raise typer.Exit(130)
-    console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
     with cli_errors(SweepError):
-        if not no_eval:
-            _evaluate(prep, with_model=not no_model, lm_tokens=lm_tokens)
-        _finish(out)
+        lock = run_lock(out, "sweep")  # one process trains into --out at a time, until the summary is written
+    try:
+        with cli_errors(SweepError, hint=lambda: _resume_hint(out, "sae sweep")):
+            check_eval_options(0, lm_tokens, 1)
+            if resume:  # the saved member set and loop; the device, the evaluation options and --store apply
+                cfg = saved_config(out)
+                if store is not None:  # a moved store; data.run_identity refuses any other one
+                    cfg = dataclasses.replace(cfg, store=store)
+            else:
+                if store is None:
+                    raise ConfigError("no store given: pass --store PATH")
+                if layers is None and layer is None:
+                    raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
+                loop = LoopConfig(
+                    tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
+                    normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
+                )  # fmt: skip
+                cfg = SweepConfig(
+                    store=store,
+                    variants=parse_list(variants, str, "--variants"),
+                    layers=parse_layers(layers) if layers else (layer,),
+                    sites=parse_list(sites, str, "--sites") if sites else (site,),
+                    l0_targets=parse_list(l0_target, float, "--l0-target"),
+                    widths=parse_list(width, str, "--width"),
+                    loop=loop,
+                )
+            dev = _device(device)
+            prep = prepare_sweep(cfg, out, device=dev, resume=resume, overwrite=overwrite)
+            _header(prep)
+            result = run_training(prep, _run_live)
+        if result.status != "done":
+            console.print(
+                f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
+                f"Continue with: sae sweep --out {out} --resume[/yellow]"
+            )
+            raise typer.Exit(130)
+        console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
+        with cli_errors(SweepError):
+            if not no_eval:
+                _evaluate(prep, with_model=not no_model, lm_tokens=lm_tokens)
+            _finish(out)
+
+    finally:
+        lock.release()
 
 
 def _header(prep: Any) -> None:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +26,9 @@ from torch import Tensor
 
 from .registry import get_variant
 from .variants.base import SAE, SAEConfig
+
+if TYPE_CHECKING:
+    from actcache.lock import StoreLock
 
 FORMAT_NAME = "sae_cli.sae"
 FORMAT_VERSION = 1
@@ -208,3 +211,16 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
 def load_densities(folder: str | Path) -> Tensor | None:
     path = Path(folder) / DENSITIES_FILE
     return read_tensors(path)["freq_F"] if path.is_file() else None
+
+
+def run_lock(out: Path, what: str = "training run") -> StoreLock:
+    """The write lock of a run or sweep folder, acquired (actcache.lock: `.{name}.lock` beside it, dropped when the
+    process exits however it exits; `with run_lock(out):` or `.release()`); SAEFileError naming the holder when
+    another process trains into `out`."""
+    from actcache.lock import LockHeld, StoreLock
+
+    lock = StoreLock(out, what)
+    try:
+        return lock.acquire()
+    except LockHeld as e:
+        raise SAEFileError(str(e)) from None

@@ -595,3 +595,31 @@ def test_eval_json_never_holds_a_bare_nan(
         "a": [1.0, None, {"b": None}],
         "c": "nan",
     }
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(stores, tmp_path: Path) -> None:
+    """The run / sweep folder lock (actcache.lock beside --out): held for the whole command, dropped after."""
+    run, sweep_out = tmp_path / "run", tmp_path / "sweep"
+    held = io.run_lock(
+        run
+    )  # stands for another `sae train` in flight (flock: per open file, so in-process too)
+    try:
+        line = before_training(
+            invoke("train", "topk", "--store", stores["s0"], *TRAIN, "--out", run), "is being written by pid"
+        )
+        assert f"pid {os.getpid()}" in line and "training run" in line
+        assert not run.exists()
+    finally:
+        held.release()
+    with io.run_lock(sweep_out, "sweep"):
+        before_training(
+            invoke("sweep", "--store", stores["s0"], "--layer", 0, "--variants", "topk", "--l0-target", 4,
+                   "--width", "4x", "--tokens", 1024, "--batch-size", 256, "--device", "cpu", "--no-eval",
+                   "--out", sweep_out),
+            "is being written by pid", "sweep",
+        )  # fmt: skip
+    assert not sweep_out.exists()
+    res = invoke("train", "topk", "--store", stores["s0"], *TRAIN, "--out", run)
+    assert res.exit_code == 0, res.output
+    with io.run_lock(run):  # released when the command ended
+        pass
