@@ -120,6 +120,13 @@ class Ranges(NamedTuple):
     eval: tuple[int, int]
 
 
+def _range(value: object) -> tuple[int, int]:
+    lo, hi = (int(v) for v in value)  # type: ignore[union-attr]
+    if not 0 <= lo <= hi:
+        raise ValueError(f"bad range {value!r}")
+    return lo, hi
+
+
 def plan_ranges(store: Store, loop: LoopConfig, saved: dict | None = None) -> tuple[Ranges, LoopConfig]:
     """The token ranges of a run and its resolved loop (automatic batch size and length filled in). Fresh
     (`saved` None): split off the eval windows, resolve the loop on the training range, hold back the calibration
@@ -127,13 +134,19 @@ def plan_ranges(store: Store, loop: LoopConfig, saved: dict | None = None) -> tu
     "tokens"): the ranges and length of the run being resumed, even if the store grew since; explicit loop
     values win."""
     if saved is not None:
-        train, ev = tuple(saved["train_range"]), tuple(saved["eval_range"])
-        calib = tuple(saved.get("calibration_range", (train[1], train[1])))
-        resolved = dataclasses.replace(
-            loop,
-            batch_size=loop.batch_size or int(saved["batch_size"]),
-            tokens=loop.tokens or int(saved["tokens"]),
-        )
+        try:
+            train, ev = _range(saved["train_range"]), _range(saved["eval_range"])
+            calib = _range(saved.get("calibration_range", (train[1], train[1])))
+            resolved = dataclasses.replace(
+                loop,
+                batch_size=loop.batch_size or int(saved["batch_size"]),
+                tokens=loop.tokens or int(saved["tokens"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(
+                f"the run's recorded token ranges are damaged ({type(e).__name__}: {e}); pass --overwrite to start "
+                "over"
+            ) from None
         return Ranges(train, calib, ev), resolved
     train, ev = split(store, loop.eval_tokens)
     resolved = resolve_loop(loop, train[1] - train[0])

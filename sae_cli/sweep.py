@@ -527,7 +527,12 @@ def saved_config(out: str | Path) -> SweepConfig:
     """The config of the sweep in `out` (to resume it); SweepError when there is none."""
     if not (Path(out) / SWEEP_FILE).is_file():
         raise SweepError(f"nothing to resume in {out}; start without --resume")
-    return SweepConfig.from_dict(read_sweep(out)["config"])
+    try:
+        return SweepConfig.from_dict(read_sweep(out)["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SweepError(
+            f"{Path(out) / SWEEP_FILE} is damaged ({type(e).__name__}: {e}); pass --overwrite to start the sweep over"
+        ) from None
 
 
 def read_sweep(out: str | Path) -> dict[str, Any]:
@@ -535,7 +540,7 @@ def read_sweep(out: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SweepError(f"{out} is not a sweep folder (no {SWEEP_FILE}); pass the --out of `sae sweep`")
     meta = io.read_json(path)
-    if meta.get("format") != SWEEP_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != SWEEP_FORMAT:
         raise SweepError(f"{path} is not an sae sweep file")
     return meta
 

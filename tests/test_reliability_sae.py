@@ -623,3 +623,26 @@ def test_a_second_process_training_into_the_same_folder_is_refused(stores, tmp_p
     assert res.exit_code == 0, res.output
     with io.run_lock(run):  # released when the command ended
         pass
+
+
+def test_damaged_run_records_are_one_line(stores, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    res = invoke(
+        "sweep", "--store", stores["s0"], "--layer", 0, "--variants", "topk", "--l0-target", 4, "--width", "4x",
+        "--tokens", 1024, "--batch-size", 256, "--device", "cpu", "--no-eval", "--checkpoint-every", 256,
+        "--out", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    good = json.loads((out / "sweep.json").read_text())
+    cases = [
+        (lambda d: d.pop("train_range"), "recorded token ranges are damaged"),
+        (lambda d: d.update(eval_range=[9, 3]), "recorded token ranges are damaged"),
+        (lambda d: d["config"].pop("variants"), "sweep.json is damaged"),
+    ]
+    for edit, needle in cases:
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        (out / "sweep.json").write_text(json.dumps(meta))
+        before_training(invoke("sweep", "--out", out, "--resume", "--device", "cpu"), needle, "--overwrite")
+    (out / "sweep.json").write_text("[1]")
+    before_training(invoke("sweep", "--out", out, "--resume", "--device", "cpu"), "not an sae sweep file")
