@@ -564,10 +564,25 @@ class _Pipeline:
                 out[key] = RunningStats(self.spec.d_model)
                 continue
             s_D, sq = (t.cpu().numpy() for t in job.sums[key])
+            if not (np.isfinite(s_D).all() and np.isfinite(sq)):
+                self._non_finite(job, key)
             out[key] = RunningStats(
                 self.spec.d_model, count=job.count, mean=s_D / job.count, mean_sq_norm=float(sq) / job.count
             )
         return out
+
+    def _non_finite(self, job: _ShardJob, key: str) -> None:
+        """HarvestError naming the array and the first token whose activation holds NaN/Inf (the statistics of
+        the shard caught it: any NaN/Inf row makes them non-finite); the shard is not committed."""
+        rows = job.buffers[key][: job.rows].float()
+        bad = (~torch.isfinite(rows)).any(dim=1).nonzero()
+        row = int(bad[0, 0]) if len(bad) else 0
+        token, context = job.start + row, self.spec.context
+        raise HarvestError(
+            f"the model wrote NaN/Inf into {key} at store token {token} (window {token // context}, position "
+            f"{token % context}); shard {job.index} was not committed, the {job.start:,} tokens before it are "
+            "intact. Check the model's weights for NaN/Inf, or compute in float32 (fp16 overflows)"
+        )
 
     def _commit_loop(self) -> None:
         while True:

@@ -260,3 +260,19 @@ def test_bad_sizes_and_an_out_path_under_a_file(tmp_path, tiny_llama_dir, tiny_c
     (tmp_path / "afile").write_text("x")
     _one_error_line(_invoke(*_args(tiny_llama_dir, tiny_corpus, tmp_path / "afile" / "store")), "afile")
     assert not out.exists()
+
+
+def test_nan_in_the_model_is_named_and_not_committed(tmp_path, tiny_llama_dir, tiny_corpus):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "layers.2.mlp.down_proj" in k)
+    tensors[name][0, 0] = float("nan")  # every token's mlp_out of layer 2 (and what follows) turns NaN
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "store"
+    line = _one_error_line(_invoke(*_args(model, tiny_corpus, out)), "NaN/Inf into acts/", "store token 0")
+    assert "was not committed" in line and "weights" in line
+    assert Store.open(out).committed_tokens == 0 and verify_store(out).ok
