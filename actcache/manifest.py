@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from zarr.storage import LocalStore
+
+from actcache.byteio import ByteStore, open_bytes
 
 MANIFEST_DIR = "manifest"
 
@@ -107,29 +108,42 @@ def next_chain(prev: str, body: Mapping[str, Any]) -> str:
     return sha256_hex(prev.encode() + canonical(body))
 
 
+def record_key(shard: int) -> str:
+    """The byte-I/O key of a shard's record."""
+    return f"{MANIFEST_DIR}/{shard:08d}.json"
+
+
 def record_path(store_path: Path, shard: int) -> Path:
-    return store_path / MANIFEST_DIR / f"{shard:08d}.json"
+    return Path(store_path) / record_key(shard)
 
 
-def read_record(store_path: Path, shard: int) -> ShardRecord:
+def read_record(store: Path | ByteStore, shard: int) -> ShardRecord:
     """The record of one shard; ValueError / OSError when it is missing or unreadable."""
-    data = json.loads(record_path(store_path, shard).read_text())
+    data = json.loads(open_bytes(store).read(record_key(shard)))
     record = ShardRecord.from_json(data)
     if record.shard != shard:
         raise ValueError(f"the record names shard {record.shard}")
     return record
 
 
-def write_record(store_path: Path, record: ShardRecord) -> None:
-    """Write a record durably (fsynced) before the commit that covers it."""
-    path = record_path(store_path, record.shard)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(canonical(record.to_json()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_record(store: Path | ByteStore, record: ShardRecord) -> str:
+    """Write a record (atomic, not yet durable: the commit makes it durable before it covers it); its key."""
+    key = record_key(record.shard)
+    open_bytes(store).write(key, canonical(record.to_json()))
+    return key
+
+
+def object_digest(store: ByteStore, key: str, piece: int = 1 << 24) -> tuple[int, str]:
+    """(size, crc32c hex) of an object, read in 16 MiB ranges (`file_digest` through the byte-I/O seam)."""
+    import google_crc32c
+
+    crc, size = 0, 0
+    while data := store.read_range(key, size, piece):
+        crc = google_crc32c.extend(crc, data)
+        size += len(data)
+        if len(data) < piece:
+            break
+    return size, f"{crc:08x}"
 
 
 class DigestingLocalStore(LocalStore):
@@ -168,28 +182,28 @@ class DigestingLocalStore(LocalStore):
         return clone
 
 
-def meta_digests(store_path: Path, keys: list[str]) -> dict[str, str]:
+def meta_digests(store: Path | ByteStore, keys: list[str]) -> dict[str, str]:
     """sha256 of every array's zarr.json (a missing file digests as "missing")."""
-    out = {}
+    io, out = open_bytes(store), {}
     for key in keys:
         try:
-            out[key] = sha256_hex((store_path / key / "zarr.json").read_bytes())
+            out[key] = sha256_hex(io.read(f"{key}/zarr.json"))
         except OSError:
             out[key] = "missing"
     return out
 
 
 def check_chain(
-    store_path: Path, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
+    store: Path | ByteStore, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
 ) -> str | None:
     """None when the commit record's manifest entry and every shard record form an unbroken chain from the store's
     identity to the commit record's digest; else what is wrong, naming the record."""
-    records, problem = read_chain(store_path, spec, store_id, manifest, committed_tokens)
+    records, problem = read_chain(store, spec, store_id, manifest, committed_tokens)
     return problem
 
 
 def read_chain(
-    store_path: Path, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
+    store: Path | ByteStore, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
 ) -> tuple[list[ShardRecord], str | None]:
     """The shard records of the committed shards, and the first problem of the chain (None: it holds)."""
     import math
@@ -209,11 +223,12 @@ def read_chain(
         or genesis(str(store_id), spec.to_json(), manifest["meta"]) != (manifest["genesis"])
     ):
         return [], "the store's id or spec (zarr.json) is not the one its manifest was started with"
+    io = open_bytes(store)
     chain, records = str(manifest["genesis"]), []
     for shard in range(shards):
-        path = record_path(store_path, shard)
+        path = io.location(record_key(shard))
         try:
-            record = read_record(store_path, shard)
+            record = read_record(io, shard)
         except FileNotFoundError:
             return records, f"manifest record {path} is missing"
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -144,7 +144,7 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
             wanted = math.ceil((stop - start) / spec.chunk_tokens)
             shard_path = store.shard_path(key, shard)
             recorded = records[shard].arrays[key] if records is not None else None
-            problem = _shard_problem(store, key, shard_path, start, stop, per_shard, wanted, recorded)
+            problem, size = _shard_problem(store, key, shard, start, stop, per_shard, wanted, recorded)
             if problem is not None:
                 j, reason = problem
                 chunk = shard * per_shard + j
@@ -158,7 +158,7 @@ def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] |
                 )
                 log.info("verify %s: %s", path, bad)
                 return VerifyReport(False, committed, keys.index(key) + 1, done + j, stored_bytes, bad)
-            stored_bytes += shard_path.stat().st_size
+            stored_bytes += size
             done += wanted
             if progress is not None:
                 progress(done, total)
@@ -193,36 +193,52 @@ def _check_store_records(store: Store) -> tuple[BadRecord | None, list[ShardReco
     commit_id = commit.get("store_id")
     if commit_id != store.store_id:
         return BadRecord(commit_path, f"store id {commit_id!r} is not the store's {store.store_id!r}"), None
-    records, problem = read_chain(store.path, spec, store.store_id, store.manifest, store.committed_tokens)
+    records, problem = read_chain(store.io, spec, store.store_id, store.manifest, store.committed_tokens)
     if problem is not None:
         return BadRecord(commit_path if problem.startswith("the ") else str(store.path), problem), None
-    current = meta_digests(store.path, spec.array_keys)
+    current = meta_digests(store.io, spec.array_keys)
     for key in spec.array_keys:
         if current[key] != store.manifest["meta"].get(key):
             what = "is missing" if current[key] == "missing" else "was edited since the store was created"
-            return BadRecord(str(store.path / key / "zarr.json"), f"the metadata of array {key} {what}"), None
+            where = str(store.io.location(f"{key}/zarr.json"))
+            return BadRecord(where, f"the metadata of array {key} {what}"), None
     return None, records
 
 
 def _commit_record(store: Store) -> dict:
     import json
 
-    return json.loads((store.path / COMMIT_FILE).read_text())
+    return json.loads(store.io.read(COMMIT_FILE))
 
 
 def _shard_problem(
     store: Store,
     key: str,
-    shard_path: Path,
+    shard: int,
     start: int,
     stop: int,
     per_shard: int,
     wanted: int,
     recorded: tuple[int, str] | None = None,
+) -> tuple[tuple[int, str] | None, int]:
+    """(None, bytes read) when the shard is intact, else ((inner chunk, reason), bytes read)."""
+    name = store.shard_key(key, shard)
+    if not store.io.exists(name):
+        return (0, "shard file missing"), 0
+    data = store.io.read(name)
+    return _data_problem(store, key, data, start, stop, per_shard, wanted, recorded), len(data)
+
+
+def _data_problem(
+    store: Store,
+    key: str,
+    data: bytes,
+    start: int,
+    stop: int,
+    per_shard: int,
+    wanted: int,
+    recorded: tuple[int, str] | None,
 ) -> tuple[int, str] | None:
-    if not shard_path.is_file():
-        return 0, "shard file missing"
-    data = shard_path.read_bytes()
     problem = _check_shard(data, per_shard, wanted)
     if recorded is not None and len(data) != recorded[0]:
         size = f"shard file has {len(data)} bytes, the manifest records {recorded[0]}"

@@ -176,12 +176,12 @@ def test_a_real_full_disk_and_a_read_only_folder(reference, tmp_path, tiny_llama
 
 
 def test_read_only_out_folder_by_injection(tmp_path, tiny_llama_dir, tiny_corpus, monkeypatch):
-    import actcache.store
+    import actcache.writer
 
     def read_only(path, spec):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(actcache.store, "_create", read_only)
+    monkeypatch.setattr(actcache.writer, "_create", read_only)
     out = tmp_path / "ro" / "store"
     _one_error_line(_invoke(*_args(tiny_llama_dir, tiny_corpus, out)), "read-only", str(out), "writable disk")
     assert not out.exists()
