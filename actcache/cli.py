@@ -150,15 +150,7 @@ def harvest(
     ),
 ) -> None:
     """Run MODEL over a corpus and write its activations into a zarr v3 store (resumable: rerun to resume)."""
-    from .harvest import (
-        HarvestConfig,
-        HarvestError,
-        HarvestInterrupted,
-        check_disk,
-        check_resume,
-        plan_harvest,
-        run_harvest,
-    )
+    from .harvest import HarvestConfig, HarvestError, HarvestInterrupted, run_harvest
 
     cfg = HarvestConfig(
         model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
@@ -168,39 +160,9 @@ def harvest(
     try:
         if workers is not None and workers < 1:
             raise HarvestError(f"--workers {workers} must be at least 1")
-        with console.status("planning (config, tokenizer, corpus)..."):
-            plan = plan_harvest(cfg)
-        committed, damaged = check_resume(plan, out, overwrite, deep=repair)
-        status = (
-            "overwrite" if overwrite and out.exists() else f"resume at {committed:,}" if committed else "new"
-        )
-        if committed >= plan.spec.tokens_target:
-            status = "complete"
-        if damaged:
-            status += f", {len({s for s, _ in damaged})} damaged shard(s) to harvest again"
-        probe = out.resolve()
-        while not probe.exists():
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        out_console.print(_plan_table(plan, out, status, free))
-        if tokens is not None and plan.spec.tokens_target < tokens:
-            console.print(
-                f"[yellow]warning[/]: the corpus holds {plan.n_content_tokens:,} tokens ({plan.n_windows:,} windows of "
-                f"{context}), fewer than --tokens {tokens:,}; harvesting all of them",
-                soft_wrap=True,
-            )
-        for shard, why in damaged:
-            console.print(
-                f"[yellow]warning[/]: committed shard {shard}: {why}; harvesting it again", soft_wrap=True
-            )
-        if dry_run:
+        plan = _plan_and_check(cfg, out, overwrite, repair, dry_run, force)
+        if plan is None:
             return
-        check_disk(plan, out, committed, force)
-        if status == "complete":
-            console.print(f"{out} is already complete ({committed:,} tokens); nothing to do", soft_wrap=True)
-            return
-        if committed:
-            console.print(f"resuming {out} at {committed:,} committed tokens", soft_wrap=True)
         result = _run(plan, out, overwrite, workers, run_harvest, repair)
     except HarvestInterrupted as stop:
         console.print(
@@ -214,6 +176,11 @@ def harvest(
     except OSError as err:
         kept = _committed_text(out)
         raise _environment_fail(err, f"{kept}; " if kept else "") from None
+    _print_done(result, out)
+
+
+def _print_done(result, out: Path) -> None:
+    """The closing lines of a harvest that ran."""
     if result.repaired:
         console.print(
             f"[green]repaired[/]: {result.repaired} damaged shard(s) harvested again, bit-identical to the manifest",
@@ -226,6 +193,46 @@ def harvest(
         f"{result.tokens_per_s:,.0f} tok/s, {_gb(result.bytes_disk)} written, ratio {ratio:.2f})",
         soft_wrap=True,
     )
+
+
+def _plan_and_check(cfg, out: Path, overwrite: bool, repair: bool, dry_run: bool, force: bool):
+    """Plan the harvest, print the plan table and the warnings, check the disk; the plan to run, or None when
+    there is nothing to run (--dry-run, or the store is complete)."""
+    from .harvest import check_disk, check_resume, plan_harvest
+
+    tokens, context = cfg.tokens, cfg.context
+    with console.status("planning (config, tokenizer, corpus)..."):
+        plan = plan_harvest(cfg)
+    committed, damaged = check_resume(plan, out, overwrite, deep=repair)
+    status = "overwrite" if overwrite and out.exists() else f"resume at {committed:,}" if committed else "new"
+    if committed >= plan.spec.tokens_target:
+        status = "complete"
+    if damaged:
+        status += f", {len({s for s, _ in damaged})} damaged shard(s) to harvest again"
+    probe = out.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    out_console.print(_plan_table(plan, out, status, free))
+    if tokens is not None and plan.spec.tokens_target < tokens:
+        console.print(
+            f"[yellow]warning[/]: the corpus holds {plan.n_content_tokens:,} tokens ({plan.n_windows:,} windows of "
+            f"{context}), fewer than --tokens {tokens:,}; harvesting all of them",
+            soft_wrap=True,
+        )
+    for shard, why in damaged:
+        console.print(
+            f"[yellow]warning[/]: committed shard {shard}: {why}; harvesting it again", soft_wrap=True
+        )
+    if dry_run:
+        return None
+    check_disk(plan, out, committed, force)
+    if status == "complete":
+        console.print(f"{out} is already complete ({committed:,} tokens); nothing to do", soft_wrap=True)
+        return None
+    if committed:
+        console.print(f"resuming {out} at {committed:,} committed tokens", soft_wrap=True)
+    return plan
 
 
 def _committed_text(out: Path) -> str:
@@ -272,7 +279,18 @@ def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest, rep
             progress=on_progress,
             workers=workers,
             deep_check=repair,
+            slow_commit=_slow_commit(),
         )
+
+
+def _slow_commit() -> float:
+    """Seconds to sleep after each commit, from SLOW_COMMIT_ENV (the crash tests' aid; the app layer is the only
+    place that reads it)."""
+    import os
+
+    from .harvest import SLOW_COMMIT_ENV
+
+    return float(os.environ.get(SLOW_COMMIT_ENV, "0") or 0)
 
 
 def _size(n: float) -> str:

@@ -15,6 +15,7 @@ same windows, which a resumed harvest relies on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -186,6 +187,27 @@ def _token_docs(path: Path, rule: PackingRule) -> Iterator[np.ndarray]:
         start = end + 1
 
 
+@contextlib.contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """HF_DATASETS_OFFLINE=1 for the `datasets` calls inside only (it reads the variable; it takes no argument
+    for it), restored on exit: the process environment is not changed for anyone else."""
+    if not offline:
+        yield
+        return
+    before = os.environ.get(OFFLINE_ENV)
+    os.environ[OFFLINE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(OFFLINE_ENV, None)
+        else:
+            os.environ[OFFLINE_ENV] = before
+
+
+OFFLINE_ENV = "HF_DATASETS_OFFLINE"
+
+
 def _hf_texts(name: str, text_field: str) -> Iterator[str]:
     if importlib.util.find_spec("datasets") is None:
         raise CorpusError(
@@ -194,16 +216,17 @@ def _hf_texts(name: str, text_field: str) -> Iterator[str]:
         )
     from .models import _hub_reachable
 
-    if not _hub_reachable():
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import datasets
-
     rest, _, split = name.partition(":")
     repo, _, config = rest.partition("@")
-    try:
-        ds = datasets.load_dataset(repo, config or None, split=split or "train")
-    except Exception as err:  # datasets raises many types; any failure here is a missing/unreadable dataset
-        raise CorpusError(f"cannot load dataset {name!r}: {str(err).splitlines()[0]}") from err
+    with _datasets_offline(not _hub_reachable()):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(repo, config or None, split=split or "train")
+        except (
+            Exception
+        ) as err:  # datasets raises many types; any failure here is a missing/unreadable dataset
+            raise CorpusError(f"cannot load dataset {name!r}: {str(err).splitlines()[0]}") from err
     if text_field not in ds.column_names:
         raise CorpusError(
             f"dataset {name!r} has no column {text_field!r} (has: {', '.join(ds.column_names)})"

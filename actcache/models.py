@@ -1,4 +1,6 @@
-"""Load a causal LM + tokenizer from a Hugging Face id, a local folder or the embedded ``smollm2-135m``.
+"""Load a causal LM + tokenizer from a Hugging Face id, a local folder or the embedded ``smollm2-135m``: the ONE
+module that loads a model and resolves its architecture (harvest, `sae eval`, sweeps: `load_store_model`,
+`store_arch`).
 
 Resolution never hangs on a missing network: a Hub id is first looked up in the local cache
 (``local_files_only``); only when it is not cached and the Hub answers a 3-second TCP probe is it downloaded.
@@ -15,10 +17,16 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from .sites import ArchSites, arch_sites
+
+if TYPE_CHECKING:
+    from .spec import StoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -291,3 +299,27 @@ def _first_line(err: BaseException) -> str:
 def input_device(model: nn.Module) -> torch.device:
     """Where the input ids go (the embedding's device under ``device_map``)."""
     return model.get_input_embeddings().weight.device
+
+
+def store_compute_dtype(spec: StoreSpec, device: str) -> torch.dtype:
+    """The dtype a store's model runs in to splice or evaluate: fp32 on CPU (exact CE); on a GPU the harvest's
+    compute dtype, so that the live activations match the stored ones."""
+    harvest = spec.harvest_config or {}
+    return torch.float32 if device == "cpu" else parse_dtype(harvest.get("compute_dtype", "bf16"))
+
+
+def load_store_model(spec: StoreSpec, device: str) -> nn.Module:
+    """The store's model (``spec.model`` at ``spec.revision``) on ``device``, in eval mode, in
+    `store_compute_dtype` (the one loader of `sae eval`, sweeps and the splice)."""
+    source = resolve_model(spec.model, spec.revision)
+    return load_model(source, device=device, dtype=store_compute_dtype(spec, device))
+
+
+def store_arch(spec: StoreSpec) -> ArchSites:
+    """The module paths the harvest of this store hooked (recorded in its spec), else those of the model's
+    architecture (its config is loaded, not its weights)."""
+    paths = (spec.harvest_config or {}).get("module_paths")
+    if isinstance(paths, dict) and paths.get("layers"):
+        return ArchSites((paths["layers"],), paths.get("attn_out", ""), paths.get("mlp_out", ""))
+    model_type = text_config(load_config(resolve_model(spec.model, spec.revision))).model_type
+    return arch_sites(model_type, paths if isinstance(paths, str) else None)

@@ -89,6 +89,15 @@ def _as_range(store: Store, token_range: Any) -> tuple[int, int]:
     return lo, hi
 
 
+def _open_store(store: Store) -> Store:
+    """The store the caller opened, handed on: readers never open a store by path (one Store per run)."""
+    if not isinstance(store, Store):
+        raise TypeError(
+            f"pass an open actcache Store (actcache.store.Store.open(path)), not {type(store).__name__} {store!r}"
+        )
+    return store
+
+
 def _check_keys(store: Store, keys: Sequence[Key]) -> list[Key]:
     if not keys:
         raise StoreError("the reader needs at least one (layer, site) key")
@@ -103,7 +112,7 @@ class ActivationReader:
 
     def __init__(
         self,
-        store: Store | str,
+        store: Store,
         keys: Sequence[Key],
         batch_size: int,
         *,
@@ -120,7 +129,7 @@ class ActivationReader:
         dtype: torch.dtype = torch.float32,
         loop: bool = True,
     ) -> None:
-        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.store = _open_store(store)
         self.keys = _check_keys(self.store, keys)
         if batch_size <= 0 or mix_chunks <= 0 or threads <= 0:
             raise StoreError("batch_size, mix_chunks and threads must be positive")
@@ -326,7 +335,7 @@ class ActivationReader:
 
 
 def iter_windows(
-    store: Store | str,
+    store: Store,
     keys: Sequence[Key],
     token_range: tuple[int, int] | range | None = None,
     *,
@@ -338,7 +347,7 @@ def iter_windows(
     Only windows that lie entirely inside token_range and the committed tokens are returned; the range's start
     is rounded up to a window boundary. The next batch is decoded in a background thread.
     """
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = _open_store(store)
     keys = _check_keys(store, keys)
     ctx = store.spec.context
     lo, hi = _as_range(store, token_range)
@@ -369,9 +378,9 @@ def iter_windows(
             yield batch
 
 
-def split_ranges(store: Store | str, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def split_ranges(store: Store, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(train_range, eval_range): the last ceil(eval_tokens / context) whole windows are held out for evaluation."""
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = _open_store(store)
     ctx = store.spec.context
     n_windows = store.committed_tokens // ctx
     n_eval = math.ceil(eval_tokens / ctx)

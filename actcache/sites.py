@@ -17,9 +17,12 @@ are hooked on a sub-module whose path relative to the block the table gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 SITES: tuple[str, ...] = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 """Every site name, in the store's canonical order."""
@@ -171,3 +174,50 @@ def site_module(block: nn.Module, sites: ArchSites, site: str) -> nn.Module:
             f"{MODULE_PATHS_FLAG} {MODULE_PATHS_EXAMPLE}"
         )
     return module
+
+
+def first_tensor(output: Any) -> Any:
+    """The activation in a module's output (HF blocks and attention modules return tuples)."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def with_first(output: Any, new: Any) -> Any:
+    """`output` with its activation replaced by `new` (same container type)."""
+    if isinstance(output, tuple | list):
+        return type(output)((new, *output[1:]))
+    return new
+
+
+def hook_site(
+    block: nn.Module, arch: ArchSites, site: str, fn: Callable[[Tensor], Tensor | None], *, replace: bool
+) -> RemovableHandle:
+    """Hook ``site`` of one block: ``fn(x)`` sees the site's activation x ([batch, positions, d_model]) at every
+    forward; with ``replace`` its return value becomes the activation the model goes on with, else it only
+    observes (its return value is ignored; it may raise to end the forward). Returns the hook's handle
+    (``.remove()``). ONE place for both the harvest (observe) and the splice (replace).
+
+    ``resid_pre``: a forward pre-hook on the block (its first positional input, or ``hidden_states``);
+    ``resid_post``: a forward hook on the block; ``attn_out`` / ``mlp_out``: a forward hook on the sub-module
+    (``site_module``). Tuple outputs keep their other members.
+    """
+    if site == "resid_pre":
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            x = args[0] if args else kwargs["hidden_states"]
+            new = fn(x)
+            if not replace:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if site not in SITES:
+        raise SiteError(f"unknown site {site!r}: choose from {','.join(SITES)}")
+    module = site_module(block, arch, site)
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        new = fn(first_tensor(output))
+        return with_first(output, new) if replace else None
+
+    return module.register_forward_hook(hook)

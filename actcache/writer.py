@@ -77,6 +77,11 @@ class StoreWriter:
         self._lock = threading.Lock()
         self.lock: StoreLock | None = None
 
+    @property
+    def store(self) -> Store:
+        """The read view of this store (shard keys, sizes, byte I/O) that the writer holds; not refreshed."""
+        return self._store
+
     @classmethod
     def create_or_resume(
         cls, path: str | os.PathLike, spec: StoreSpec, overwrite: bool = False

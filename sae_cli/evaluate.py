@@ -137,24 +137,14 @@ def lm_metrics(
     """delta LM loss, CE recovered and KL of splicing each of `sae_fns` (activations -> reconstruction) into the
     store's model at `key`, on the whole windows of `token_range` (sae_cli/splice.py): one dict per SAE. The SAEs
     share the clean and zero-ablated passes; each one's numbers equal those it gets alone."""
-    from actcache.models import load_config, load_model, parse_dtype, resolve_model, text_config
-    from actcache.sites import ArchSites, arch_sites
+    from actcache.models import load_store_model, store_arch
 
     from .splice import splice_metrics
 
     spec = store.spec
-    source = resolve_model(spec.model, spec.revision)
-    model_type = text_config(load_config(source)).model_type
-    harvest = spec.harvest_config or {}
-    paths = harvest.get("module_paths")
-    if isinstance(paths, dict) and paths.get("layers"):  # the paths the harvest actually hooked
-        arch = ArchSites((paths["layers"],), paths.get("attn_out", ""), paths.get("mlp_out", ""))
-    else:
-        arch = arch_sites(model_type, paths if isinstance(paths, str) else None)
-    # fp32 on CPU (exact CE); on a GPU the harvest's compute dtype, so the live activations match the store's.
-    dtype = torch.float32 if device == "cpu" else parse_dtype(harvest.get("compute_dtype", "bf16"))
-    if model is None:
-        model = load_model(source, device=device, dtype=dtype)
+    arch = store_arch(spec)  # the module paths the harvest hooked
+    if model is None:  # fp32 on CPU (exact CE); on a GPU the harvest's compute dtype (store_compute_dtype)
+        model = load_store_model(spec, device)
     lo, hi = token_range
     done = 0
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actcache.sites import ArchSites, find_blocks, site_module
+from actcache import sites
+from actcache.sites import ArchSites, find_blocks
 
 Replace = Callable[[Tensor], Tensor]
 
@@ -44,22 +45,38 @@ class Window:
     """The store's activations at the site, for the match check (optional)."""
 
 
-def _first(out: object) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out  # type: ignore[index,return-value]
-
-
-def _with_first(out: object, new: Tensor) -> object:
-    return (new, *out[1:]) if isinstance(out, tuple) else new  # type: ignore[index]
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """The model's parameters do not require gradients inside (a forward records no graph edge to them); their
+    flags are restored on exit (a backward after it still reaches only what was not frozen)."""
+    thawed = [p for p in model.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager
 def hook_site(
-    model: nn.Module, arch: ArchSites, layer: int, site: str, replace: Replace, keep_WT: Tensor | None
+    model: nn.Module,
+    arch: ArchSites,
+    layer: int,
+    site: str,
+    replace: Replace,
+    keep_WT: Tensor | None,
+    *,
+    grad: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
     """Within the block, the site's activation x becomes replace(x) except where keep_WT. Yields a dict that
-    receives the ORIGINAL activation under "x" after each forward."""
-    blocks = find_blocks(model, arch)
-    block = blocks[layer]
+    receives the ORIGINAL activation under "x" after each forward.
+
+    ``grad``: forwards inside run with gradients enabled and the model frozen (`frozen`), so a loss on the logits
+    backpropagates into whatever ``replace`` holds (an SAE's parameters) and never into the model's weights (the
+    end-to-end objective). It cannot lift an enclosing ``torch.inference_mode``."""
+    block = find_blocks(model, arch)[layer]
     seen: dict[str, Tensor] = {}
 
     def swap(x_WTD: Tensor) -> Tensor:
@@ -70,25 +87,34 @@ def hook_site(
             new = torch.where(keep_WT.to(x_WTD.device)[..., None], x_WTD, new)
         return new
 
-    if site == "resid_pre":
-
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (swap(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
-
-        handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        module = site_module(block, arch, site)
-
-        def hook(module: nn.Module, args: tuple, out: object) -> object:
-            return _with_first(out, swap(_first(out)))
-
-        handle = module.register_forward_hook(hook)
+    handle = sites.hook_site(block, arch, site, swap, replace=True)
     try:
-        yield seen
+        if grad:
+            with frozen(model), torch.enable_grad():
+                yield seen
+        else:
+            yield seen
     finally:
         handle.remove()
+
+
+def spliced_logits(
+    model: nn.Module,
+    arch: ArchSites,
+    layer: int,
+    site: str,
+    replace: Replace,
+    win: Window,
+    *,
+    grad: bool = True,
+) -> Tensor:
+    """The model's logits [windows, positions, vocab] on `win` with `replace` (an SAE) spliced in at the site
+    (BOS and padding keep their activation). ``grad`` (default): the logits carry gradients to the SAE's
+    parameters and none to the model's weights (`hook_site`)."""
+    device = next(model.parameters()).device
+    ids, mask = win.token_ids_WT.to(device).long(), win.valid_WT.to(device).long()
+    with hook_site(model, arch, layer, site, replace, win.keep_WT.to(device), grad=grad):
+        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @dataclass

@@ -443,8 +443,9 @@ def activation_pool(
     Returns (batches, a one-line description of the source)."""
     if store and not synthetic and Path(store).exists():
         from actcache.reader import ActivationReader
+        from actcache.store import Store
 
-        reader = ActivationReader(store, [key], batch, seed=seed)
+        reader = ActivationReader(Store.open(store), [key], batch, seed=seed)
         it = iter(reader)
         pool = [next(it).acts[key].float().clone() for _ in range(n_batches)]
         n = reader.store.committed_tokens

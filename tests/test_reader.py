@@ -133,15 +133,16 @@ def test_max_norm_ratio_drops_planted_outliers(tmp_path: Path) -> None:
         0, {"acts/resid_post/0": x_ND, "token_ids": z, "doc_ids": z, "positions": pos, "flags": flags}
     )
     writer.commit(1024, {})
+    store = Store.open(tmp_path / "s")  # opened once, handed to the readers
     kept = torch.cat(
         [
             b.index
-            for b in collect(ActivationReader(tmp_path / "s", [KEY], 1000, max_norm_ratio=10.0, loop=False))
+            for b in collect(ActivationReader(store, [KEY], 1000, max_norm_ratio=10.0, loop=False))
         ]
     )
     expected = set(range(1024)) - set(range(0, 1024, 64)) - set(outliers) - {500}
     assert set(kept.tolist()) == expected and len(kept) == len(expected)
-    with_pad = ActivationReader(tmp_path / "s", [KEY], 2000, drop_pad=False, drop_bos=False, loop=False)
+    with_pad = ActivationReader(store, [KEY], 2000, drop_pad=False, drop_bos=False, loop=False)
     assert len(next(iter(with_pad)).index) == 1024
 
 
