@@ -135,10 +135,7 @@ def test_max_norm_ratio_drops_planted_outliers(tmp_path: Path) -> None:
     writer.commit(1024, {})
     store = Store.open(tmp_path / "s")  # opened once, handed to the readers
     kept = torch.cat(
-        [
-            b.index
-            for b in collect(ActivationReader(store, [KEY], 1000, max_norm_ratio=10.0, loop=False))
-        ]
+        [b.index for b in collect(ActivationReader(store, [KEY], 1000, max_norm_ratio=10.0, loop=False))]
     )
     expected = set(range(1024)) - set(range(0, 1024, 64)) - set(outliers) - {500}
     assert set(kept.tolist()) == expected and len(kept) == len(expected)
