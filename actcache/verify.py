@@ -24,6 +24,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from actcache.byteio import ByteStore, open_bytes
 from actcache.codecs import crc32c_matches
 from actcache.manifest import ShardRecord, is_sealed, meta_digests, read_chain
 from actcache.store import COMMIT_FILE, Store, StoreDamaged, check_store_folder, parse_shard_index
@@ -117,13 +118,17 @@ def _check_shard(data: bytes, n_chunks: int, wanted: int) -> tuple[int, str] | N
     return None
 
 
-def verify_store(path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+def verify_store(
+    path: str | os.PathLike | ByteStore, progress: Callable[[int, int], None] | None = None
+) -> VerifyReport:
     """Check the commit record, the manifest and every chunk below the committed tokens (module docstring);
-    progress(done_chunks, total_chunks) after each shard. StoreError only when `path` is not a store at all."""
-    path = Path(path)
+    progress(done_chunks, total_chunks) after each shard. StoreError only when `path` is not a store at all.
+    `path`: a local folder or any ByteStore (every byte is read through it)."""
+    io = open_bytes(path)
+    path = io.root
     try:
-        check_store_folder(path)  # StoreError: missing, not a store, newer format
-        store = Store.open(path)
+        check_store_folder(io)  # StoreError: missing, not a store, newer format
+        store = Store.open(io)
     except StoreDamaged as e:  # the root metadata or the commit record is missing, unreadable or out of range
         where = path / ("zarr.json" if "zarr.json" in str(e) else COMMIT_FILE)
         return VerifyReport(False, 0, 0, 0, 0, BadRecord(str(where), _after_path(str(e), path)))

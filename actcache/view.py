@@ -90,13 +90,14 @@ def parse_shard_index(tail: bytes, n_chunks: int) -> np.ndarray | None:
     return np.frombuffer(tail[:-4], dtype="<u8").reshape(n_chunks, 2)
 
 
-def check_store_folder(path: str | os.PathLike) -> None:
+def check_store_folder(path: str | os.PathLike | ByteStore) -> None:
     """StoreError unless `path` holds an actcache store of a format this version reads (its commit record is not
     looked at: a store whose commit record is damaged can still be replaced)."""
-    path = Path(path)
-    if not path.exists():
+    io = open_bytes(path)
+    path = io.root
+    if isinstance(path, Path) and not path.exists():
         raise StoreError(f"store {path} does not exist; harvest one with `actcache harvest ... --out {path}`")
-    _read_root_attrs(path)
+    _read_root_attrs(io)
 
 
 def is_store(path: str | os.PathLike) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actcache.byteio import ByteStore, LocalByteStore, fsync_dir, write_json_atomic
+from actcache.byteio import ByteStore, fsync_dir, open_bytes, write_json_atomic
 from actcache.codecs import META_CODEC, STORED_DTYPE, get_codec, to_stored
 from actcache.lock import StoreLock
 from actcache.manifest import (
@@ -54,16 +54,16 @@ log = logging.getLogger(__name__)
 class StoreWriter:
     """Appends whole shards and commits them; see the module docstring for the crash-safety argument."""
 
-    def __init__(self, path: Path, spec: StoreSpec, commit: dict[str, Any]) -> None:
-        self.path = path
+    def __init__(self, where: Path | ByteStore, spec: StoreSpec, commit: dict[str, Any]) -> None:
+        self.io: ByteStore = open_bytes(where)
+        """Every byte outside zarr goes through it; zarr writes through `io.zarr_store` (actcache/byteio.py)."""
+        self.path: Path = self.io.root
         self.spec = spec
         self.committed_tokens: int = int(commit["committed_tokens"])
         self.complete: bool = bool(commit.get("complete", False))
         self.stats: dict[str, RunningStats] = {
             k: RunningStats.from_json(v) for k, v in commit.get("stats", {}).items()
         }
-        self.io: ByteStore = LocalByteStore(path)
-        """Every byte outside zarr goes through it; zarr writes through `io.zarr_store` (actcache/byteio.py)."""
         self._store = Store(self.io, _read_root_attrs(self.io))
         self._written: dict[str, dict[int, int]] = {k: {} for k in spec.array_keys}  # key -> shard -> rows
         self._digests: dict[str, dict[int, tuple[int, str]]] = {k: {} for k in spec.array_keys}
@@ -84,14 +84,16 @@ class StoreWriter:
 
     @classmethod
     def create_or_resume(
-        cls, path: str | os.PathLike, spec: StoreSpec, overwrite: bool = False
+        cls, where: str | os.PathLike | ByteStore, spec: StoreSpec, overwrite: bool = False
     ) -> StoreWriter:
-        """A new store, or the existing one if its spec is equal (resume from committed_tokens)."""
-        path = Path(path)
+        """A new store, or the existing one if its spec is equal (resume from committed_tokens). `where`: a local
+        folder or a ByteStore (creation, --overwrite and the lock still use its root as a local folder: the parts
+        of the write path not yet behind the seam, docs/store-format.md "Byte I/O seam")."""
+        io = open_bytes(where)
         spec.validate()
-        lock = _acquire(path)
+        lock = _acquire(io.root)
         try:
-            writer = cls._create_or_resume(path, spec, overwrite)
+            writer = cls._create_or_resume(io, spec, overwrite)
         except BaseException:
             lock.release()
             raise
@@ -99,7 +101,8 @@ class StoreWriter:
         return writer
 
     @classmethod
-    def _create_or_resume(cls, path: Path, spec: StoreSpec, overwrite: bool) -> StoreWriter:
+    def _create_or_resume(cls, io: ByteStore, spec: StoreSpec, overwrite: bool) -> StoreWriter:
+        path = io.root
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             if not is_store(path) and not (path / "zarr.json").exists():
                 raise StoreError(
@@ -116,11 +119,11 @@ class StoreWriter:
                         f"{path} holds a store with a different spec ({'; '.join(old.diff(spec))}); rerun the "
                         "same command to resume, or pass --overwrite to replace it"
                     )
-                writer = cls(path, spec, _read_commit(path))
+                writer = cls(io, spec, _read_commit(io))
                 log.info("resuming store %s at %d committed tokens", path, writer.committed_tokens)
                 return writer
         _create(path, spec)
-        return cls(path, spec, _read_commit(path))
+        return cls(io, spec, _read_commit(io))
 
     def _array(self, key: str) -> Any:
         with self._lock:
