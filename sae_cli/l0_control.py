@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from . import kernels
+from .reducer import LOCAL
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from .reducer import Reducer
     from .variants.base import SAE
 
 
@@ -154,14 +156,21 @@ class Trim(NamedTuple):
 
 @torch.no_grad()
 def trim_to_target(
-    sae: SAE, x_BD: Tensor, target: float, rate: float = 1.0, applied: float = 0.0
+    sae: SAE,
+    x_BD: Tensor,
+    target: float,
+    rate: float = 1.0,
+    applied: float = 0.0,
+    reducer: Reducer | None = None,
 ) -> Trim | None:
     """Shift the SAE's firing threshold by `rate` times the shift that makes exactly round(target * B) (token,
     latent) pairs of this batch fire (the threshold halfway between the n-th and (n+1)-th largest firing margins).
     None: the variant has no trim, or the target is out of range. rate 1 is exact on this batch; the trainer uses
     TRIM_RATE < 1, an average over ~1/rate batches, so the final threshold does not carry the sampling noise of
     the last batch's L0. `applied` is the sum of the shifts made so far; the L0 without them is what the
-    controller steers lambda on while the trim runs.
+    controller steers lambda on while the trim runs. `reducer` (sae_cli/reducer.py; None: one process): the exact
+    shift and the untrimmed L0 are averaged over the ranks (the ranks whose batch has an exact shift), so every
+    rank shifts its (identical) thresholds alike.
 
     Why: lambda moves the L0 through the SAE's weights, slowly and, for ReLU's L1, not reversibly (latents pushed
     below zero get no gradient back). The controller brings the L0 near the target; over the final steps (the
@@ -171,12 +180,17 @@ def trim_to_target(
     if margin_BF is None:
         return None
     exact = exact_shift(margin_BF, target)
-    if exact is None:
-        return None
     l0_untrimmed = float((margin_BF.detach().float() > applied).sum()) / x_BD.shape[0]
-    delta = exact * rate
+    # Over the ranks of a process group: the mean of the exact shifts (of the ranks that have one) and of the
+    # untrimmed L0s. float64 host scalars, so one process (the identity reducer) keeps every bit.
+    stats = torch.tensor([exact or 0.0, exact is not None, l0_untrimmed], dtype=torch.float64)
+    reducer = reducer or LOCAL
+    total, ranks, l0_sum = reducer.sum_(stats).tolist()
+    if ranks == 0:
+        return None
+    delta = total / ranks * rate
     sae.shift_threshold(delta)
-    return Trim(delta, l0_untrimmed)
+    return Trim(delta, l0_sum / reducer.world_size)
 
 
 @torch.no_grad()

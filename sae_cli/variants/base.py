@@ -1,6 +1,7 @@
 """The contract every SAE variant implements. One trainer (sae_cli/trainer.py) calls these hooks for every
 variant and every sweep member; a variant file holds its parameters, its encode rule, its sparsity loss and
-its aux loss, and nothing else.
+its aux loss, and nothing else. The reconstruction term R(x, x_hat) of its loss comes from the run's objective
+(`objective.reconstruction(state, x, x_hat)`, sae_cli/objective.py; MSE unless the trainer is given another).
 
 Weights use the [d_sae, d_in] layout for encoder and decoder (`W_enc_FD`, `W_dec_FD`), `b_enc_F`, `b_dec_D`.
 During training an SAE sees activations scaled by one scalar c (TrainConfig.normalize); the
@@ -12,12 +13,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..l0_control import exact_shift
+
+if TYPE_CHECKING:
+    from ..objective import Objective, ObjectiveContext
+    from ..reducer import Reducer
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,11 @@ class StepState:
     """Bool [d_sae]: latents that have not fired for the dead-latent window (AuxK uses it)."""
     freq_F: Tensor | None = None
     """Float [d_sae]: running firing frequency per latent (aux_zipf_loss uses it)."""
+    objective: Objective | None = None
+    """The run's reconstruction objective (sae_cli/objective.py); None: MSE. Variants reach it through
+    `objective.reconstruction(state, x, x_hat)`."""
+    context: ObjectiveContext | None = None
+    """The step as the objective sees it (member key, input scale, the reader's batch); None outside a step."""
 
 
 class LossOutput(NamedTuple):
@@ -75,7 +85,11 @@ class SAE(nn.Module):
     """True when the trainer must steer `sparsity_coef` to reach `l0_target` (ReLU, Gated, JumpReLU); False when
     the rule itself fixes the L0 (TopK, BatchTopK, the choice variants, Matryoshka)."""
     unit_norm_decoder: ClassVar[bool] = True
-    """True: decoder rows kept at unit norm (gradient projected, rows renormalised after each step)."""
+    """True: decoder rows kept at unit norm (gradient projected, rows renormalised after each step). The class
+    attribute is the variant's default (`sae variants` prints it); an option may change it per instance (TopK's
+    `decoder_norm`, JumpReLU's `unit_norm_decoder`)."""
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam's (beta1, beta2) for this variant (sae_cli/training/plan.py reads it)."""
     l0_gain: ClassVar[float] = 1.0
     """Steered variants: factor on the L0 controller's integral gain (sae_cli/l0_control.py). Below 1 for a rule
     whose L0 falls steeply and irreversibly once lambda is too high (ReLU's L1: latents pushed below zero get no
@@ -116,6 +130,12 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     # ---- hooks the trainer calls ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reduce_batch_stats(self, reducer: Reducer) -> None:
+        """Before `after_optimizer_step`: combine the statistics of this step's batch that the variant keeps
+        (a batch-level rule's running-threshold cut-off) over the ranks of a process group (sae_cli/reducer.py).
+        Default: none."""
+
     def firing_margin(self, x_BD: Tensor) -> Tensor | None:
         """Steered variants: [B, d_sae] margins m, latent i firing on token b iff m_bi > 0, such that
         `shift_threshold(d)` adds d to every margin. The L0 trim (l0_control.trim_to_target) reads them.

@@ -2,7 +2,7 @@
 activations, so tokens get a variable number of latents with mean k.
 
 Training: pre = ReLU(W_enc (x - b_dec) + b_enc); keep the k*|B| largest entries of pre over the whole [B, F]
-matrix; x_hat = f W_dec + b_dec; L = ||x - x_hat||^2 + aux_coef * AuxK (dead latents, as TopK).
+matrix; x_hat = f W_dec + b_dec; L = R(x, x_hat) + aux_coef * AuxK (dead latents, as TopK).
 Inference: f = pre * 1[pre > theta], theta = bias-corrected EMA (decay `threshold_decay`) of the smallest
 positive kept activation of each training batch, updated in after_optimizer_step. theta = 0 (before the
 first step) is plain ReLU. At the end of training (`calibrate`, LoopConfig.calibrate) theta is set to
@@ -15,15 +15,20 @@ gradient projection; b_dec from the data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .. import kernels
 from ..l0_control import nth_and_next_largest
+from ..objective import reconstruction
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState, whole_batches
+
+if TYPE_CHECKING:
+    from ..reducer import Reducer
 
 
 @register
@@ -31,6 +36,20 @@ class BatchTopKSAE(SAE):
     name = "batchtopk"
     steered = False
     unit_norm_decoder = True
+    sparse_path: ClassVar[bool] = True
+    """The fused sparse pass (`kernels.batch_topk_encode_decode`, used while AuxK is off) computes this class's
+    training rule and reconstruction: BatchTopK's `select` and `recon_loss`. A subclass that overrides either sets
+    it False (Matryoshka's prefixes, Feature Choice's per-latent picks) and is trained densely; defining such an
+    override without saying `sparse_path` is an error at class definition."""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        changed = [f for f in ("select", "recon_loss") if f in vars(cls)]
+        if changed and "sparse_path" not in vars(cls):
+            raise TypeError(
+                f"{cls.__name__} overrides {', '.join(changed)}: set its class attribute sparse_path (False unless "
+                "kernels.batch_topk_encode_decode computes the new rule)"
+            )
 
     @dataclass(frozen=True)
     class Options:
@@ -74,12 +93,16 @@ class BatchTopKSAE(SAE):
     def aux_eligible(self, state: StepState) -> Tensor | None:
         return state.dead_F
 
-    def recon_loss(self, acts_BF: Tensor, x_BD: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(loss, x_hat, extra parts); Matryoshka overrides this with its prefix losses."""
+    def recon_loss(
+        self, acts_BF: Tensor, x_BD: Tensor, state: StepState
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """(loss, x_hat, the objective's parts of x_hat, extra parts); Matryoshka overrides this with its prefix
+        losses."""
         x_hat_BD = self.decode(acts_BF)
-        return C.mse(x_hat_BD, x_BD), x_hat_BD, {}
+        recon = reconstruction(state, x_BD, x_hat_BD)
+        return recon.loss, x_hat_BD, recon.parts, {}
 
-    def _sparse_training_loss(self, x_BD: Tensor) -> LossOutput:
+    def _sparse_training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
         """The training loss while AuxK is off (no eligible latent), on the kept pairs only (kernels)."""
         n_keep = min(self.k * x_BD.shape[0], x_BD.shape[0] * self.cfg.d_sae)
         x_hat_BD, vals_N, fired_F = kernels.batch_topk_encode_decode(
@@ -87,33 +110,31 @@ class BatchTopKSAE(SAE):
         )
         self._pending_cutoff = C.smallest_positive(vals_N, dim=0)
         x_hat_BD = x_hat_BD + self.b_dec_D
-        mse = C.mse(x_hat_BD, x_BD)
+        recon = reconstruction(state, x_BD, x_hat_BD)
         l0 = fired_F.sum().float() / x_BD.shape[0]
-        parts = {"mse": mse.detach(), "aux": x_BD.new_zeros(())}
-        return LossOutput(mse, x_hat_BD, parts, l0, fired_F)
+        parts = {**recon.parts, "aux": x_BD.new_zeros(())}
+        return LossOutput(recon.loss, x_hat_BD, parts, l0, fired_F)
 
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
         eligible_F = self.aux_eligible(state)
-        # The sparse pass computes this class's own rule and loss: subclasses that change them stay dense.
-        plain = type(self).select is BatchTopKSAE.select and type(self).recon_loss is BatchTopKSAE.recon_loss
         if (
-            plain
+            self.sparse_path
             and kernels.sparse_latents_ok(x_BD, self.W_enc_FD, self.b_enc_F, self.W_dec_FD)
             and self.k / self.cfg.d_sae <= kernels.CPU_SPARSE_DECODE_MAX_DENSITY
             and eligible_F is not None  # None (no dead-latent bookkeeping, direct calls): dense reference
             and (self.k_aux <= 0 or not bool(eligible_F.any()))
         ):
-            return self._sparse_training_loss(x_BD)
+            return self._sparse_training_loss(x_BD, state)
         pre_BF = self.pre_acts(x_BD - self.b_dec_D)
         acts_BF, cutoff = self.select(pre_BF)
         self._pending_cutoff = cutoff
-        recon, x_hat_BD, extra = self.recon_loss(acts_BF, x_BD)
+        recon, x_hat_BD, recon_parts, extra = self.recon_loss(acts_BF, x_BD, state)
         eligible_F = self.aux_eligible(state)
         aux = C.aux_residual_loss_from_pre(pre_BF, eligible_F, self.W_dec_FD, x_BD - x_hat_BD, self.k_aux)
         loss = recon + self.opts.aux_coef * aux
         fired_F = C.fired_from_dense(acts_BF)
         l0 = fired_F.sum().float() / x_BD.shape[0]
-        parts = {"mse": C.mse(x_hat_BD, x_BD).detach(), "aux": aux.detach(), **extra}
+        parts = {**recon_parts, "aux": aux.detach(), **extra}
         return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
 
     @torch.no_grad()
@@ -143,6 +164,12 @@ class BatchTopKSAE(SAE):
         ]
         if cutoffs:
             self.threshold.copy_(torch.stack(cutoffs).mean(0))
+
+    @torch.no_grad()
+    def reduce_batch_stats(self, reducer: Reducer) -> None:
+        """The cut-off of this step's batch, averaged over the ranks (the running threshold then moves alike)."""
+        if self._pending_cutoff is not None:
+            reducer.mean_(self._pending_cutoff)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

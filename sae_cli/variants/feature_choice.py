@@ -28,6 +28,7 @@ from .mutual_choice import MutualChoiceSAE
 @register
 class FeatureChoiceSAE(MutualChoiceSAE):
     name = "feature-choice"
+    sparse_path = False  # per-latent picks: not the fused pass's global top k*B
 
     def threshold_shape(self) -> tuple[int, ...]:
         return (self.cfg.d_sae,)

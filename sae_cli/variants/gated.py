@@ -2,7 +2,7 @@
 
 pi_gate = W_gate (x - b_dec) + b_gate, pi_mag = exp(r_mag) * (W_gate (x - b_dec)) + b_mag,
 f = 1[pi_gate > 0] * ReLU(pi_mag), x_hat = f W_dec + b_dec. W_gate is stored as W_enc_FD and b_gate as b_enc_F.
-L = ||x - x_hat||^2 + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i|| + ||x - (ReLU(pi_gate) sg(W_dec) + sg(b_dec))||^2,
+L = R(x, x_hat) + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i|| + ||x - (ReLU(pi_gate) sg(W_dec) + sg(b_dec))||^2,
 sg = stop-gradient; the decoder rows are kept at unit norm, so the norm factor is 1 (it is kept for the
 moment after fold_scale). The gate gets no gradient from the main reconstruction (the Heaviside step has none);
 it learns from the sparsity and auxiliary terms. lambda = state.sparsity_coef (steered by the trainer).
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..objective import reconstruction
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -58,11 +59,11 @@ class GatedSAE(SAE):
             self.W_dec_FD.norm(dim=1),
         )
         x_hat_BD = x_hat_BD + self.b_dec_D
-        mse = C.mse(x_hat_BD, x_BD)
+        recon = reconstruction(state, x_BD, x_hat_BD)
         aux = C.mse(x_frozen_BD + self.b_dec_D.detach(), x_BD)
-        loss = mse + state.sparsity_coef * sparsity + aux
+        loss = recon.loss + state.sparsity_coef * sparsity + aux
         l0 = fired_F.sum().float() / x_BD.shape[0]
-        parts = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach()}
+        parts = {**recon.parts, "sparsity": sparsity.detach(), "aux": aux.detach()}
         return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
 
     def firing_margin(self, x_BD: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.05147).
 
 pi = W_enc x + b_enc, f = pi * H(pi - theta) with theta > 0 learned per latent, x_hat = f W_dec + b_dec.
-L = ||x - x_hat||^2 + lambda * sum_i H(pi_i - theta_i), lambda = state.sparsity_coef (steered by the trainer).
+L = R(x, x_hat) + lambda * sum_i H(pi_i - theta_i), lambda = state.sparsity_coef (steered by the trainer).
 theta gets gradient through the rectangle-kernel straight-through estimators (sae_cli.kernels.jumprelu/step).
 theta is a plain fp32 parameter, not log theta: with Adam, log theta barely moves and L0 never falls
 (SAELens issues #494, #382, fixed in #718). The defaults assume the trainer passes unit-mean-squared-norm data.
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..objective import reconstruction
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -29,6 +30,8 @@ class JumpReLUSAE(SAE):
     # a unit-norm one (mean max cosine 0.964 against 0.916 after 800 steps); `unit_norm_decoder=True` restores
     # the projection + renormalisation (dictionary_learning's JumpReLU trainer).
     unit_norm_decoder = False
+    adam_betas = (0.0, 0.999)
+    """beta1 = 0, as Gemma Scope trains JumpReLU (arXiv 2408.05147, sec. 4.2)."""
 
     @dataclass(frozen=True)
     class Options:
@@ -64,11 +67,11 @@ class JumpReLUSAE(SAE):
             x_BD, self.W_enc_FD, self.b_enc_F, self.theta_F, self.opts.bandwidth, self.W_dec_FD
         )
         x_hat_BD = x_hat_BD + self.b_dec_D
-        mse = C.mse(x_hat_BD, x_BD)
+        recon = reconstruction(state, x_BD, x_hat_BD)
         l0_penalty = l0_B.mean()
-        loss = mse + state.sparsity_coef * l0_penalty
+        loss = recon.loss + state.sparsity_coef * l0_penalty
         l0 = fired_F.sum().float() / x_BD.shape[0]
-        return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": l0_penalty.detach()}, l0, fired_F)
+        return LossOutput(loss, x_hat_BD, {**recon.parts, "sparsity": l0_penalty.detach()}, l0, fired_F)
 
     def firing_margin(self, x_BD: Tensor) -> Tensor:
         return self.pre_acts(x_BD) - self.theta_F

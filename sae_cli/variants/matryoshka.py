@@ -2,7 +2,7 @@
 dictionary (latents 0..m_j) each reconstruct x, so the inner prefixes learn the general features.
 
 Training: the BatchTopK allocation over all latents; x_hat_j = f[:, :m_j] W_dec[:m_j] + b_dec for each prefix
-size m_1 < ... < m_J = d_sae; L = mean_j ||x - x_hat_j||^2 + aux_coef * AuxK (dead latents, residual of the
+size m_1 < ... < m_J = d_sae; L = mean_j R(x, x_hat_j) + aux_coef * AuxK (dead latents, residual of the
 full reconstruction). The mean (not the sum) keeps the loss on the scale of one reconstruction, so learning
 rates carry over from BatchTopK. Inference: BatchTopK's threshold (JumpReLU),
 calibrated at the end of training.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..objective import reconstruction
 from ..registry import register
-from . import _common as C
-from .base import SAEConfig
+from .base import SAEConfig, StepState
 from .batchtopk import BatchTopKSAE
 
 
@@ -31,6 +31,7 @@ def prefix_sizes(prefixes: tuple[float, ...], d_sae: int) -> list[int]:
 @register
 class MatryoshkaSAE(BatchTopKSAE):
     name = "matryoshka"
+    sparse_path = False  # the prefix losses are not the fused pass's loss
 
     @dataclass(frozen=True)
     class Options(BatchTopKSAE.Options):
@@ -41,13 +42,18 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(cfg)
         self.sizes = prefix_sizes(tuple(self.opts.prefixes), cfg.d_sae)
 
-    def recon_loss(self, acts_BF: Tensor, x_BD: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def recon_loss(
+        self, acts_BF: Tensor, x_BD: Tensor, state: StepState
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         x_hat_BD = self.b_dec_D.expand_as(x_BD)
-        losses, start = [], 0
+        recons, start = [], 0
         for end in self.sizes:  # cumulative: each prefix adds its new latents' contribution
             x_hat_BD = x_hat_BD + acts_BF[:, start:end] @ self.W_dec_FD[start:end]
-            losses.append(C.mse(x_hat_BD, x_BD))
+            recons.append(reconstruction(state, x_BD, x_hat_BD))
             start = end
-        loss = sum(losses) / len(losses)
-        extra = {f"mse_prefix{m}": v.detach() for m, v in zip(self.sizes[:-1], losses[:-1], strict=True)}
-        return loss, x_hat_BD, extra
+        loss = sum(r.loss for r in recons) / len(recons)
+        part = state.objective.recon_part if state.objective is not None else "mse"
+        extra = {
+            f"{part}_prefix{m}": r.loss.detach() for m, r in zip(self.sizes[:-1], recons[:-1], strict=True)
+        }
+        return loss, x_hat_BD, recons[-1].parts, extra

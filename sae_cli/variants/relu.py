@@ -1,7 +1,7 @@
 """ReLU / L1 SAE (Bricken et al. 2023; Anthropic "Circuits Updates, April 2024").
 
 f = ReLU(W_enc x + b_enc), x_hat = f W_dec + b_dec,
-L = ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec,i||, lambda = state.sparsity_coef (steered by the trainer).
+L = R(x, x_hat) + lambda * sum_i f_i ||W_dec,i||, lambda = state.sparsity_coef (steered by the trainer).
 The decoder is free (no unit-norm constraint): weighting the L1 term by the decoder row norms makes the
 penalty invariant to moving scale between f_i and W_dec,i. Init (April update): decoder rows random
 directions of norm `dec_init_norm`, W_enc = W_dec (tied), b_enc = 0; b_dec the data mean (`b_dec_init`; the
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..objective import reconstruction
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -50,10 +51,10 @@ class ReLUSAE(SAE):
             x_BD, self.W_enc_FD, self.b_enc_F, None, 0.0, self.W_dec_FD, self.W_dec_FD.norm(dim=1)
         )
         x_hat_BD = x_hat_BD + self.b_dec_D
-        mse = C.mse(x_hat_BD, x_BD)
-        loss = mse + state.sparsity_coef * sparsity
+        recon = reconstruction(state, x_BD, x_hat_BD)
+        loss = recon.loss + state.sparsity_coef * sparsity
         l0 = fired_F.sum().float() / x_BD.shape[0]
-        return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "sparsity": sparsity.detach()}, l0, fired_F)
+        return LossOutput(loss, x_hat_BD, {**recon.parts, "sparsity": sparsity.detach()}, l0, fired_F)
 
     def firing_margin(self, x_BD: Tensor) -> Tensor:
         return x_BD @ self.W_enc_FD.T + self.b_enc_F

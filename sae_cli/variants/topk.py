@@ -1,7 +1,7 @@
 """TopK SAE (Gao et al. 2024, arXiv 2406.04093): each token keeps its k largest pre-activations.
 
 f = ReLU(TopK_k(W_enc (x - b_dec) + b_enc)), x_hat = f W_dec + b_dec, k = round(l0_target).
-L = ||x - x_hat||^2 + aux_coef * AuxK, AuxK reconstructing the residual from the dead latents only.
+L = R(x, x_hat) + aux_coef * AuxK, AuxK reconstructing the residual from the dead latents only.
 Decoder norms (option `decoder_norm`): "unit" keeps the rows at unit norm (gradient projection, base hooks);
 "free" leaves them free and uses the rows' directions: with n_i = ||W_dec_i||, pre_i = n_i (W_enc_i (x - b_dec) +
 b_enc_i) and x_hat = sum_i f_i W_dec_i / n_i (SAELens's `rescale_acts_by_decoder_norm`). The two give the same
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..objective import reconstruction
 from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
@@ -28,7 +29,8 @@ from .base import SAE, LossOutput, SAEConfig, StepState
 class TopKSAE(SAE):
     name = "topk"
     steered = False
-    unit_norm_decoder = True
+    unit_norm_decoder = False
+    """The default, Options.decoder_norm = "free"; "unit" turns it on for the instance."""
 
     @dataclass(frozen=True)
     class Options:
@@ -50,7 +52,7 @@ class TopKSAE(SAE):
         C.check_choice("decoder_norm", self.opts.decoder_norm, ("unit", "free"))
         if self.opts.decoder_init_norm <= 0:
             raise ValueError("option decoder_init_norm must be > 0")
-        self.unit_norm_decoder = self.opts.decoder_norm == "unit"  # instance override of the class default
+        self.unit_norm_decoder = self.opts.decoder_norm == "unit"  # the option decides, per instance
         self.k = max(1, min(cfg.d_sae, round(cfg.l0_target)))
         self.k_aux = self.opts.k_aux if self.opts.k_aux is not None else max(1, cfg.d_in // 2)
 
@@ -75,14 +77,14 @@ class TopKSAE(SAE):
         x_in_BD = x_BD - self.b_dec_D
         vals_BK, idx_BK = kernels.topk_encode(x_in_BD, W_enc_FD, b_enc_F, self.k)
         x_hat_BD = kernels.topk_decode(idx_BK, vals_BK, W_dec_FD) + self.b_dec_D
-        mse = C.mse(x_hat_BD, x_BD)
+        recon = reconstruction(state, x_BD, x_hat_BD)
         aux = C.aux_residual_loss(
             x_in_BD, W_enc_FD, b_enc_F, W_dec_FD, state.dead_F, x_BD - x_hat_BD, self.k_aux
         )
-        loss = mse + self.opts.aux_coef * aux
+        loss = recon.loss + self.opts.aux_coef * aux
         l0 = (vals_BK > 0).sum(-1).float().mean()
         fired_F = C.fired_from_topk(idx_BK, vals_BK, self.cfg.d_sae)
-        return LossOutput(loss, x_hat_BD, {"mse": mse.detach(), "aux": aux.detach()}, l0.detach(), fired_F)
+        return LossOutput(loss, x_hat_BD, {**recon.parts, "aux": aux.detach()}, l0.detach(), fired_F)
 
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
