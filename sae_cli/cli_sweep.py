@@ -98,8 +98,10 @@ def sweep(
                     tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
                     normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
                 )  # fmt: skip
-                lists = {"variants": variants, "l0_target": l0_target, "width": width}
-                cfg = _config(store, layer, site, layers, sites, lists, loop, parse_options(option))
+                cfg = _fresh_config(
+                    store=store, layer=layer, site=site, layers=layers, sites=sites, variants=variants,
+                    l0_target=l0_target, width=width, loop=loop, options=parse_options(option),
+                )  # fmt: skip
             prep = prepare_sweep(cfg, out, device=device, resume=resume, overwrite=overwrite)
             _header(prep)
             result = run_training(prep, run_live)
@@ -113,13 +115,16 @@ def sweep(
         lock.release()
 
 
-def _config(
+def _fresh_config(
+    *,
     store: str | None,
     layer: int | None,
     site: str,
     layers: str | None,
     sites: str | None,
-    lists: dict[str, str],
+    variants: str,
+    l0_target: str,
+    width: str,
     loop: LoopConfig,
     options: dict[str, Any],
 ) -> Any:
@@ -132,11 +137,11 @@ def _config(
         raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
     return SweepConfig(
         store=store,
-        variants=parse_list(lists["variants"], str, "--variants"),
+        variants=parse_list(variants, str, "--variants"),
         layers=parse_layers(layers) if layers else (layer,),  # type: ignore[arg-type]
         sites=parse_list(sites, str, "--sites") if sites else (site,),
-        l0_targets=parse_list(lists["l0_target"], float, "--l0-target"),
-        widths=parse_list(lists["width"], str, "--width"),
+        l0_targets=parse_list(l0_target, float, "--l0-target"),
+        widths=parse_list(width, str, "--width"),
         loop=loop,
         options=options,
     )

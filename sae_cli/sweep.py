@@ -19,7 +19,6 @@ names the groups a batched GPU step would stack (sae_cli/batched.py).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +50,6 @@ __all__ = [
     "parse_list", "plan_sweep", "prepare_sweep", "read_sweep", "run_sweep", "run_training", "saved_config",
     "shape_groups", "start_training",
 ]  # fmt: skip
-
-log = logging.getLogger(__name__)
 
 PARETO_DIR = "pareto"
 # The trainer refuses above 90 % of the free memory (trainer.check_memory); the sweep uses the same margin.
