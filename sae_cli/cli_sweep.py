@@ -1,5 +1,6 @@
 """`sae sweep` and `sae pareto`: many SAEs from one pass over a store, their evaluation, table and Pareto plots.
-Registered into sae_cli/cli.py's `app` by `register(app)`; prints (rich), the library (sae_cli/sweep.py) logs."""
+Registered into sae_cli/cli.py's `app` by `register(app)`; parses, prints (rich) and calls the library
+(sae_cli/sweep.py over the run path, sae_cli/run.py), which logs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from .config import LoopConfig, field_docs
+from .cli_common import (
+    cli_errors,
+    console,
+    eval_progress,
+    out_console,
+    resume_hint,
+    run_live,
+    stop_if_interrupted,
+)
+from .config import ConfigError, LoopConfig, field_docs, parse_options
 from .registry import variant_names
 
 DOC = field_docs(LoopConfig)
@@ -63,71 +72,82 @@ def sweep(
         False, "--resume", help="Continue the sweep in --out from its checkpoint, with its saved settings."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the sweep in --out."),
+    option: list[str] = typer.Option(
+        None,
+        "--option",
+        help="Variant option KEY=VALUE for every member, VARIANT.KEY=VALUE for one variant's (repeatable; as "
+        "`sae train --option`).",
+    ),
 ) -> None:
     """Train variants x L0 targets x widths (x layers x sites) in one loop; evaluate, tabulate, plot."""
-    from .cli import _device, _resume_hint, _run_live, cli_errors, console
-    from .config import ConfigError
     from .evaluate import check_eval_options
     from .io import run_lock
-    from .sweep import (
-        SweepConfig,
-        SweepError,
-        parse_layers,
-        parse_list,
-        prepare_sweep,
-        run_training,
-        saved_config,
-    )
+    from .sweep import SweepError, prepare_sweep, run_training, saved_config
 
     with cli_errors(SweepError):
         lock = run_lock(out, "sweep")  # one process trains into --out at a time, until the summary is written
     try:
-        with cli_errors(SweepError, hint=lambda: _resume_hint(out, "sae sweep")):
+        with cli_errors(SweepError, hint=lambda: resume_hint(out, "sae sweep")):
             check_eval_options(0, lm_tokens, 1)
             if resume:  # the saved member set and loop; the device, the evaluation options and --store apply
                 cfg = saved_config(out)
                 if store is not None:  # a moved store; data.run_identity refuses any other one
                     cfg = dataclasses.replace(cfg, store=store)
             else:
-                if store is None:
-                    raise ConfigError("no store given: pass --store PATH")
-                if layers is None and layer is None:
-                    raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
                 loop = LoopConfig(
                     tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
                     normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
                 )  # fmt: skip
-                cfg = SweepConfig(
-                    store=store,
-                    variants=parse_list(variants, str, "--variants"),
-                    layers=parse_layers(layers) if layers else (layer,),
-                    sites=parse_list(sites, str, "--sites") if sites else (site,),
-                    l0_targets=parse_list(l0_target, float, "--l0-target"),
-                    widths=parse_list(width, str, "--width"),
-                    loop=loop,
-                )
-            dev = _device(device)
-            prep = prepare_sweep(cfg, out, device=dev, resume=resume, overwrite=overwrite)
+                cfg = _fresh_config(
+                    store=store, layer=layer, site=site, layers=layers, sites=sites, variants=variants,
+                    l0_target=l0_target, width=width, loop=loop, options=parse_options(option),
+                )  # fmt: skip
+            prep = prepare_sweep(cfg, out, device=device, resume=resume, overwrite=overwrite)
             _header(prep)
-            result = run_training(prep, _run_live)
-        if result.status != "done":
-            console.print(
-                f"[yellow]interrupted at step {result.step} ({result.tokens:,} tokens); checkpoint written. "
-                f"Continue with: sae sweep --out {out} --resume[/yellow]"
-            )
-            raise typer.Exit(130)
+            result = run_training(prep, run_live)
+        stop_if_interrupted(result, "sae sweep", out)
         console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
         with cli_errors(SweepError):
             if not no_eval:
                 _evaluate(prep, with_model=not no_model, lm_tokens=lm_tokens)
             _finish(out)
-
     finally:
         lock.release()
 
 
+def _fresh_config(
+    *,
+    store: str | None,
+    layer: int | None,
+    site: str,
+    layers: str | None,
+    sites: str | None,
+    variants: str,
+    l0_target: str,
+    width: str,
+    loop: LoopConfig,
+    options: dict[str, Any],
+) -> Any:
+    """The SweepConfig of a fresh sweep from the command line (validated later, by the run path)."""
+    from .sweep import SweepConfig, parse_layers, parse_list
+
+    if store is None:
+        raise ConfigError("no store given: pass --store PATH")
+    if layers is None and layer is None:
+        raise ConfigError("no layer given: pass --layer 15 (or --layers 3,15)")
+    return SweepConfig(
+        store=store,
+        variants=parse_list(variants, str, "--variants"),
+        layers=parse_layers(layers) if layers else (layer,),  # type: ignore[arg-type]
+        sites=parse_list(sites, str, "--sites") if sites else (site,),
+        l0_targets=parse_list(l0_target, float, "--l0-target"),
+        widths=parse_list(width, str, "--width"),
+        loop=loop,
+        options=options,
+    )
+
+
 def _header(prep: Any) -> None:
-    from .cli import console
     from .sweep import shape_groups
 
     cfg, loop = prep.cfg, prep.loop
@@ -138,38 +158,26 @@ def _header(prep: Any) -> None:
     free = f" of {prep.memory_free / 2**30:.1f} GiB free" if prep.memory_free else ""
     n_calib = prep.calib_range[1] - prep.calib_range[0]
     held = f"; {n_calib:,} training tokens held back to calibrate thresholds" if n_calib > 0 else ""
+    options = f"; options {cfg.options}" if cfg.options else ""
     console.print(
         f"[bold]sae sweep[/bold]: {len(prep.plans)} members = {len(cfg.layers)} layer(s) x {len(cfg.sites)} site(s) "
         f"x {len(cfg.variants)} variant(s) x {len(cfg.widths)} width(s) x {len(cfg.l0_targets)} L0 target(s); "
         f"d_in {prep.store.d_model}, d_sae {', '.join(map(str, widths))}; {prep.tokens:,} tokens = {steps} steps "
         f"of {loop.batch_size}; {len(shape_groups(prep.plans))} equal-shape group(s); "
-        f"{how}; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}{held}"
+        f"{how}; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}{held}{options}"
     )
 
 
 def _evaluate(prep: Any, *, with_model: bool, lm_tokens: int) -> None:
-    from .cli import console
     from .sweep import evaluate_members
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console)
-    tasks: dict[str, Any] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if stage != "members" and done == 0 and stage in tasks:
-            progress.reset(tasks[stage], total=total)
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(
-                "eval members" if stage == "members" else f"eval {stage}", total=total
-            )
-        progress.update(tasks[stage], completed=done, total=total)
-
+    progress, report = eval_progress()
     with progress:
         evaluate_members(prep, with_model=with_model, lm_tokens=lm_tokens, progress=report)
     console.print(f"evaluated {len(prep.plans)} members in {prep.timings['eval_s']:.0f} s")
 
 
 def _finish(out: Path) -> None:
-    from .cli import console, out_console
     from .sweep import finish_sweep
 
     rows, paths = finish_sweep(out)
@@ -214,10 +222,10 @@ def pareto(
     device: str = typer.Option("auto", help="Torch device for --eval."),
 ) -> None:
     """Rebuild a sweep's summary table and Pareto plots (L0 vs FVU, L0 vs delta LM loss) from its members."""
-    from .cli import _device, cli_errors
+    from .run import resolve_device
     from .sweep import SweepError, evaluate_missing
 
     with cli_errors(SweepError):
         if eval_:
-            evaluate_missing(sweep_dir, with_model=not no_model, device=_device(device))
+            evaluate_missing(sweep_dir, with_model=not no_model, device=resolve_device(device))
         _finish(sweep_dir)

@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import math
 import textwrap
+import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "field_docs",
     "flat_keys",
+    "parse_options",
     "resolve_loop",
     "resolve_width",
 ]
@@ -321,3 +323,20 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def parse_options(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """`--option KEY=VALUE` (repeatable) -> the `options` dict of a member: the value is read as a TOML value
+    (`k_aux=256` an int, `flag=true` a bool, `scale=0.5` a float) and otherwise kept as text (`decoder_norm=unit`).
+    The same keys as the TOML table `options`; the variant validates them."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = str(item).partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise ConfigError(f"bad --option {item!r}: use KEY=VALUE, e.g. --option decoder_norm=unit")
+        try:
+            out[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text
+    return out

@@ -134,13 +134,13 @@ def density_histogram(freq_F: Tensor | np.ndarray, bins: int = 50) -> dict:
 
 def save_density_png(freq_F: Tensor | np.ndarray, path: str | Path, title: str = "") -> None:
     """Feature density histogram (log10 firing frequency) as a PNG; dead latents named in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     hist = density_histogram(freq_F)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)  # object API on its own Agg canvas: no pyplot, no global backend
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if hist["counts"]:
         edges = np.asarray(hist["log10_edges"])
         alive = sum(hist["counts"])
@@ -153,8 +153,5 @@ def save_density_png(freq_F: Tensor | np.ndarray, path: str | Path, title: str =
     fig.tight_layout()
     from .io import atomic_path
 
-    try:
-        with atomic_path(Path(path)) as tmp:  # a failed write leaves no temporary file and names `path`
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(Path(path)) as tmp:  # a failed write leaves no temporary file and names `path`
+        fig.savefig(tmp, format="png")

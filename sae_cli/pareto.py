@@ -90,6 +90,33 @@ def plot_chart(
     fig = Figure(figsize=(7.5, 5.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    _member_lines(ax, pts, metric)
+    front = pareto_front([r["l0"] for r in pts], [r[metric] for r in pts])
+    if front:
+        fx, fy = [pts[i]["l0"] for i in front], [pts[i][metric] for i in front]
+        ax.step(fx, fy, where="post", color="black", linewidth=1.2, alpha=0.6, label="Pareto frontier")
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
+    if useless is not None:
+        _useless_line(ax, [r[metric] for r in pts], *useless)
+    ax.set_xscale("log")
+    # Plain numbers (20, 50, 100) on the log axis instead of 2 x 10^1.
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel("L0 (mean active latents per held-out token; labels: L0 target)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{title}: L0 vs {metric} (lower left is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
+def _member_lines(ax: Any, pts: list[dict[str, Any]], metric: str) -> None:
+    """One line per (variant, width) through its L0 targets, each point labelled with its target."""
     variants = sorted({r["variant"] for r in pts})
     widths = sorted({int(r["d_sae"]) for r in pts})
     styles = ["-", "--", ":", "-."]
@@ -121,38 +148,20 @@ def plot_chart(
                     fontsize=7,
                     color=colors[vi],
                 )
-    front = pareto_front([r["l0"] for r in pts], [r[metric] for r in pts])
-    if front:
-        fx, fy = [pts[i]["l0"] for i in front], [pts[i][metric] for i in front]
-        ax.step(fx, fy, where="post", color="black", linewidth=1.2, alpha=0.6, label="Pareto frontier")
-        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
-    if useless is not None:
-        level, text = useless
-        ys = [r[metric] for r in pts]
-        above = [y for y in ys if y > 1.05 * level]
-        if above or max(ys) > 0.5 * level:  # the level is near the data: draw it (a far one would squash it)
-            ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=text)
-        if above and len(above) < len(ys):
-            ax.set_ylim(min(0.0, *ys), 1.08 * level)
-            ax.text(
-                0.99, 0.98, f"{len(above)} member(s) above the chart", transform=ax.transAxes, ha="right",
-                va="top", fontsize=8, color="grey",
-            )  # fmt: skip
-    ax.set_xscale("log")
-    # Plain numbers (20, 50, 100) on the log axis instead of 2 x 10^1.
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ax.set_xlabel("L0 (mean active latents per held-out token; labels: L0 target)")
-    ax.set_ylabel(label)
-    ax.set_title(f"{title}: L0 vs {metric} (lower left is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+
+
+def _useless_line(ax: Any, ys: list[float], level: float, text: str) -> None:
+    """The level where an SAE explains nothing, when the data comes near it; members beyond it stay above the
+    chart, counted in its corner."""
+    above = [y for y in ys if y > 1.05 * level]
+    if above or max(ys) > 0.5 * level:  # the level is near the data: draw it (a far one would squash it)
+        ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=text)
+    if above and len(above) < len(ys):
+        ax.set_ylim(min(0.0, *ys), 1.08 * level)
+        ax.text(
+            0.99, 0.98, f"{len(above)} member(s) above the chart", transform=ax.transAxes, ha="right",
+            va="top", fontsize=8, color="grey",
+        )  # fmt: skip
 
 
 def _finite(v: Any) -> bool:
