@@ -19,6 +19,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from zarr.storage import LocalStore
+
+from actcache.digests import crc32c_hex, readonly_u8
+
 
 @runtime_checkable
 class ByteStore(Protocol):
@@ -157,12 +161,46 @@ class LocalByteStore:
             fsync_dir(folder)
 
     def zarr_store(self, read_only: bool = True) -> Any:
-        from actcache.manifest import DigestingLocalStore
-
         return DigestingLocalStore(self.root, read_only=read_only)
 
     def __repr__(self) -> str:
         return f"LocalByteStore({str(self.root)!r})"
+
+
+class DigestingLocalStore(LocalStore):
+    """zarr's LocalStore that remembers the (size, crc32c) of every value it writes, keyed by its store key.
+
+    The harvest writes whole shard files, so each digest is that of a complete shard, taken from the bytes in
+    memory as they go to disk.
+    """
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.digests: dict[str, tuple[int, str]] = {}
+        self._digest_lock = threading.Lock()
+
+    def _remember(self, key: str, value: Any) -> None:
+        u8 = readonly_u8(memoryview(value.as_buffer_like()).cast("B"))
+        digest = (u8.nbytes, crc32c_hex(u8))
+        with self._digest_lock:
+            self.digests[key] = digest
+
+    def pop_digest(self, key: str) -> tuple[int, str] | None:
+        with self._digest_lock:
+            return self.digests.pop(key, None)
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        self._remember(key, value)
+        await super()._set(key, value, exclusive=exclusive)
+
+    def set_sync(self, key: str, value: Any) -> None:
+        self._remember(key, value)
+        super().set_sync(key, value)
+
+    def with_read_only(self, read_only: bool = False) -> DigestingLocalStore:
+        clone = type(self)(root=self.root, read_only=read_only)
+        clone.digests, clone._digest_lock = self.digests, self._digest_lock
+        return clone
 
 
 def open_bytes(path: str | os.PathLike | ByteStore) -> ByteStore:

@@ -13,55 +13,22 @@ The digests cost no extra read: the writer hashes each shard's bytes as zarr han
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from zarr.storage import LocalStore
+from actcache.byteio import ByteStore, DigestingLocalStore, open_bytes
+from actcache.digests import canonical, crc32c_hex, file_digest, sha256_hex
 
-from actcache.byteio import ByteStore, open_bytes
+__all__ = [  # the digest helpers and the digesting zarr store are re-exported from where they lived before
+    "MANIFEST_DIR", "ShardRecord", "DigestingLocalStore", "canonical", "crc32c_hex", "file_digest", "sha256_hex",
+    "genesis", "next_chain", "read_record", "write_record", "record_path", "record_key", "meta_digests",
+    "check_chain", "read_chain", "seal", "is_sealed", "object_digest",
+]  # fmt: skip
 
 MANIFEST_DIR = "manifest"
-
-
-def _readonly_u8(data: Any) -> np.ndarray:
-    """A read-only uint8 view (google_crc32c takes only read-only buffers), no copy."""
-    u8 = np.frombuffer(data, dtype=np.uint8)
-    u8.flags.writeable = False
-    return u8
-
-
-def crc32c_hex(data: Any) -> str:
-    """crc32c of a bytes-like object, as 8 hex digits."""
-    import google_crc32c
-
-    return f"{google_crc32c.value(_readonly_u8(data)):08x}"
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size, crc32c hex) of a file, read in 16 MiB pieces."""
-    import google_crc32c
-
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 24):
-            crc = google_crc32c.extend(crc, piece)
-            size += len(piece)
-    return size, f"{crc:08x}"
-
-
-def canonical(obj: Any) -> bytes:
-    """The bytes a digest is taken of: JSON with sorted keys and no whitespace."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def genesis(store_id: str, spec_json: Mapping[str, Any], meta_digests: Mapping[str, str]) -> str:
@@ -144,42 +111,6 @@ def object_digest(store: ByteStore, key: str, piece: int = 1 << 24) -> tuple[int
         if len(data) < piece:
             break
     return size, f"{crc:08x}"
-
-
-class DigestingLocalStore(LocalStore):
-    """zarr's LocalStore that remembers the (size, crc32c) of every value it writes, keyed by its store key.
-
-    The harvest writes whole shard files, so each digest is that of a complete shard, taken from the bytes in
-    memory as they go to disk.
-    """
-
-    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
-        super().__init__(root, read_only=read_only)
-        self.digests: dict[str, tuple[int, str]] = {}
-        self._digest_lock = threading.Lock()
-
-    def _remember(self, key: str, value: Any) -> None:
-        u8 = _readonly_u8(memoryview(value.as_buffer_like()).cast("B"))
-        digest = (u8.nbytes, crc32c_hex(u8))
-        with self._digest_lock:
-            self.digests[key] = digest
-
-    def pop_digest(self, key: str) -> tuple[int, str] | None:
-        with self._digest_lock:
-            return self.digests.pop(key, None)
-
-    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
-        self._remember(key, value)
-        await super()._set(key, value, exclusive=exclusive)
-
-    def set_sync(self, key: str, value: Any) -> None:
-        self._remember(key, value)
-        super().set_sync(key, value)
-
-    def with_read_only(self, read_only: bool = False) -> DigestingLocalStore:
-        clone = type(self)(root=self.root, read_only=read_only)
-        clone.digests, clone._digest_lock = self.digests, self._digest_lock
-        return clone
 
 
 def meta_digests(store: Path | ByteStore, keys: list[str]) -> dict[str, str]:

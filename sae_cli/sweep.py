@@ -212,13 +212,11 @@ def prepare_sweep(
 
 # ---- evaluation and the summary --------------------------------------------------------------------------------
 def load_lm(store: Any, device: str) -> Any:
-    """The store's model, loaded once for every member's splice (same dtype rule as evaluate.lm_metrics)."""
-    # TODO(merge): actcache.models.load_store_model
-    from actcache.models import load_model, parse_dtype, resolve_model
+    """The store's model, loaded once for every member's splice (actcache.models.load_store_model: the one loader,
+    the dtype rule of `sae eval`); a name of its own so that tests can stand a fake model in."""
+    from actcache.models import load_store_model
 
-    harvest = store.spec.harvest_config or {}
-    dtype = torch.float32 if device == "cpu" else parse_dtype(harvest.get("compute_dtype", "bf16"))
-    return load_model(resolve_model(store.spec.model, store.spec.revision), device=device, dtype=dtype)
+    return load_store_model(store.spec, device)
 
 
 def evaluate_folders(

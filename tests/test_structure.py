@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("actcache", "sae_cli")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
@@ -144,14 +142,11 @@ def test_every_module_imports_alone() -> None:
     assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
-# The other modules are being split in parallel (issue 13); strict once they are.
-@pytest.mark.xfail(strict=False, reason="modules outside sae_cli's run path are still being split")
 def test_no_module_over_400_lines() -> None:
     long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
     assert {n: k for n, k in long.items() if k > MAX_MODULE_LINES} == {}
 
 
-@pytest.mark.xfail(strict=False, reason="modules outside sae_cli's run path are still being split")
 def test_no_function_over_80_lines() -> None:
     assert [f for p in modules().values() for f in long_functions(p)] == []
 
