@@ -230,3 +230,29 @@ def test_tail_from_a_harvested_store(tmp_path, tiny_corpus, arch_name):
         full = model(input_ids=batch.token_ids).logits
         assert (tail.logits(batch.acts[keys[0]]) - full).abs().max().item() <= 1e-4
         assert (tail.head_only(batch.acts[keys[1]]) - full).abs().max().item() <= 1e-4
+
+
+def test_tail_of_a_multimodal_gemma3():
+    """Gemma-3's multimodal wrapper: the blocks live at model.language_model.layers (a text-only forward)."""
+    import transformers as T
+
+    text = tiny_config("gemma3_text")
+    text.sliding_window = WINDOW
+    vision = dict(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+        patch_size=14,
+    )  # fmt: skip
+    cfg = T.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = T.Gemma3ForConditionalGeneration(cfg).eval()
+    arch = ARCH_TABLE["gemma3"]
+    ids = torch.randint(4, VOCAB - 3, (2, CONTEXT), generator=torch.Generator().manual_seed(3))
+    full, post, _ = full_forward(model, arch, ids)
+    tail = Tail(model, arch, 1)
+    with torch.no_grad():
+        assert (tail.logits(post[1]) - full).abs().max().item() <= 1e-4
+        assert (tail.head_only(post[N_LAYERS - 1]) - full).abs().max().item() <= 1e-4
+    assert tail.blocks_run == N_LAYERS - 2
