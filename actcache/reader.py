@@ -1,4 +1,5 @@
-"""Shuffled token batches and sequence-ordered windows from an activation store.
+"""Shuffled token batches from an activation store (whole windows, in order or shuffled: actcache/windows.py,
+re-exported here).
 
 Shuffled mode (ActivationReader), deterministic for a seed:
   1. epoch e permutes the store's chunks with rng(seed, e); rank r takes every world_size-th chunk of that
@@ -29,11 +30,15 @@ import numpy as np
 import torch
 
 from actcache.codecs import from_stored
+from actcache.readutil import Key, as_range, check_keys, open_store
 from actcache.store import FLAG_BOS, FLAG_PAD, Store, StoreError, acts_key
+from actcache.windows import WindowBatch, WindowReader, Windows, iter_windows
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, str]
+__all__ = [
+    "ActivationReader", "Batch", "Key", "WindowBatch", "WindowReader", "Windows", "iter_windows", "split_ranges",
+]  # fmt: skip
 
 
 @dataclass
@@ -49,20 +54,6 @@ class Batch:
 
 
 @dataclass
-class WindowBatch:
-    """Whole context windows in store order."""
-
-    acts: dict[Key, torch.Tensor]
-    """(layer, site) -> [n_windows, context, d_model]."""
-    token_ids: torch.Tensor
-    """[n_windows, context] int64."""
-    flags: torch.Tensor
-    """[n_windows, context] uint8 (bit 0 BOS, bit 1 pad)."""
-    start: int
-    """Global token index of the first window's first token."""
-
-
-@dataclass
 class _Group:
     """The permuted kept tokens of one group of chunks (stored dtype)."""
 
@@ -74,37 +65,6 @@ class _Group:
 
     def __len__(self) -> int:
         return len(self.index)
-
-
-def _as_range(store: Store, token_range: Any) -> tuple[int, int]:
-    if token_range is None:
-        return 0, store.committed_tokens
-    if isinstance(token_range, range):
-        token_range = (token_range.start, token_range.stop)
-    lo, hi = int(token_range[0]), int(token_range[1])
-    if not 0 <= lo < hi <= store.committed_tokens:
-        raise StoreError(
-            f"token_range {lo}..{hi} is empty or beyond the {store.committed_tokens} committed tokens of {store.path}"
-        )
-    return lo, hi
-
-
-def _open_store(store: Store) -> Store:
-    """The store the caller opened, handed on: readers never open a store by path (one Store per run)."""
-    if not isinstance(store, Store):
-        raise TypeError(
-            f"pass an open actcache Store (actcache.store.Store.open(path)), not {type(store).__name__} {store!r}"
-        )
-    return store
-
-
-def _check_keys(store: Store, keys: Sequence[Key]) -> list[Key]:
-    if not keys:
-        raise StoreError("the reader needs at least one (layer, site) key")
-    keys = [(int(layer), str(site)) for layer, site in keys]
-    for layer, site in keys:
-        store.acts(layer, site)  # raises StoreError naming what exists
-    return keys
 
 
 class ActivationReader:
@@ -129,8 +89,8 @@ class ActivationReader:
         dtype: torch.dtype = torch.float32,
         loop: bool = True,
     ) -> None:
-        self.store = _open_store(store)
-        self.keys = _check_keys(self.store, keys)
+        self.store = open_store(store)
+        self.keys = check_keys(self.store, keys)
         if batch_size <= 0 or mix_chunks <= 0 or threads <= 0:
             raise StoreError("batch_size, mix_chunks and threads must be positive")
         if not 0 <= rank < world_size:
@@ -141,7 +101,7 @@ class ActivationReader:
         self.drop_bos, self.drop_pad, self.max_norm_ratio = drop_bos, drop_pad, max_norm_ratio
         self.rank, self.world_size, self.mix_chunks, self.threads = rank, world_size, mix_chunks, threads
         self.dtype = dtype
-        self._set_range(_as_range(self.store, token_range))
+        self._set_range(as_range(self.store, token_range))
         self.epoch = self.group = self.offset = 0
         self.tokens_consumed = 0
         self.wait_seconds = 0.0
@@ -181,7 +141,7 @@ class ActivationReader:
                     "resume with the same reader settings"
                 )
         # The range is part of the sequence: a store that grew since keeps the range of the checkpoint.
-        self._set_range(_as_range(self.store, state["token_range"]))
+        self._set_range(as_range(self.store, state["token_range"]))
         self.epoch, self.group, self.offset = int(state["epoch"]), int(state["group"]), int(state["offset"])
         self.tokens_consumed = int(state["tokens_consumed"])
 
@@ -334,53 +294,9 @@ class ActivationReader:
         return batch
 
 
-def iter_windows(
-    store: Store,
-    keys: Sequence[Key],
-    token_range: tuple[int, int] | range | None = None,
-    *,
-    windows: int = 8,
-    dtype: torch.dtype = torch.float32,
-) -> Iterator[WindowBatch]:
-    """Whole context windows in store order, `windows` at a time (the last batch may hold fewer).
-
-    Only windows that lie entirely inside token_range and the committed tokens are returned; the range's start
-    is rounded up to a window boundary. The next batch is decoded in a background thread.
-    """
-    store = _open_store(store)
-    keys = _check_keys(store, keys)
-    ctx = store.spec.context
-    lo, hi = _as_range(store, token_range)
-    first, last = math.ceil(lo / ctx), hi // ctx
-    spec_dtype = store.spec.dtype
-
-    def load(w0: int) -> WindowBatch:
-        w1 = min(last, w0 + windows)
-        start, stop = w0 * ctx, w1 * ctx
-        acts = {
-            key: from_stored(store.read_raw(acts_key(*key), start, stop), spec_dtype, dtype).reshape(
-                w1 - w0, ctx, -1
-            )
-            for key in keys
-        }
-        token_ids = torch.from_numpy(store.read("token_ids", start, stop).astype(np.int64)).reshape(
-            w1 - w0, ctx
-        )
-        flags = torch.from_numpy(store.read("flags", start, stop)).reshape(w1 - w0, ctx)
-        return WindowBatch(acts, token_ids, flags, start)
-
-    starts = list(range(first, last, windows))
-    with ThreadPoolExecutor(1, thread_name_prefix="actcache-windows") as pool:
-        future = pool.submit(load, starts[0]) if starts else None
-        for i in range(len(starts)):
-            batch = future.result()
-            future = pool.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
-            yield batch
-
-
 def split_ranges(store: Store, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(train_range, eval_range): the last ceil(eval_tokens / context) whole windows are held out for evaluation."""
-    store = _open_store(store)
+    store = open_store(store)
     ctx = store.spec.context
     n_windows = store.committed_tokens // ctx
     n_eval = math.ceil(eval_tokens / ctx)

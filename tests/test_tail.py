@@ -199,3 +199,34 @@ def test_unsupported_architecture_and_bad_layers():
         Tail(model, arch, 1).final_hidden(torch.zeros(1, 3, 64), keep=[1])
     with pytest.raises(TailError, match="block list"):
         Tail(model, parse_module_paths("layers=model.blocks"), 0)
+
+
+@pytest.mark.parametrize("arch_name", ["gemma2", "gpt2"])
+def test_tail_from_a_harvested_store(tmp_path, tiny_corpus, arch_name):
+    """The chain the e2e objective runs: harvest -> WindowReader -> Tail gives the model's own logits on the
+    stored token ids (the harvest runs without an attention mask, as the tail does)."""
+    from conftest import save_tiny_model
+
+    from actcache.harvest import HarvestConfig, plan_harvest, run_harvest
+    from actcache.models import load_model
+    from actcache.reader import WindowReader
+    from actcache.store import Store
+
+    folder = save_tiny_model(tmp_path / "model", arch_name)
+    plan = plan_harvest(
+        HarvestConfig(
+            model=str(folder), dataset=str(tiny_corpus), layers="1,3", sites="resid_post", context=16,
+            batch_size=4, device="cpu", dtype="fp32", tokens=256,
+        )
+    )  # fmt: skip
+    model = load_model(plan.source, "cpu", torch.float32)
+    run_harvest(plan, tmp_path / "store", model=model)
+    store = Store.open(tmp_path / "store")
+    arch = ARCH_TABLE[arch_name]
+    keys = [(1, "resid_post"), (N_LAYERS - 1, "resid_post")]
+    batch = next(iter(WindowReader(store, keys, 3, seed=0)))
+    tail = Tail(model, arch, 1)
+    with torch.no_grad():
+        full = model(input_ids=batch.token_ids).logits
+        assert (tail.logits(batch.acts[keys[0]]) - full).abs().max().item() <= 1e-4
+        assert (tail.head_only(batch.acts[keys[1]]) - full).abs().max().item() <= 1e-4
