@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,10 +52,17 @@ def check(store: Any, keys: list[Key], loop: LoopConfig) -> None:
             f"architecture {model_type!r} is not supported by the e2e tail (supported: {', '.join(SUPPORTED)}); "
             "train it with --objective local"
         )
+    ds = ds_layers(loop)
     low = min(layer for layer, _ in keys)
-    for ly in ds_layers(loop):
+    for ly in ds:
         if ly <= low:
             raise ConfigError(f"--ds-layers {ly}: downstream layers must come after the SAE's layer {low}")
+    if ds:
+        from actcache.models import load_config, n_layers_of, resolve_model
+
+        n_layers = n_layers_of(load_config(resolve_model(spec.model, spec.revision)))
+        if max(ds) >= n_layers:
+            raise ConfigError(f"--ds-layers {max(ds)} is outside the model (layers 0-{n_layers - 1})")
 
 
 def ds_layers(loop: LoopConfig) -> tuple[int, ...]:
@@ -86,7 +94,7 @@ def build(
     from actcache.reader import WindowReader
     from actcache.tail import Tail, TailError
 
-    model = load_store_model(store.spec, str(device))
+    model = quiet_load(lambda: load_store_model(store.spec, str(device)))
     model.requires_grad_(False)
     arch = store_arch(store.spec)
     try:
@@ -95,8 +103,6 @@ def build(
     except TailError as e:
         raise ConfigError(str(e)) from None
     ds = ds_layers(loop)
-    if ds and max(ds) >= n_layers:
-        raise ConfigError(f"--ds-layers {max(ds)} is outside the model (layers 0-{n_layers - 1})")
     check_match(model, arch, store, keys[0], train_range)
     held = set(store.spec.layers) if "resid_post" in store.spec.sites else set()
     extra = [(ly, "resid_post") for ly in sorted({n_layers - 1, *ds} & held)]
@@ -125,6 +131,19 @@ def build(
         "blocks_per_step": n_layers - 1 - min(tails),
     }
     return WindowTokens(reader, keys), objective, summary
+
+
+def quiet_load(load: Callable[[], Any]) -> Any:
+    """`load()` without transformers' progress bar (a refusal after the load stays one line)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokenizer
+from conftest import make_tokenizer, save_tiny_model
 from torch import nn
 from typer.testing import CliRunner
 
@@ -121,13 +121,16 @@ def test_the_objective_on_a_fake_tail_is_the_kl_of_the_spliced_windows() -> None
     target = batch.train_WC[:, 1:]
     kl = direct_kl(tail.logits(wb.acts[key])[:, :-1], tail.logits(resid)[:, :-1])[target].mean()
     kl.backward()
-    assert float(recon.parts["kl"]) == pytest.approx(float(kl), abs=1e-6)
-    assert float(recon.loss) == pytest.approx(float(kl), abs=1e-6)
+    assert float(recon.parts["kl"]) == pytest.approx(float(kl.detach()), abs=1e-6)
+    assert float(recon.loss.detach()) == pytest.approx(float(kl.detach()), abs=1e-6)
     assert torch.allclose(x_hat.grad, x_hat2.grad.float(), atol=1e-6, rtol=0)
-    assert float(recon.parts["mse"]) == pytest.approx(float((x_hat - x).pow(2).sum(-1).mean()), rel=1e-6)
+    mse = float((x_hat - x).detach().pow(2).sum(-1).mean())
+    assert float(recon.parts["mse"]) == pytest.approx(mse, rel=1e-6)
     # no step (the controller's initial coefficient): the local MSE under the same part
     local = objective(x, x_hat, None)
-    assert set(local.parts) == {"kl"} and float(local.loss) == pytest.approx(float(recon.parts["mse"]))
+    assert set(local.parts) == {"kl"} and float(local.loss.detach()) == pytest.approx(
+        float(recon.parts["mse"])
+    )
 
 
 def test_downstream_terms_and_the_clean_side_from_the_store() -> None:
@@ -212,7 +215,7 @@ def test_the_identity_sae_has_zero_e2e_loss(store: Path, tiny_llama) -> None:
     x = batch.acts[KEY] * scale
     x_hat = x.clone().requires_grad_(True)
     recon = objective(x, x_hat, ObjectiveContext(KEY, scale, batch, 0))
-    assert abs(float(recon.loss)) <= 1e-6 and float(recon.parts["mse"]) == 0.0
+    assert abs(float(recon.loss.detach())) <= 1e-6 and float(recon.parts["mse"]) == 0.0
     # and the KL is what the whole model gives with the reconstruction spliced in at layer 1
     recon.loss.backward()
     assert x_hat.grad is not None and all(p.grad is None for p in tiny_llama.parameters())
@@ -255,7 +258,7 @@ def test_one_step_gives_gradients_to_the_sae_and_none_to_the_model(store: Path, 
 
 
 def test_sae_train_objective_e2e_through_the_cli(store: Path, tmp_path: Path) -> None:
-    import pandas as pd
+    import pyarrow.parquet as pq
 
     run = tmp_path / "run"
     res = runner.invoke(app, list(map(str, train_args(store, run, "--tokens", 640))))
@@ -265,10 +268,48 @@ def test_sae_train_objective_e2e_through_the_cli(store: Path, tmp_path: Path) ->
         assert (run / name).is_file(), name
     config = json.loads((run / "train_config.json").read_text())["config"]
     assert config["objective"] == "e2e"
-    rows = pd.read_parquet(run / "metrics.parquet")
-    assert "part_kl" in rows and "part_mse" in rows
-    assert rows["l0"].iloc[-1] == pytest.approx(8.0)
-    assert (rows["part_kl"] >= 0).all()
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert rows and all("part_kl" in r and "part_mse" in r for r in rows)
+    assert all(r["l0"] == pytest.approx(8.0) for r in rows)  # TopK: the rule holds L0 at k
+    assert all(r["part_kl"] >= 0 for r in rows)
+
+
+def test_e2e_plus_downstream_through_the_cli(store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ds = ("--objective", "e2e+ds", "--ds-layers", "2,3", "--tokens", 192)
+    res = runner.invoke(app, list(map(str, train_args(store, run, *ds))))
+    assert res.exit_code == 0, res.output
+    assert "objective e2e+ds" in res.output and "MSE at layers [2, 3]" in res.output
+    assert all("part_ds_mse" in r and r["part_ds_mse"] >= 0 for r in pq_rows(run))
+
+
+def test_an_interrupted_e2e_run_resumes_exactly(store: Path, tmp_path: Path) -> None:
+    """The window reader's position is in the checkpoint: stopped after 3 steps and resumed, the run ends with
+    the weights of the run straight through."""
+    from safetensors.torch import load_file
+
+    from sae_cli.config import TrainConfig
+    from sae_cli.run import SoloRun, prepare_run, run_training
+
+    cfg = TrainConfig.from_flat({
+        "store": str(store), "variant": "topk", "layer": 1, "site": "resid_post", "width": "4x", "l0_target": 8,
+        "batch_size": 64, "tokens": 400, "device": "cpu", "objective": "e2e", "log_every": 1,
+    })  # fmt: skip
+    run_training(prepare_run(SoloRun(cfg, tmp_path / "full"), device="cpu"))
+    prep = prepare_run(SoloRun(cfg, tmp_path / "part"), device="cpu")
+    prep.trainer.should_stop = lambda: prep.trainer.step >= 3
+    assert run_training(prep).status == "interrupted"
+    run_training(prepare_run(SoloRun(cfg, tmp_path / "part"), device="cpu", resume=True))
+    a, b = load_file(tmp_path / "full" / "sae.safetensors"), load_file(tmp_path / "part" / "sae.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["loss"] for r in pq_rows(tmp_path / "full")] == [r["loss"] for r in pq_rows(tmp_path / "part")]
+
+
+def pq_rows(run: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(run / "metrics.parquet").to_pylist()
 
 
 def one_line_error(result, *needles: str) -> None:
@@ -312,4 +353,17 @@ def test_bad_inputs_are_one_line_errors(store: Path, tmp_path: Path, tiny_corpus
         "'opt' is not supported",
         "--objective local",
     )
+    assert not run.exists()
+
+
+def test_a_model_that_did_not_write_the_store_is_refused(tmp_path: Path, tiny_corpus: Path) -> None:
+    """The live-vs-stored check: the store's model folder now holds other weights -> one line, exit 2."""
+    from conftest import tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", "llama")
+    s = harvest(folder, tiny_corpus, tmp_path / "store", "1", tokens=256)
+    tiny_model("llama", seed=1).save_pretrained(folder)
+    run = tmp_path / "run"
+    res = runner.invoke(app, list(map(str, train_args(s, run))))
+    one_line_error(res, "does not reproduce", "acts/resid_post/1")
     assert not run.exists()
