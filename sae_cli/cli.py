@@ -118,6 +118,10 @@ def train(
     device: str = typer.Option(None, help=DOC["device"]),
     normalize: str = typer.Option(None, help=DOC["normalize"]),
     log_every: int = typer.Option(None, help=DOC["log_every"]),
+    objective: str = typer.Option(None, help=DOC["objective"]),
+    ds_layers: str = typer.Option(None, "--ds-layers", help=DOC["ds_layers"]),
+    kl_coef: float = typer.Option(None, "--kl-coef", help=DOC["kl_coef"]),
+    ds_coef: float = typer.Option(None, "--ds-coef", help=DOC["ds_coef"]),
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
@@ -180,6 +184,14 @@ def _header(prep: Any) -> None:
         f"held out {held[1] - held[0]:,} tokens{_calibration_note(prep.ranges.calibration)}, {prep.device}; "
         f"dead = no firing in {dead_window(loop, n_tokens):,} tokens"
     )
+    if loop.objective != "local":
+        s = prep.trainer.extra_summary
+        console.print(
+            f"objective {s['objective']}: KL x {s['kl_coef']:g}"
+            + (f" + {s['ds_coef']:g} x MSE at layers {s['ds_layers']}" if "ds_layers" in s else "")
+            + f", {s['windows_per_batch']} windows per batch, {s['blocks_per_step']} blocks per step, KL in chunks "
+            f"of {s['kl_chunk_positions']} positions (peak ~{s['kl_peak_bytes'] / 2**20:.0f} MiB of logits)"
+        )
 
 
 # ---- sae eval ------------------------------------------------------------------------------------------------

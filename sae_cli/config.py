@@ -138,6 +138,17 @@ class LoopConfig:
     member_threads: bool = True
     """On CPU, train the members of a sweep concurrently, each on one intra-op thread (False: one after another,
     each with every thread)."""
+    objective: str = "local"
+    """Reconstruction objective: local (MSE of the activation), e2e (KL of the LM's next-token distribution with
+    the reconstruction spliced in; only the layers after the SAE run, from the stored residual stream; batches of
+    whole windows; resid_post sites) or e2e+ds (e2e + MSE of the residual stream at --ds-layers). docs/training.md,
+    "End-to-end objective"."""
+    ds_layers: str = ""
+    """e2e+ds: the downstream layers (comma list, e.g. 7,8,9,10,11) whose resid_post the spliced model is held to."""
+    kl_coef: float | None = None
+    """e2e objectives: weight of the KL term; default 1 for e2e, 0.5 for e2e+ds (e2e_sae's GPT-2 configs)."""
+    ds_coef: float = 2.5
+    """e2e+ds: total weight of the downstream MSE terms, split evenly over --ds-layers (e2e_sae: 2.5)."""
 
     def validate(self) -> None:
         """ConfigError (one line, naming the option) for a value that is accepted by its type but meaningless;
@@ -167,11 +178,44 @@ class LoopConfig:
             )
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip:g}")
+        self._validate_objective()
         if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
             raise ConfigError(
                 f"--max-norm-ratio must be 0 (keep every token) or above 1 (a multiple of the median norm), got "
                 f"{self.max_norm_ratio:g}"
             )
+
+    def _validate_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        _check_finite(self, ("kl_coef", "ds_coef"))
+        if self.objective == "local":
+            return
+        if (self.kl_coef is not None and self.kl_coef < 0) or self.ds_coef < 0:
+            raise ConfigError("--kl-coef and --ds-coef must be >= 0")
+        if self.max_norm_ratio:
+            raise ConfigError(
+                f"--max-norm-ratio does not apply to --objective {self.objective} (whole windows are spliced); "
+                "leave it at 0"
+            )
+        layers = parse_layers(self.ds_layers)
+        if self.objective == "e2e+ds" and not layers:
+            raise ConfigError("--objective e2e+ds needs --ds-layers (e.g. --ds-layers 7,8,9,10,11)")
+        if self.objective == "e2e" and layers:
+            raise ConfigError("--ds-layers is for --objective e2e+ds; drop it or use e2e+ds")
+
+
+OBJECTIVES = ("local", "e2e", "e2e+ds")
+"""LoopConfig.objective values (docs/training.md, "End-to-end objective")."""
+
+
+def parse_layers(text: str | list | tuple) -> tuple[int, ...]:
+    """'7,8,9' (or a TOML list, or its text) -> (7, 8, 9); ConfigError on anything else."""
+    items = text if isinstance(text, list | tuple) else str(text).strip().strip("[]").split(",")
+    try:
+        return tuple(sorted({int(str(i).strip()) for i in items if str(i).strip()}))
+    except ValueError:
+        raise ConfigError(f"bad --ds-layers {text!r}: give layer numbers, e.g. 7,8,9") from None
 
 
 NON_NEGATIVE_INTS = ("tokens", "batch_size", "seed", "eval_tokens", "checkpoint_every", "calibration_tokens",

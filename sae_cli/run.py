@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import data, io
+from . import data, e2e_setup, io
 from .config import ConfigError, LoopConfig, TrainConfig
 from .registry import get_variant
 from .trainer import (
@@ -186,9 +186,11 @@ def prepare_run(
     dev = torch.device(resolve_device(str(device)))
     store = data.open_store(folder.store)
     data.check_keys(store, folder.keys)
+    e2e_setup.check(store, folder.keys, folder.loop)
     check_out(folder, resume, overwrite)
     saved = folder.recorded() if resume else None
     ranges, loop = data.plan_ranges(store, folder.loop, saved)
+    loop = e2e_setup.window_loop(loop, store.spec.context)  # e2e: batches of whole windows
     identity = data.run_identity(store, ranges, saved, f"the {folder.noun} in {folder.out}")
     plans = folder.plan(store.d_model, math.ceil(loop.tokens / loop.batch_size))
     check_l0_targets(plans)
@@ -207,8 +209,14 @@ def prepare_run(
         **folder.summary(),
         **({"store_identity": identity} if identity is not None else {}),
     }
-    reader = data.train_reader(store, folder.keys, loop, ranges.train)
-    trainer = Trainer(plans, loop, reader, folder.out, loop.tokens, device=dev, extra_summary=summary)
+    if e2e_setup.is_e2e(loop):  # the store's model, frozen; only the layers after the SAE's run
+        reader, objective, e2e_summary = e2e_setup.build(store, folder.keys, loop, ranges.train, dev)
+        summary.update(e2e_summary)
+    else:
+        reader, objective = data.train_reader(store, folder.keys, loop, ranges.train), None
+    trainer = Trainer(
+        plans, loop, reader, folder.out, loop.tokens, device=dev, extra_summary=summary, objective=objective
+    )
     return PreparedRun(
         folder=folder, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=folder.keys,
         ranges=ranges, device=dev, memory_bytes=need, memory_free=free, resume=resume, identity=identity,
