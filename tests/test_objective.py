@@ -15,13 +15,7 @@ from sae_cli.trainer import plan_member
 from sae_cli.variants.base import SAEConfig, StepState
 from sae_cli.variants.batchtopk import BatchTopKSAE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 
 class TwiceMSE:
