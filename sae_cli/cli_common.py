@@ -109,13 +109,35 @@ def stop_if_interrupted(result: Any, command: str, out: Path) -> None:
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+class _LazyProgress(Progress):
+    """A Progress that starts drawing at its first task (`with` does not start it): a command that fails before
+    any stage prints its one error line and nothing else."""
+
+    started = False
+
+    def __enter__(self) -> _LazyProgress:
+        return self
+
+    def start(self) -> None:
+        self.started = True
+        super().start()
+
+    def stop(self) -> None:
+        if self.started:  # rich prints an empty line on stop when not on a terminal, started or not
+            super().stop()
+
+
 def eval_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
     """A progress view for `sae eval` / a sweep's evaluation and its report(stage, done, total) callback (a
     stage that starts again from 0 resets its bar)."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console)
+    progress = _LazyProgress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
+    )
     tasks: dict[str, Any] = {}
 
     def report(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()
         if stage != "members" and done == 0 and stage in tasks:
             progress.reset(tasks[stage], total=total)
         if stage not in tasks:

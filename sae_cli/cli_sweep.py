@@ -103,8 +103,7 @@ def sweep(
                     l0_target=l0_target, width=width, loop=loop, options=parse_options(option),
                 )  # fmt: skip
             prep = prepare_sweep(cfg, out, device=device, resume=resume, overwrite=overwrite)
-            _header(prep)
-            result = run_training(prep, run_live)
+            result = run_training(prep, run_live, started=_header)  # the header once the members started
         stop_if_interrupted(result, "sae sweep", out)
         console.print(f"[green]trained {len(prep.plans)} members[/green] in {prep.timings['train_s']:.0f} s")
         with cli_errors(SweepError):

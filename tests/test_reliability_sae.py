@@ -513,7 +513,7 @@ def test_nan_in_the_data_names_the_array_and_the_store_token(nan_store: Path, tm
         "actcache verify",
     )
     assert not run.exists()
-    one_line_error(  # after the sweep's header line
+    before_training(  # the sweep's header comes once its members started: not before this error
         invoke(
             "sweep", "--store", nan_store, "--layer", 0, "--width", "4x", "--l0-target", 4, "--device", "cpu",
             "--out", tmp_path / "sw",
@@ -646,3 +646,8 @@ def test_damaged_run_records_are_one_line(stores, tmp_path: Path) -> None:
         before_training(invoke("sweep", "--out", out, "--resume", "--device", "cpu"), needle, "--overwrite")
     (out / "sweep.json").write_text("[1]")
     before_training(invoke("sweep", "--out", out, "--resume", "--device", "cpu"), "not an sae sweep file")
+
+
+def test_eval_of_a_folder_that_is_no_sae_prints_only_its_error(tmp_path: Path) -> None:
+    """No empty progress line before the error (rich prints one when a progress view stops off a terminal)."""
+    before_training(invoke("eval", tmp_path / "nothing", "--no-model"), "is not a trained SAE")
