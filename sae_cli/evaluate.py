@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from actcache.store import Store
+
 from . import io
 from .config import ConfigError
 from .data import DataError, eval_batches, lm_windows, open_store, run_identity
@@ -53,7 +55,7 @@ def check_eval_options(tokens: int = 0, lm_tokens: int = 0, batch_size: int = 1)
 
 def evaluate(
     run: str | Path,
-    store_path: str | Path | None = None,
+    store_path: str | Path | Store | None = None,
     *,
     tokens: int = 0,
     lm_tokens: int = 0,
@@ -69,12 +71,16 @@ def evaluate(
     `tokens`: at most this many held-out tokens for everything (0: all); `lm_tokens`: at most this many of them
     for the LM metrics, which cost three model passes per window (0: as `tokens`). `model`: the store's LM,
     already loaded on `device` (a sweep evaluates many SAEs with one load). `lm`: the LM metrics, already
-    computed on `lm_range(...)` of this run (a sweep computes them for all its members at once)."""
+    computed on `lm_range(...)` of this run (a sweep computes them for all its members at once). `store_path`: the
+    store (an open `Store`, or its path; default: the one the run recorded)."""
     check_eval_options(tokens, lm_tokens, batch_size)
     run = Path(run)
     cfg = io.read_cfg(run)
     training = cfg.get("training", {})
-    store = open_store(store_path or training.get("store", ""))
+    # An open Store is used as is (a sweep evaluates its members on the one it opened); a path is opened here.
+    store = (
+        store_path if isinstance(store_path, Store) else open_store(store_path or training.get("store", ""))
+    )
     key = (int(training["layer"]), str(training["site"]))
     lo, hi = held_out_range(training, store, tokens)
     sae = io.load_sae(run, device)

@@ -84,7 +84,7 @@ def evaluate_saes(
         results.append(
             evaluate(
                 folder,
-                store.path,
+                store,
                 tokens=eval_tokens,
                 lm_tokens=lm_tokens,
                 with_model=with_model,
