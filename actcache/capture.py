@@ -23,7 +23,6 @@ class Capture:
     """
 
     def __init__(self, blocks: nn.ModuleList, arch: ArchSites, layers, sites) -> None:
-        self.keys = [acts_key(layer, site) for layer in layers for site in sites]
         self.handles: list = []
         self.buffers: dict[str, torch.Tensor] = {}
         self.sums: dict[str, list[torch.Tensor]] = {}

@@ -203,12 +203,15 @@ def _plan_and_check(cfg, out: Path, overwrite: bool, repair: bool, dry_run: bool
     tokens, context = cfg.tokens, cfg.context
     with console.status("planning (config, tokenizer, corpus)..."):
         plan = plan_harvest(cfg)
-    committed, damaged = check_resume(plan, out, overwrite, deep=repair)
+    # Sizes only (a stat per shard file): `--repair`'s byte-by-byte comparison runs once, in the harvest itself.
+    committed, damaged = check_resume(plan, out, overwrite)
     status = "overwrite" if overwrite and out.exists() else f"resume at {committed:,}" if committed else "new"
     if committed >= plan.spec.tokens_target:
         status = "complete"
     if damaged:
         status += f", {len({s for s, _ in damaged})} damaged shard(s) to harvest again"
+    if repair and committed:
+        status += ", --repair: every committed byte is compared with the manifest first"
     probe = out.resolve()
     while not probe.exists():
         probe = probe.parent

@@ -35,7 +35,3 @@ def environment_fault(err: BaseException, code: int | None = None) -> tuple[str,
     what, fix = _FAULTS.get(code, (err.strerror or type(err).__name__, "check the path and retry"))
     where = err.filename if err.filename is not None else ""
     return (f"{what} ({where})" if where else what), fix
-
-
-def is_environment_fault(err: BaseException) -> bool:
-    return environment_fault(err) is not None

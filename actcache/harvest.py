@@ -195,9 +195,7 @@ def _shards_to_do(plan: HarvestPlan, writer: StoreWriter, deep_check: bool) -> l
     spec, start = plan.spec, writer.committed_tokens
     found = writer.damaged_shards(deep=deep_check)
     for shard, why in found:
-        log.warning(
-            "committed shard %d is not what the manifest records (%s); harvesting it again", shard, why
-        )
+        log.info("committed shard %d is not what the manifest records (%s); harvesting it again", shard, why)
     damaged = sorted({shard for shard, _ in found})
     writer.repairing = set(damaged)
     done_already = writer.complete or start >= spec.tokens_target

@@ -36,10 +36,6 @@ class StoreLock:
         self.path = lock_path(self.store_path)
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> StoreLock:
         if self._fd is not None:
             return self

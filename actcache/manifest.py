@@ -25,7 +25,7 @@ from actcache.digests import canonical, crc32c_hex, file_digest, sha256_hex
 __all__ = [  # the digest helpers and the digesting zarr store are re-exported from where they lived before
     "MANIFEST_DIR", "ShardRecord", "DigestingLocalStore", "canonical", "crc32c_hex", "file_digest", "sha256_hex",
     "genesis", "next_chain", "read_record", "write_record", "record_path", "record_key", "meta_digests",
-    "check_chain", "read_chain", "seal", "is_sealed", "object_digest",
+    "read_chain", "seal", "is_sealed", "object_digest",
 ]  # fmt: skip
 
 MANIFEST_DIR = "manifest"
@@ -124,15 +124,6 @@ def meta_digests(store: Path | ByteStore, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def check_chain(
-    store: Path | ByteStore, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
-) -> str | None:
-    """None when the commit record's manifest entry and every shard record form an unbroken chain from the store's
-    identity to the commit record's digest; else what is wrong, naming the record."""
-    records, problem = read_chain(store, spec, store_id, manifest, committed_tokens)
-    return problem
-
-
 def read_chain(
     store: Path | ByteStore, spec: Any, store_id: str | None, manifest: Any, committed_tokens: int
 ) -> tuple[list[ShardRecord], str | None]:
@@ -191,6 +182,4 @@ def seal(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_sealed(record: Mapping[str, Any]) -> bool:
     """Whether a commit record's "digest" matches its fields."""
-    return record.get("digest") == sha256_hex(
-        canonical({k: v for k, v in record.items() if k not in UNSEALED})
-    )
+    return record.get("digest") == seal(record)["digest"]

@@ -103,10 +103,7 @@ class Pipeline:
         return sum(self._size(k, job.index) for k in job.token_arrays)
 
     def _size(self, key: str, shard: int) -> int:
-        size = self.store.io.size(self.store.shard_key(key, shard))
-        if size is None:
-            raise FileNotFoundError(f"{self.store.shard_path(key, shard)} vanished after it was written")
-        return size
+        return self.writer.shard_bytes(key, shard)  # recorded from the bytes written, no stat
 
     def _stats(self, job: ShardJob) -> dict[str, RunningStats]:
         out = {}

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 
 from actcache.byteio import ByteStore, open_bytes
 from actcache.codecs import crc32c_matches
+from actcache.digests import crc32c_hex
 from actcache.manifest import ShardRecord, is_sealed, meta_digests, read_chain
-from actcache.store import COMMIT_FILE, Store, StoreDamaged, check_store_folder, parse_shard_index
+from actcache.store import COMMIT_FILE, Store, StoreDamaged, parse_shard_index
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def verify_store(
     io = open_bytes(path)
     path = io.root
     try:
-        check_store_folder(io)  # StoreError: missing, not a store, newer format
-        store = Store.open(io)
+        store = Store.open(io)  # StoreError: missing, not a store, newer format (bad input, not corruption)
     except StoreDamaged as e:  # the root metadata or the commit record is missing, unreadable or out of range
         where = path / ("zarr.json" if "zarr.json" in str(e) else COMMIT_FILE)
         return VerifyReport(False, 0, 0, 0, 0, BadRecord(str(where), _after_path(str(e), path)))
@@ -253,8 +252,7 @@ def _data_problem(
     if problem is not None:
         return problem
     if recorded is not None:
-        u8 = np.frombuffer(data, dtype=np.uint8)
-        crc = f"{google_crc32c.value(u8):08x}"
+        crc = crc32c_hex(data)
         if crc != recorded[1]:
             return 0, (
                 f"shard content differs from the manifest (crc32c {crc} != {recorded[1]}): the file was replaced "

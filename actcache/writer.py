@@ -237,6 +237,11 @@ class StoreWriter:
         """`damaged_shards` of this store; those the harvest rewrites."""
         return damaged_shards(self._store, deep)
 
+    def shard_bytes(self, key: str, shard: int) -> int:
+        """Bytes of a shard file this writer wrote (from its recorded digest)."""
+        with self._lock:
+            return self._digests[key][shard][0]
+
     def confirm_repair(self, shard: int) -> None:
         """After a damaged committed shard was written again: its bytes must equal the manifest's record."""
         record = read_record(self.io, shard)
@@ -275,10 +280,10 @@ def damaged_shards(store: Store, deep: bool = False) -> list[tuple[int, str]]:
     """
     if store.manifest is None:
         return []
-    from actcache.manifest import check_chain
+    from actcache.manifest import read_chain
 
     spec, io = store.spec, store.io
-    problem = check_chain(io, spec, store.store_id, store.manifest, store.committed_tokens)
+    records, problem = read_chain(io, spec, store.store_id, store.manifest, store.committed_tokens)
     if problem is None:
         current = meta_digests(io, spec.array_keys)
         edited = [k for k in spec.array_keys if current.get(k) != store.manifest["meta"].get(k)]
@@ -290,8 +295,7 @@ def damaged_shards(store: Store, deep: bool = False) -> list[tuple[int, str]]:
             "then --overwrite to harvest it again"
         )
     damaged: list[tuple[int, str]] = []
-    for shard in range(int(store.manifest["shards"])):
-        record = read_record(io, shard)
+    for shard, record in enumerate(records):
         for key in spec.array_keys:
             path, name = store.shard_path(key, shard), store.shard_key(key, shard)
             size, crc = record.arrays[key]

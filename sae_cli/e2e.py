@@ -27,6 +27,7 @@ from torch import Tensor
 from actcache.store import FLAG_BOS, FLAG_PAD
 
 from .objective import ObjectiveContext, Recon
+from .variants import _common as C
 
 Key = tuple[int, str]
 Head = Callable[[Tensor], Tensor]
@@ -194,7 +195,7 @@ class E2EObjective:
         self._lock = threading.Lock()
 
     def __call__(self, x_BD: Tensor, x_hat_BD: Tensor, context: ObjectiveContext | None) -> Recon:
-        mse = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+        mse = C.mse(x_hat_BD, x_BD)
         if context is None:  # no step (the controller's initial coefficient): the local approximation
             return Recon(mse, {"kl": mse.detach()})
         batch: E2EBatch = context.batch

@@ -69,7 +69,9 @@ class MSEObjective:
     recon_part = "mse"
 
     def __call__(self, x_BD: Tensor, x_hat_BD: Tensor, context: ObjectiveContext | None = None) -> Recon:
-        mse = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+        from .variants._common import mse as mse_of
+
+        mse = mse_of(x_hat_BD, x_BD)
         return Recon(mse, {"mse": mse.detach()})
 
 

@@ -129,7 +129,6 @@ class BatchTopKSAE(SAE):
         acts_BF, cutoff = self.select(pre_BF)
         self._pending_cutoff = cutoff
         recon, x_hat_BD, recon_parts, extra = self.recon_loss(acts_BF, x_BD, state)
-        eligible_F = self.aux_eligible(state)
         aux = C.aux_residual_loss_from_pre(pre_BF, eligible_F, self.W_dec_FD, x_BD - x_hat_BD, self.k_aux)
         loss = recon + self.opts.aux_coef * aux
         fired_F = C.fired_from_dense(acts_BF)
