@@ -77,16 +77,13 @@ class RunFolder(Protocol):
 
 def resolve_device(name: str) -> str:
     """The torch device of --device ('auto': cuda if available, else cpu), checked to exist on this machine
-    (actcache.models.check_device; ConfigError naming the fix) before anything is read or written."""
-    from actcache.models import ModelError, check_device
+    (actcache.models.resolve_device; ConfigError naming the fix) before anything is read or written."""
+    from actcache import models
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        check_device(name)
-    except ModelError as e:
+        return models.resolve_device(name)
+    except models.ModelError as e:
         raise ConfigError(str(e)) from None
-    return name
 
 
 def reader_bytes(store: Any, keys: list[Key], loop: LoopConfig) -> int:
@@ -258,7 +255,6 @@ def run_training(
     """start_run, `started(prep)` (the CLI's header), then the loop: `run(trainer)` (the CLI's live view) or
     `trainer.run()`; the record is updated at the end. A fresh run that fails before its first checkpoint leaves
     no folder behind (a plain rerun starts cleanly); one with a checkpoint stays for --resume."""
-    t0 = time.perf_counter()
     try:
         start_run(prep)
         if started is not None:
