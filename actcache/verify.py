@@ -259,7 +259,20 @@ def _data_problem(
                 "by another shard or edited"
             )
     try:
-        store.read_raw(key, start, stop)
+        _decode(store, key, data, start, stop, per_shard, wanted)
     except Exception as e:  # any decode failure is corruption of this shard
         return 0, f"shard does not decode: {type(e).__name__}: {e}"
     return None
+
+
+def _decode(store: Store, key: str, data: bytes, start: int, stop: int, per_shard: int, wanted: int) -> None:
+    """Decode every wanted inner chunk from the bytes already in hand (the reader's chunk decoder; zarr, which
+    reads the file again, only for a codec pipeline the decoder does not know)."""
+    decoder = store.chunk_decoder(key)
+    if decoder is None:
+        store.read_raw(key, start, stop)
+        return
+    entries = parse_shard_index(data[-(per_shard * 16 + 4) :], per_shard)
+    for j in range(wanted):
+        offset, nbytes = (int(v) for v in entries[j])
+        decoder.decode(data[offset : offset + nbytes])

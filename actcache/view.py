@@ -332,6 +332,10 @@ class Store:
                 f"{key} chunk {chunk} in {path}: {e}; run `actcache verify {self.path}`"
             ) from None
 
+    def chunk_decoder(self, key: str) -> ChunkDecoder | None:
+        """The fast decoder of one inner chunk of `key` (None: a codec pipeline it does not know; use zarr)."""
+        return self._decoder(key)
+
     def _decoder(self, key: str) -> ChunkDecoder | None:
         with self._lock:
             if key not in self._decoders:
