@@ -7,8 +7,8 @@ In order (docs/store-format.md, "Manifest" and "Shards"):
 3. Every committed shard of every array: present, of the recorded size, the index at its end (n_chunks x (offset,
    nbytes) uint64 LE + crc32c) against its own crc32c, every inner chunk's trailing crc32c against its bytes, then
    the crc32c of the whole file against the manifest (a valid shard of another position or store fails here),
-   then a decode through zarr (a stream the codec cannot decode). A flipped byte is reported as the exact inner
-   chunk that holds it.
+   then a decode of every inner chunk from the bytes read (the reader's chunk decoder; zarr for a pipeline it
+   does not know). A flipped byte is reported as the exact inner chunk that holds it.
 Format-1 stores have no manifest: step 2 and the whole-file digests are skipped, and the report says so.
 """
 
