@@ -119,6 +119,7 @@ def train(
     normalize: str = typer.Option(None, help=DOC["normalize"]),
     log_every: int = typer.Option(None, help=DOC["log_every"]),
     objective: str = typer.Option(None, help=DOC["objective"]),
+    init_from: str = typer.Option(None, "--init-from", help=DOC["init_from"]),
     ds_layers: str = typer.Option(None, "--ds-layers", help=DOC["ds_layers"]),
     kl_coef: float = typer.Option(None, "--kl-coef", help=DOC["kl_coef"]),
     ds_coef: float = typer.Option(None, "--ds-coef", help=DOC["ds_coef"]),
@@ -184,10 +185,12 @@ def _header(prep: Any) -> None:
         f"held out {held[1] - held[0]:,} tokens{_calibration_note(prep.ranges.calibration)}, {prep.device}; "
         f"dead = no firing in {dead_window(loop, n_tokens):,} tokens"
     )
-    if loop.objective != "local":
+    if plan.init_from:
+        console.print(f"starting from the SAE in {plan.init_from} (its width and options)")
+    if plan.objective != "local":
         s = prep.trainer.extra_summary
         console.print(
-            f"objective {s['objective']}: KL x {s['kl_coef']:g}"
+            f"objective {plan.objective}: KL x {s['kl_coef']:g}"
             + (f" + {s['ds_coef']:g} x MSE at layers {s['ds_layers']}" if "ds_layers" in s else "")
             + f", {s['windows_per_batch']} windows per batch, {s['blocks_per_step']} blocks per step, KL in chunks "
             f"of {s['kl_chunk_positions']} positions (peak ~{s['kl_peak_bytes'] / 2**20:.0f} MiB of logits)"
@@ -270,3 +273,7 @@ def _eval_table(r: dict[str, Any]) -> Table:
 
 
 register_sweep_commands(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
+
+
+if __name__ == "__main__":
+    app()

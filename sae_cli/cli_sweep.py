@@ -45,6 +45,8 @@ def sweep(
     width: str = typer.Option(
         "8x", help="Comma-separated widths: latents (16384) or multiples of d_model (8x)."
     ),
+    objective: str = typer.Option("local", help="Comma-separated objectives (local,e2e,e2e+ds): an axis."),
+    ds_layers: str = typer.Option("", "--ds-layers", help=DOC["ds_layers"]),
     layer: int = typer.Option(None, help="Layer whose activations the members read."),
     site: str = typer.Option("resid_post", help="Site: resid_pre, resid_post, mlp_out or attn_out."),
     layers: str = typer.Option(None, help="Several layers (3,15 or 0-3); replaces --layer."),
@@ -58,12 +60,8 @@ def sweep(
         0,
         help="LM metrics (3 model passes per window) on at most this many held-out tokens (0: all of them).",
     ),
-    no_model: bool = typer.Option(
-        False, "--no-model", help="Skip the LM metrics (no model load, no splicing)."
-    ),
-    no_eval: bool = typer.Option(
-        False, "--no-eval", help="Train only; evaluate later with `sae pareto --eval`."
-    ),
+    no_model: bool = typer.Option(False, "--no-model", help="Skip the LM metrics (no model, no splicing)."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Train only; evaluate later: `sae pareto --eval`."),
     device: str = typer.Option("auto", help=DOC["device"]),
     normalize: str = typer.Option("sample", help=DOC["normalize"]),
     checkpoint_every: int = typer.Option(0, help=DOC["checkpoint_every"]),
@@ -97,10 +95,12 @@ def sweep(
                 loop = LoopConfig(
                     tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
                     normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
+                    ds_layers=ds_layers,
                 )  # fmt: skip
                 cfg = _fresh_config(
                     store=store, layer=layer, site=site, layers=layers, sites=sites, variants=variants,
                     l0_target=l0_target, width=width, loop=loop, options=parse_options(option),
+                    objective=objective,
                 )  # fmt: skip
             prep = prepare_sweep(cfg, out, device=device, resume=resume, overwrite=overwrite)
             result = run_training(prep, run_live, started=_header)  # the header once the members started
@@ -126,6 +126,7 @@ def _fresh_config(
     width: str,
     loop: LoopConfig,
     options: dict[str, Any],
+    objective: str = "local",
 ) -> Any:
     """The SweepConfig of a fresh sweep from the command line (validated later, by the run path)."""
     from .sweep import SweepConfig, parse_layers, parse_list
@@ -143,6 +144,7 @@ def _fresh_config(
         widths=parse_list(width, str, "--width"),
         loop=loop,
         options=options,
+        objectives=parse_list(objective, str, "--objective"),
     )
 
 
@@ -160,7 +162,8 @@ def _header(prep: Any) -> None:
     options = f"; options {cfg.options}" if cfg.options else ""
     console.print(
         f"[bold]sae sweep[/bold]: {len(prep.plans)} members = {len(cfg.layers)} layer(s) x {len(cfg.sites)} site(s) "
-        f"x {len(cfg.variants)} variant(s) x {len(cfg.widths)} width(s) x {len(cfg.l0_targets)} L0 target(s); "
+        f"x {len(cfg.variants)} variant(s) x {len(cfg.widths)} width(s) x {len(cfg.l0_targets)} L0 target(s) "
+        f"x {len(cfg.objectives)} objective(s) ({', '.join(cfg.objectives)}); "
         f"d_in {prep.store.d_model}, d_sae {', '.join(map(str, widths))}; {prep.tokens:,} tokens = {steps} steps "
         f"of {loop.batch_size}; {len(shape_groups(prep.plans))} equal-shape group(s); "
         f"{how}; memory estimate {prep.memory_bytes / 2**30:.2f} GiB{free}; {prep.device}{held}{options}"

@@ -17,6 +17,7 @@ import inspect
 import math
 import textwrap
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -63,6 +64,14 @@ class MemberConfig:
     """Variant-specific options (TOML table `options`), validated by the variant."""
     name: str = ""
     """Member name (sub-folder in a sweep); default derived from variant, width and L0 target."""
+    objective: str = "local"
+    """Reconstruction objective: local (MSE of the activation), e2e (KL of the LM's next-token distribution with
+    the reconstruction spliced in; only the layers after the SAE run, from the stored activations; batches of
+    whole windows) or e2e+ds (e2e + MSE of the residual stream at --ds-layers). docs/training.md, "End-to-end
+    objective"."""
+    init_from: str = ""
+    """Start from the SAE in this folder (a run, a sweep member or an imported SAE) instead of a fresh init: same
+    variant, d_in and L0 target; its width and options are kept (fine-tuning, e.g. --objective e2e)."""
 
     def validate(self) -> None:
         """ConfigError (one line, naming the option) for a value that is accepted by its type but meaningless."""
@@ -76,6 +85,12 @@ class MemberConfig:
                 f"--sparsity-coef must be >= 0, got {self.sparsity_coef:g} (a negative coefficient rewards density)"
             )
         resolve_width(self.width, 1)  # syntax check only
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+
+
+OBJECTIVES = ("local", "e2e", "e2e+ds")
+"""MemberConfig.objective values (docs/training.md, "End-to-end objective")."""
 
 
 @dataclass(frozen=True)
@@ -138,11 +153,6 @@ class LoopConfig:
     member_threads: bool = True
     """On CPU, train the members of a sweep concurrently, each on one intra-op thread (False: one after another,
     each with every thread)."""
-    objective: str = "local"
-    """Reconstruction objective: local (MSE of the activation), e2e (KL of the LM's next-token distribution with
-    the reconstruction spliced in; only the layers after the SAE run, from the stored residual stream; batches of
-    whole windows; resid_post sites) or e2e+ds (e2e + MSE of the residual stream at --ds-layers). docs/training.md,
-    "End-to-end objective"."""
     ds_layers: str = ""
     """e2e+ds: the downstream layers (comma list, e.g. 7,8,9,10,11) whose resid_post the spliced model is held to."""
     kl_coef: float | None = None
@@ -178,35 +188,28 @@ class LoopConfig:
             )
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip:g}")
-        self._validate_objective()
         if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
             raise ConfigError(
                 f"--max-norm-ratio must be 0 (keep every token) or above 1 (a multiple of the median norm), got "
                 f"{self.max_norm_ratio:g}"
             )
 
-    def _validate_objective(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+    def validate_objectives(self, objectives: Iterable[str]) -> None:
+        """The loop's options that depend on the members' objectives (ConfigError, one line)."""
         _check_finite(self, ("kl_coef", "ds_coef"))
-        if self.objective == "local":
-            return
         if (self.kl_coef is not None and self.kl_coef < 0) or self.ds_coef < 0:
             raise ConfigError("--kl-coef and --ds-coef must be >= 0")
-        if self.max_norm_ratio:
+        end_to_end = sorted(set(objectives) - {"local"})
+        if end_to_end and self.max_norm_ratio:
             raise ConfigError(
-                f"--max-norm-ratio does not apply to --objective {self.objective} (whole windows are spliced); "
+                f"--max-norm-ratio does not apply to --objective {end_to_end[0]} (whole windows are spliced); "
                 "leave it at 0"
             )
         layers = parse_layers(self.ds_layers)
-        if self.objective == "e2e+ds" and not layers:
+        if "e2e+ds" in end_to_end and not layers:
             raise ConfigError("--objective e2e+ds needs --ds-layers (e.g. --ds-layers 7,8,9,10,11)")
-        if self.objective == "e2e" and layers:
+        if layers and "e2e+ds" not in end_to_end:
             raise ConfigError("--ds-layers is for --objective e2e+ds; drop it or use e2e+ds")
-
-
-OBJECTIVES = ("local", "e2e", "e2e+ds")
-"""LoopConfig.objective values (docs/training.md, "End-to-end objective")."""
 
 
 def parse_layers(text: str | list | tuple) -> tuple[int, ...]:
@@ -272,6 +275,7 @@ class TrainConfig:
     def validate(self) -> None:
         self.member.validate()
         self.loop.validate()
+        self.loop.validate_objectives([self.member.objective])
 
 
 DEFAULT_BATCH, MIN_AUTO_BATCH, BATCHES_PER_EPOCH = 4096, 1024, 32

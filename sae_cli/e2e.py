@@ -148,6 +148,72 @@ class WindowTokens:
         return float(getattr(self.windows, "wait_seconds", float("nan")))
 
 
+# ---- where the reconstruction goes in ------------------------------------------------------------------------
+class SiteTail:
+    """The frozen model's tail for an SAE at `key` (layer L, site), fed from a stored array:
+    - resid_post L: the tail after block L, from resid_post L; the reconstruction replaces the trained positions;
+    - resid_pre L: the tail after block L-1 (every block from L), from resid_pre L, replaced the same way;
+    - mlp_out / attn_out L: the tail after block L-1, from resid_pre L (or resid_post L-1): block L runs, and the
+      reconstruction replaces the site's output at the trained positions (one persistent hook on the site, with
+      a per-thread replacement: the members of a CPU sweep step on threads).
+    `tail`: an `actcache.tail.Tail` (or anything with final_hidden / head / head_only / n_layers) built for the
+    start layer (`start_layer`)."""
+
+    def __init__(self, tail: Any, key: Key, start: Key | None = None, arch: Any = None) -> None:
+        self.tail, self.key = tail, key
+        self.start: Key = start if start is not None else key
+        """The stored array the tail starts from (the window reader reads it)."""
+        self.in_block = key[1] in ("mlp_out", "attn_out")
+        self._local = threading.local()
+        if self.in_block:
+            from actcache.sites import hook_site
+
+            block = tail.blocks[key[0]]
+            self._handle = hook_site(block, arch, key[1], self._swap, replace=True)
+
+    @staticmethod
+    def start_layer(key: Key) -> int:
+        return key[0] if key[1] == "resid_post" else key[0] - 1
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.tail.n_layers)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.tail.head(h)
+
+    def head_only(self, resid: Tensor) -> Tensor:
+        return self.tail.head_only(resid)
+
+    def _swap(self, x: Tensor) -> Tensor:
+        swap = getattr(self._local, "swap", None)
+        if swap is None:
+            return x
+        train_WC, rows_ND = swap
+        out = x.clone()
+        out[train_WC] = rows_ND.to(out.dtype)
+        return out
+
+    def clean(self, start_WCD: Tensor, keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        """The clean tail from the stored start array (no replacement)."""
+        return self.tail.final_hidden(start_WCD, keep=keep)
+
+    def spliced(
+        self, start_WCD: Tensor, train_WC: Tensor, rows_ND: Tensor, keep: Sequence[int] = ()
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """The tail with `rows_ND` (the reconstruction, model units) in place of the site's activation at the
+        positions `train_WC`; differentiable with respect to `rows_ND`."""
+        if not self.in_block:
+            spliced = start_WCD.clone()
+            spliced[train_WC] = rows_ND.to(spliced.dtype)
+            return self.tail.final_hidden(spliced, keep=keep)
+        self._local.swap = (train_WC, rows_ND)
+        try:
+            return self.tail.final_hidden(start_WCD, keep=keep)
+        finally:
+            self._local.swap = None
+
+
 # ---- the objective ----------------------------------------------------------------------------------------
 @dataclass
 class _Clean:
@@ -167,7 +233,8 @@ class E2EObjective:
     model's units) between the spliced and the clean resid_post at each of `ds_layers`. Parts: "kl", "mse" (the
     local MSE, for the logs) and, with downstream layers, "ds_mse" (their unweighted mean).
 
-    `tails`: layer -> `actcache.tail.Tail` of the frozen model. The clean distribution and the downstream targets
+    `tails`: member key -> `SiteTail` (the frozen model's tail for an SAE at that key). The clean distribution
+    and the downstream targets
     of a batch are computed once and shared by the members (a small cache keyed by the batch, thread-safe: a CPU
     sweep's members run on threads, a few steps apart)."""
 
@@ -177,7 +244,7 @@ class E2EObjective:
 
     def __init__(
         self,
-        tails: dict[int, Any],
+        tails: dict[Key, SiteTail],
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -191,7 +258,7 @@ class E2EObjective:
         self.chunk = kl_chunk_positions(vocab) if vocab else 256
         if self.ds_layers:
             self.name = "e2e+ds"
-        self._cache: OrderedDict[tuple[int, int], tuple[Any, _Clean]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, Key], tuple[Any, _Clean]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __call__(self, x_BD: Tensor, x_hat_BD: Tensor, context: ObjectiveContext | None) -> Recon:
@@ -199,16 +266,14 @@ class E2EObjective:
         if context is None:  # no step (the controller's initial coefficient): the local approximation
             return Recon(mse, {"kl": mse.detach()})
         batch: E2EBatch = context.batch
-        layer, site = context.key
-        tail = self.tails[layer]
-        clean = self.clean(batch, layer)
-        resid = batch.windows.acts[context.key].to(self.device, self.dtype)
-        spliced = resid.clone()
-        spliced[batch.train_WC.to(self.device)] = (x_hat_BD / context.scale).to(self.dtype)
-        h_WCD, kept = tail.final_hidden(spliced, keep=self.ds_layers)
+        site = self.tails[context.key]
+        clean = self.clean(batch, context.key)
+        start = batch.windows.acts[site.start].to(self.device, self.dtype)
+        train = batch.train_WC.to(self.device)
+        h_WCD, kept = site.spliced(start, train, x_hat_BD / context.scale, keep=self.ds_layers)
         target = batch.target_WC1.to(self.device)
         n = int(target.sum())
-        kl = chunked_kl(h_WCD[:, :-1][target], clean.ref_ND, tail.head, clean.ref_head, self.chunk)
+        kl = chunked_kl(h_WCD[:, :-1][target], clean.ref_ND, site.head, clean.ref_head, self.chunk)
         kl = kl / n if n else kl + 0.0 * x_hat_BD.sum()  # no prediction to score: zero, still a graph
         loss = self.kl_coef * kl
         parts = {"kl": kl.detach(), "mse": mse.detach()}
@@ -221,38 +286,35 @@ class E2EObjective:
             parts["ds_mse"] = (sum(ds) / len(ds)).detach()
         return Recon(loss, parts)
 
-    def clean(self, batch: E2EBatch, layer: int) -> _Clean:
-        """The batch's clean side for an SAE at `layer` (cached per batch and layer)."""
-        key = (id(batch), layer)
+    def clean(self, batch: E2EBatch, key: Key) -> _Clean:
+        """The batch's clean side for an SAE at `key` (cached per batch and key)."""
+        cache_key = (id(batch), key)
         with self._lock:
-            hit = self._cache.get(key)
+            hit = self._cache.get(cache_key)
             if hit is not None and hit[0] is batch:
                 return hit[1]
-            clean = self._compute_clean(batch, layer)
-            self._cache[key] = (batch, clean)
+            clean = self._compute_clean(batch, key)
+            self._cache[cache_key] = (batch, clean)
             while len(self._cache) > self.CACHE:
                 self._cache.popitem(last=False)
             return clean
 
     @torch.no_grad()
-    def _compute_clean(self, batch: E2EBatch, layer: int) -> _Clean:
+    def _compute_clean(self, batch: E2EBatch, key: Key) -> _Clean:
         """From the store where it holds what is needed (the last layer's resid_post: final norm + head only;
-        downstream targets), else from one no-grad tail pass of the cached activation."""
-        tail, stored = self.tails[layer], batch.windows.acts
+        downstream targets), else from one no-grad tail pass of the stored start array."""
+        site, stored = self.tails[key], batch.windows.acts
         target = batch.target_WC1.to(self.device)
-        last = tail.n_layers - 1
         targets = {
             ly: stored[(ly, "resid_post")].to(self.device, self.dtype)
             for ly in self.ds_layers
             if (ly, "resid_post") in stored
         }
         missing = tuple(ly for ly in self.ds_layers if ly not in targets)
-        last_key = (last, "resid_post")
-        if layer == last or (last_key in stored and not missing):
-            src = stored[(layer, "resid_post")] if layer == last else stored[last_key]
-            ref = src.to(self.device, self.dtype)[:, :-1][target]
-            return _Clean(ref, tail.head_only, targets)
-        resid = stored[(layer, "resid_post")].to(self.device, self.dtype)
-        h_WCD, kept = tail.final_hidden(resid, keep=missing)
+        last_key = (site.n_layers - 1, "resid_post")
+        if last_key in stored and not missing:
+            ref = stored[last_key].to(self.device, self.dtype)[:, :-1][target]
+            return _Clean(ref, site.head_only, targets)
+        h_WCD, kept = site.clean(stored[site.start].to(self.device, self.dtype), keep=missing)
         targets.update({ly: kept[ly] for ly in missing})
-        return _Clean(h_WCD[:, :-1][target], tail.head, targets)
+        return _Clean(h_WCD[:, :-1][target], site.head, targets)

@@ -116,24 +116,33 @@ def plot_chart(
 
 
 def _member_lines(ax: Any, pts: list[dict[str, Any]], metric: str) -> None:
-    """One line per (variant, width) through its L0 targets, each point labelled with its target."""
+    """One line per (variant, objective, width) through its L0 targets, each point labelled with its target:
+    colour and marker by variant, line style by (objective, width)."""
     variants = sorted({r["variant"] for r in pts})
-    widths = sorted({int(r["d_sae"]) for r in pts})
     styles = ["-", "--", ":", "-."]
     colors = [f"C{i % 10}" for i in range(len(variants))]
+    kinds = sorted({(r.get("objective", "local"), int(r["d_sae"])) for r in pts})
+    widths = {w for _, w in kinds}
     for vi, variant in enumerate(variants):
-        for wi, width in enumerate(widths):
+        for ki, (objective, width) in enumerate(kinds):
             line = sorted(
-                (r for r in pts if r["variant"] == variant and int(r["d_sae"]) == width),
+                (
+                    r
+                    for r in pts
+                    if r["variant"] == variant
+                    and int(r["d_sae"]) == width
+                    and r.get("objective", "local") == objective
+                ),
                 key=lambda r: r["l0"],
             )
             if not line:
                 continue
-            name = variant if len(widths) == 1 else f"{variant} w{width}"
+            name = variant + ("" if objective == "local" else f" {objective}")
+            name += "" if len(widths) == 1 else f" w{width}"
             ax.plot(
                 [r["l0"] for r in line],
                 [r[metric] for r in line],
-                linestyle=styles[wi % len(styles)],
+                linestyle=styles[ki % len(styles)],
                 marker=MARKERS[vi % len(MARKERS)],
                 color=colors[vi],
                 alpha=0.85,

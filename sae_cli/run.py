@@ -63,6 +63,8 @@ class RunFolder(Protocol):
     loop: LoopConfig
     """The loop as requested (0: automatic batch size and length)."""
     keys: list[Key]
+    objectives: set[str]
+    """The members' objectives (MemberConfig.objective): any end-to-end one makes the batches whole windows."""
 
     def validate(self) -> None: ...
     def is_ours(self) -> bool: ...
@@ -183,13 +185,13 @@ def prepare_run(
     dev = torch.device(resolve_device(str(device)))
     store = data.open_store(folder.store)
     data.check_keys(store, folder.keys)
-    e2e_setup.check(store, folder.keys, folder.loop)
     check_out(folder, resume, overwrite)
     saved = folder.recorded() if resume else None
     ranges, loop = data.plan_ranges(store, folder.loop, saved)
-    loop = e2e_setup.window_loop(loop, store.spec.context)  # e2e: batches of whole windows
+    loop = e2e_setup.window_loop(loop, store.spec.context, folder.objectives)  # e2e: whole windows
     identity = data.run_identity(store, ranges, saved, f"the {folder.noun} in {folder.out}")
     plans = folder.plan(store.d_model, math.ceil(loop.tokens / loop.batch_size))
+    e2e_setup.check(store, plans, loop)
     check_l0_targets(plans)
     # The memory check comes before any SAE is built; the variants then check their options on the meta device.
     need, free = folder.check_memory(plans, loop, dev, reader_bytes(store, folder.keys, loop))
@@ -206,13 +208,13 @@ def prepare_run(
         **folder.summary(),
         **({"store_identity": identity} if identity is not None else {}),
     }
-    if e2e_setup.is_e2e(loop):  # the store's model, frozen; only the layers after the SAE's run
-        reader, objective, e2e_summary = e2e_setup.build(store, folder.keys, loop, ranges.train, dev)
+    if e2e_setup.is_e2e(folder.objectives):  # the store's model, frozen; only the layers after the SAE's run
+        reader, objectives, e2e_summary = e2e_setup.build(store, plans, loop, ranges.train, dev)
         summary.update(e2e_summary)
     else:
-        reader, objective = data.train_reader(store, folder.keys, loop, ranges.train), None
+        reader, objectives = data.train_reader(store, folder.keys, loop, ranges.train), {}
     trainer = Trainer(
-        plans, loop, reader, folder.out, loop.tokens, device=dev, extra_summary=summary, objective=objective
+        plans, loop, reader, folder.out, loop.tokens, device=dev, extra_summary=summary, objectives=objectives
     )
     return PreparedRun(
         folder=folder, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=folder.keys,
@@ -293,6 +295,10 @@ class SoloRun:
     @property
     def keys(self) -> list[Key]:
         return [(self.cfg.member.layer, self.cfg.member.site)]
+
+    @property
+    def objectives(self) -> set[str]:
+        return {self.cfg.member.objective}
 
     def validate(self) -> None:
         get_variant(self.cfg.member.variant)  # unknown name -> KeyError naming the choices

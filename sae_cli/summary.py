@@ -17,7 +17,7 @@ SUMMARY_PARQUET = "summary.parquet"
 SUMMARY_MD = "summary.md"
 # Columns of the summary table, in order (eval.json keys; LM columns only when the model was run).
 SUMMARY_COLUMNS = (
-    "name", "layer", "site", "variant", "d_sae", "l0_target", "l0", "l0_error_pct", "fvu", "fvu_typical", "mse",
+    "name", "layer", "site", "variant", "objective", "d_sae", "l0_target", "l0", "l0_error_pct", "fvu", "fvu_typical", "mse",
     "dead_pct", "dense_pct", "shrinkage", "delta_lm_loss", "ce_recovered", "kl_clean_spliced", "ce_clean",
     "ce_zero_ablation", "train_tokens", "eval_tokens", "lm_tokens",
 )  # fmt: skip
@@ -114,6 +114,7 @@ def summary_rows(out: str | Path) -> list[dict[str, Any]]:
             "layer": int(m["layer"]),
             "site": m["site"],
             "variant": m["variant"],
+            "objective": m.get("objective", "local"),
             "d_sae": int(m["d_sae"]),
             "l0_target": float(m["l0_target"]),
             "train_tokens": int(training.get("tokens", 0)),

@@ -133,6 +133,10 @@ class SweepRun:
     def keys(self) -> list[tuple[int, str]]:
         return [(layer, site) for layer in self.cfg.layers for site in self.cfg.sites]
 
+    @property
+    def objectives(self) -> set[str]:
+        return set(self.cfg.objectives)
+
     def validate(self) -> None:
         self.cfg.validate()
 
@@ -187,6 +191,7 @@ def _member_record(p: MemberPlan, out: Path) -> dict[str, Any]:
         "variant": p.sae_cfg.variant,
         "d_sae": p.sae_cfg.d_sae,
         "l0_target": p.sae_cfg.l0_target,
+        "objective": p.objective,
         "lr": p.lr,
         "steered": p.steered,
         "folder": str(p.out_dir.relative_to(out)),

@@ -39,6 +39,9 @@ class SweepConfig:
     """L0 targets (k for TopK-like variants, the steering target otherwise)."""
     widths: tuple[str, ...] = ("8x",)
     """Widths: numbers of latents (16384) or multiples of d_model (8x)."""
+    objectives: tuple[str, ...] = ("local",)
+    """Reconstruction objectives (local, e2e, e2e+ds): every member once per objective; with an end-to-end one
+    every member trains on the same batches of whole windows."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     """Settings every member shares (tokens, batch size, seed, schedule, device)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -52,18 +55,24 @@ class SweepConfig:
         return {**common, **own}
 
     def members(self) -> list[MemberConfig]:
-        """The cross product, ordered by layer, site, variant, width, L0 target (the table's order)."""
+        """The cross product, ordered by layer, site, variant, width, L0 target, objective (the table's order)."""
         return [
             MemberConfig(
-                variant=v, layer=layer, site=s, width=w, l0_target=float(k), options=self.member_options(v)
-            )
-            for layer, s, v, w, k in itertools.product(
-                self.layers, self.sites, self.variants, self.widths, self.l0_targets
+                variant=v,
+                layer=layer,
+                site=s,
+                width=w,
+                l0_target=float(k),
+                options=self.member_options(v),
+                objective=o,
+            )  # fmt: skip
+            for layer, s, v, w, k, o in itertools.product(
+                self.layers, self.sites, self.variants, self.widths, self.l0_targets, self.objectives
             )
         ]
 
     def validate(self) -> None:
-        for name in ("variants", "layers", "sites", "l0_targets", "widths"):
+        for name in ("variants", "layers", "sites", "l0_targets", "widths", "objectives"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is empty; give at least one value")
         known = set(variant_names())
@@ -82,6 +91,9 @@ class SweepConfig:
         for w in self.widths:
             resolve_width(w, 1)  # syntax only
         self.loop.validate()  # every numeric option, as `sae train` (0: automatic batch size and tokens)
+        for o in self.objectives:
+            MemberConfig(objective=o).validate()
+        self.loop.validate_objectives(self.objectives)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "loop": dataclasses.asdict(self.loop)}
@@ -94,7 +106,11 @@ class SweepConfig:
         loop = LoopConfig(**{k: v for k, v in d.get("loop", {}).items() if k in known})
         lists = ("variants", "layers", "sites", "l0_targets", "widths")
         options = dict(d.get("options") or {})
-        return cls(store=str(d["store"]), loop=loop, options=options, **{k: tuple(d[k]) for k in lists})
+        objectives = tuple(d.get("objectives") or ("local",))  # a sweep recorded before the axis: local
+        return cls(
+            store=str(d["store"]), loop=loop, options=options, objectives=objectives,
+            **{k: tuple(d[k]) for k in lists},
+        )  # fmt: skip
 
 
 def parse_list(text: str | None, kind: type = str, what: str = "list") -> tuple[Any, ...]:

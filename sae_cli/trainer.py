@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from .lanes import LaneFailure, Lanes
 from .objective import MSE, Objective
 from .reducer import LOCAL, Reducer
 from .registry import get_variant
-from .training import checkpoint, rows
+from .training import checkpoint, init_from, rows
 from .training.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FORMAT
 from .training.errors import StepFailure, TrainingError
 from .training.finish import TrainResult, finish
@@ -79,7 +79,8 @@ class Trainer:
 
     `reducer` (default: the identity, one process): the process group this trainer is one rank of
     (sae_cli/reducer.py); `loop.batch_size` is then the global batch and `reader` delivers this rank's share.
-    `objective` (default: MSE): the reconstruction term the variants' losses use (sae_cli/objective.py)."""
+    `objective` (default: MSE): the reconstruction term the variants' losses use (sae_cli/objective.py);
+    `objectives`: by name, for the members whose plan names another objective (`MemberPlan.objective`)."""
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class Trainer:
         extra_summary: dict[str, Any] | None = None,
         reducer: Reducer | None = None,
         objective: Objective | None = None,
+        objectives: Mapping[str, Objective] | None = None,
     ) -> None:
         if not plans:
             raise TrainingError("nothing to train: no members")
@@ -112,7 +114,13 @@ class Trainer:
         self.device = torch.device(device)
         self.reducer = reducer or LOCAL
         self.stepper = MemberStep(
-            loop, self.n_steps, self.window, self.device, self.reducer, objective or MSE
+            loop,
+            self.n_steps,
+            self.window,
+            self.device,
+            self.reducer,
+            objective or MSE,
+            dict(objectives or {}),
         )
         self.callback = callback or (lambda p: None)
         self.should_stop = should_stop or (lambda: False)
@@ -145,8 +153,11 @@ class Trainer:
             torch.manual_seed(self.loop.seed)  # per member: its init does not depend on the other members
             x_BD = sample[plan.key].float()
             c = scales[plan.key] if scales and plan.key in scales else input_scale(x_BD)
-            sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
-            sae.init_from_data(x_BD * c)
+            if plan.init_from:  # fine-tuning: the saved SAE in this run's units
+                sae = init_from.load(plan.init_from, plan.sae_cfg, c)
+            else:
+                sae = get_variant(plan.sae_cfg.variant)(plan.sae_cfg)
+                sae.init_from_data(x_BD * c)
             member = self.stepper.build(plan, sae.to(self.device), c)
             if member.controller is not None:
                 self.stepper.init_controller(member, x_BD[: self.loop.batch_size] * c)

@@ -18,12 +18,13 @@ from actcache.cli import app as actcache_app
 from actcache.reader import iter_windows
 from actcache.store import FLAG_BOS, FLAG_PAD, Store
 from sae_cli.cli import app
-from sae_cli.e2e import E2EBatch, E2EObjective, chunked_kl
+from sae_cli.e2e import E2EBatch, E2EObjective, SiteTail, chunked_kl
 from sae_cli.objective import ObjectiveContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 KEY = (1, "resid_post")
+KEY0 = (0, "resid_post")
 
 
 # ---- fakes -----------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_the_objective_on_a_fake_tail_is_the_kl_of_the_spliced_windows() -> None
     scale = 0.5
     x = batch.acts[key] * scale
     x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
-    objective = E2EObjective({0: tail})
+    objective = E2EObjective({KEY0: SiteTail(tail, KEY0)})
     recon = objective(x, x_hat, ObjectiveContext(key, scale, batch, 0))
     recon.loss.backward()
 
@@ -142,7 +143,7 @@ def test_downstream_terms_and_the_clean_side_from_the_store() -> None:
     x = batch.acts[key]
     x_hat = x + 0.2
     ctx = ObjectiveContext(key, 1.0, batch, 0)
-    ds = E2EObjective({0: tail}, ds_layers=(1,), ds_coef=2.5, kl_coef=0.5)
+    ds = E2EObjective({KEY0: SiteTail(tail, KEY0)}, ds_layers=(1,), ds_coef=2.5, kl_coef=0.5)
     recon = ds(x, x_hat, ctx)
     assert ds.name == "e2e+ds" and set(recon.parts) == {"kl", "mse", "ds_mse"}
     assert float(recon.loss) == pytest.approx(
@@ -151,7 +152,7 @@ def test_downstream_terms_and_the_clean_side_from_the_store() -> None:
     # the same clean side from the store: the last layer's (here: layer 1) resid_post and the ds target
     clean_h, kept = tail.final_hidden(wb.acts[key], keep=(1,))
     wb.acts[(1, "resid_post")] = kept[1]
-    from_store = E2EObjective({0: tail}, ds_layers=(1,), ds_coef=2.5, kl_coef=0.5)
+    from_store = E2EObjective({KEY0: SiteTail(tail, KEY0)}, ds_layers=(1,), ds_coef=2.5, kl_coef=0.5)
     stored = from_store(x, x_hat, ObjectiveContext(key, 1.0, E2EBatch.of(wb, [key]), 0))
     for part in ("kl", "ds_mse"):
         assert float(stored.parts[part]) == pytest.approx(float(recon.parts[part]), abs=1e-6)
@@ -167,7 +168,7 @@ def test_the_clean_side_is_computed_once_per_batch() -> None:
 
     tail, key = Counting(), (0, "resid_post")
     batch = E2EBatch.of(fake_windows(), [key])
-    objective = E2EObjective({0: tail})
+    objective = E2EObjective({KEY0: SiteTail(tail, KEY0)})
     x = batch.acts[key]
     for _ in range(3):  # three members of a sweep on the same batch
         objective(x, x + 0.1, ObjectiveContext(key, 1.0, batch, 0))
@@ -208,7 +209,7 @@ def test_the_identity_sae_has_zero_e2e_loss(store: Path, tiny_llama) -> None:
 
     s = Store.open(store)
     tail = Tail(tiny_llama, store_arch(s.spec), 1)
-    objective = E2EObjective({1: tail}, vocab=256)
+    objective = E2EObjective({KEY: SiteTail(tail, KEY)}, vocab=256)
     wb = next(iter(iter_windows(s, [KEY], (0, s.committed_tokens), windows=4)))
     batch = E2EBatch.of(wb, [KEY])
     scale = 0.37
@@ -252,7 +253,7 @@ def test_one_step_gives_gradients_to_the_sae_and_none_to_the_model(store: Path, 
     assert prep.trainer.step == 1
     (member,) = prep.trainer.members
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in member.sae.parameters())
-    tail = prep.trainer.stepper.objective.tails[1]
+    tail = prep.trainer.stepper.objectives["e2e"].tails[(1, "resid_post")].tail
     assert all(p.grad is None and not p.requires_grad for p in tail.model.parameters())
     assert tail.blocks_run == 2 * 2  # blocks 2 and 3, for the clean pass and the spliced one
 
@@ -327,7 +328,11 @@ def test_bad_inputs_are_one_line_errors(store: Path, tmp_path: Path, tiny_corpus
         return runner.invoke(app, list(map(str, args)))
 
     base = train_args(store, run)
-    one_line_error(train(*base, "--site", "mlp_out"), "mlp_out is not built yet", "resid_post")
+    one_line_error(
+        train(*base, "--site", "mlp_out"),
+        "needs acts/resid_pre/1 or acts/resid_post/0",
+        "--sites resid_pre,mlp_out",
+    )
     one_line_error(train(*base, "--layer", 2), "no activations for layer 2")
     one_line_error(train(*base, "--objective", "e3e"), "--objective must be one of")
     one_line_error(train(*base, "--objective", "e2e+ds"), "needs --ds-layers")

@@ -36,6 +36,8 @@ def summary(tr: Trainer, m: Member) -> dict[str, Any]:
         "layer": m.plan.key[0],
         "site": m.plan.key[1],
         "input_scale_folded": m.scale,
+        "objective": m.plan.objective,
+        **({"init_from": m.plan.init_from} if m.plan.init_from else {}),
         "tokens": tr.tokens,
         "steps": tr.step,
         "batch_size": tr.loop.batch_size,

@@ -69,6 +69,11 @@ class MemberStep:
     device: torch.device
     reducer: Reducer
     objective: Objective
+    """The members' objective unless `objectives` holds the one their plan names."""
+    objectives: dict[str, Objective] = field(default_factory=dict)
+
+    def objective_of(self, m: Member) -> Objective:
+        return self.objectives.get(m.plan.objective, self.objective)
 
     def build(self, plan: MemberPlan, sae: SAE, scale: float) -> Member:
         """A member around `sae` (already on the device): Adam, a controller when steered, zero counters."""
@@ -93,9 +98,10 @@ class MemberStep:
     def init_controller(self, m: Member, x_BD: Tensor) -> None:
         """lambda_0 from the loss parts of the freshly initialised SAE (l0_control.initial_coef): the sparsity
         term against the objective's reconstruction term."""
-        state = StepState(0, self.n_steps, 0.0, objective=self.objective)
+        objective = self.objective_of(m)
+        state = StepState(0, self.n_steps, 0.0, objective=objective)
         out = m.sae.training_loss(x_BD.to(self.device), state)
-        recon, sparsity = (float(out.parts.get(k, math.nan)) for k in (self.objective.recon_part, "sparsity"))
+        recon, sparsity = (float(out.parts.get(k, math.nan)) for k in (objective.recon_part, "sparsity"))
         init = initial_coef(recon, sparsity)
         cfg = ControllerConfig.for_run(m.plan.sae_cfg.l0_target, self.n_steps, init, m.sae.l0_gain)
         m.controller = L0Controller(cfg)
@@ -114,7 +120,7 @@ class MemberStep:
             sparsity_coef=self.coef(m, step),
             dead_F=m.since_fired_F >= self.window,
             freq_F=m.freq_F,
-            objective=self.objective,
+            objective=self.objective_of(m),
             context=ObjectiveContext(m.plan.key, m.scale, batch, step),
         )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.loop.autocast == "bf16"):

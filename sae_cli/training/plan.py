@@ -13,6 +13,7 @@ from torch import Tensor
 from ..config import ConfigError, MemberConfig, resolve_width
 from ..registry import get_variant
 from ..variants.base import SAEConfig
+from . import init_from
 from .errors import TrainingError
 
 Key = tuple[int, str]
@@ -36,6 +37,10 @@ class MemberPlan:
     """True: lambda comes from the L0 controller; False: fixed_coef (warmed up) or unused."""
     fixed_coef: float
     out_dir: Path
+    objective: str = "local"
+    """The member's reconstruction objective (MemberConfig.objective)."""
+    init_from: str = ""
+    """A trained SAE's folder the member starts from (training/init_from.py); "" = a fresh init."""
 
 
 def default_lr(variant: str, d_sae: int, steps: int | None = None) -> float:
@@ -49,11 +54,16 @@ def plan_member(cfg: MemberConfig, d_in: int, out_dir: str | Path, steps: int | 
     """Resolve a MemberConfig against the data width (d_in) and the run's length in steps (for the default lr);
     KeyError/ValueError name the bad input."""
     cls = get_variant(cfg.variant)
-    d_sae = resolve_width(cfg.width, d_in)
-    sae_cfg = SAEConfig(cfg.variant, d_in, d_sae, float(cfg.l0_target), dict(cfg.options))
+    if cfg.init_from:
+        sae_cfg = init_from.source_config(cfg, d_in)
+        d_sae = sae_cfg.d_sae
+    else:
+        d_sae = resolve_width(cfg.width, d_in)
+        sae_cfg = SAEConfig(cfg.variant, d_in, d_sae, float(cfg.l0_target), dict(cfg.options))
     betas = cls.adam_betas
     steered = bool(cls.steered) and cfg.sparsity_coef is None
-    name = cfg.name or f"{cfg.variant}-L{cfg.layer}-{cfg.site}-w{d_sae}-l0_{cfg.l0_target:g}"
+    suffix = "" if cfg.objective == "local" else f"-{cfg.objective}"
+    name = cfg.name or f"{cfg.variant}-L{cfg.layer}-{cfg.site}-w{d_sae}-l0_{cfg.l0_target:g}{suffix}"
     return MemberPlan(
         name=name,
         key=(int(cfg.layer), cfg.site),
@@ -63,6 +73,8 @@ def plan_member(cfg: MemberConfig, d_in: int, out_dir: str | Path, steps: int | 
         steered=steered,
         fixed_coef=float(cfg.sparsity_coef or 0.0),
         out_dir=Path(out_dir),
+        objective=cfg.objective,
+        init_from=str(cfg.init_from),
     )
 
 

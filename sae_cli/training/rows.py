@@ -98,8 +98,9 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
     if not rows:
         return
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every member's parts (e.g. local and e2e)
     with io.atomic_path(run_dir / METRICS_FILE) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]), tmp)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
