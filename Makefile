@@ -50,8 +50,10 @@ demo: setup
 		--out $(DEMO_RUN) --overwrite
 	$(BIN)/sae eval $(DEMO_RUN) --store $(DEMO_STORE)
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+# The peers virtualenv (sae-lens, sparsify) is built first: tests/test_formats_peers.py round-trips SAEs through the
+# real packages, and REQUIRE_PEERS=1 makes its absence a failure instead of a skip.
+test: setup peers
+	REQUIRE_PEERS=1 $(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .

@@ -35,9 +35,13 @@ class FormatError(SAEFileError):
 
 
 def looks_pickled(path: Path) -> bool:
+    """A pickle stream or a torch.save zip archive (a safetensors file starts with an 8-byte header length, whose
+    first byte may be 0x80 too, then its JSON header's '{')."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:1] == PICKLE_MAGIC[0] or head == PICKLE_MAGIC[1]
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head[:1] == PICKLE_MAGIC[0] or head[:4] == PICKLE_MAGIC[1]
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -62,7 +62,7 @@ def _dict_class(state: dict[str, Tensor], trainer: dict[str, Any], path: Path) -
 
 
 def _params(cls: str, state: dict[str, Tensor], path: Path) -> tuple[str, int, int, dict[str, Tensor], dict]:
-    """(variant, d_in, d_sae, our state dict, extra: k)."""
+    """(variant, d_in, d_sae, our state dict, extra: k and the variant's options)."""
     if cls == "JumpReluAutoEncoder":
         d, f = C.dims(state, "W_enc", 2, path)
         return "jumprelu", d, f, {
@@ -90,7 +90,7 @@ def _params(cls: str, state: dict[str, Tensor], path: Path) -> tuple[str, int, i
         raise C.FormatError(f"tensor 'k' in {path} is {k}; it must be in 1..{f} (dict_size)")
     params = {"W_enc_FD": W, "b_enc_F": b, "W_dec_FD": W_dec, "b_dec_D": C.take(state, "b_dec", (d,), path)}
     if cls == "AutoEncoderTopK":
-        return "topk", d, f, params, {"k": k}
+        return "topk", d, f, params, {"k": k, "decoder_norm": "unit"}  # the rule reads the weights as they are
     threshold = C.take(state, "threshold", (), path).clamp_min(0.0)
     return "batchtopk", d, f, {**params, "threshold": threshold}, {"k": k}
 
@@ -116,8 +116,8 @@ def import_dictionary_learning(
     found = (int(trainer["layer"]), "resid_post") if isinstance(trainer.get("layer"), int) else None
     # dictionary_learning names the submodule, not the site: the layer is taken, the site must be given
     where = resolve_place(None if site is None else found, layer, site, path, "config.json names no site")
-    target = l0_target or extra.get("k", 0.0)
-    sae = C.build_sae(variant, d_in, d_sae, target, params)
+    target = l0_target or extra.pop("k", 0.0)
+    sae = C.build_sae(variant, d_in, d_sae, target, params, **extra)
     info = {"dict_class": cls, "submodule_name": trainer.get("submodule_name")}
     training = imported_training("dictionary_learning", path, *where, model or trainer.get("lm_name"), info)
     with C.whole_folder(out, overwrite) as tmp:
