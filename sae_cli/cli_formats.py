@@ -39,10 +39,14 @@ def import_(
     out: Path = typer.Argument(..., help="Run folder to write (cfg.json + sae.safetensors)."),
     format: str = typer.Option(..., "--format", help=f"Source format: {', '.join(IMPORTERS)}."),
     layer: int = typer.Option(None, help="Layer the SAE reads (default: what the source records)."),
-    site: str = typer.Option(None, help="Site: resid_pre, resid_post, mlp_out or attn_out (default: as layer)."),
+    site: str = typer.Option(
+        None, help="Site: resid_pre, resid_post, mlp_out or attn_out (default: as layer)."
+    ),
     model: str = typer.Option(None, help="Model name to record (default: what the source records)."),
     l0_target: float = typer.Option(
-        None, "--l0-target", help="L0 target to record (default: k, or the source's measured mean L0, else 0)."
+        None,
+        "--l0-target",
+        help="L0 target to record (default: k, or the source's measured mean L0, else 0).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:

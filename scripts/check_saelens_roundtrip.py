@@ -151,7 +151,10 @@ def sparsify_to_ours(root: Path) -> dict[str, Any]:
         enc = sc.encode(x)
         dense = torch.zeros(BATCH, D_SAE).scatter_(1, enc.top_indices, enc.top_acts)
         a = ours.encode(x)
-        return {"encode": rel(dense, a), "decode": rel(sc.decode(enc.top_acts, enc.top_indices), ours.decode(a))}
+        return {
+            "encode": rel(dense, a),
+            "decode": rel(sc.decode(enc.top_acts, enc.top_indices), ours.decode(a)),
+        }
 
 
 def worst(results: dict[str, Any]) -> float:

@@ -71,7 +71,9 @@ GS_XHAT = [[2.2, 1.5], [0.1, 1.4], [1.2, 1.0]]  # f W_dec + b_dec
 def test_gemmascope_params_npz_encodes_as_hand_computed(tmp_path: Path) -> None:
     np.savez(tmp_path / "params.npz", **GS)
     out = tmp_path / "gs"
-    res = invoke("import", tmp_path / "params.npz", out, "--format", "gemmascope", "--layer", 0, "--site", "resid_post")
+    res = invoke(
+        "import", tmp_path / "params.npz", out, "--format", "gemmascope", "--layer", 0, "--site", "resid_post"
+    )
     assert res.exit_code == 0, res.output
     sae = load_sae(out)
     assert sae.cfg.variant == "jumprelu" and (sae.cfg.d_in, sae.cfg.d_sae) == (2, 3)
@@ -80,7 +82,11 @@ def test_gemmascope_params_npz_encodes_as_hand_computed(tmp_path: Path) -> None:
         torch.testing.assert_close(f, torch.tensor(GS_F), rtol=0, atol=1e-6)
         torch.testing.assert_close(sae.decode(f), torch.tensor(GS_XHAT), rtol=0, atol=1e-6)
     training = json.loads((out / "cfg.json").read_text())["training"]
-    assert (training["layer"], training["site"], training["imported"]["format"]) == (0, "resid_post", "gemmascope")
+    assert (training["layer"], training["site"], training["imported"]["format"]) == (
+        0,
+        "resid_post",
+        "gemmascope",
+    )
 
     # it evaluates against a store of the same width: the store's last 10 % of windows
     store = make_synthetic_store(tmp_path / "store2", tokens=2048, d_model=2, context=64)
@@ -132,7 +138,12 @@ def test_sparsify_folder_imports_equal(tmp_path: Path) -> None:
     assert invoke("import", src, tmp_path / "ours", "--format", "sparsify").exit_code == 0
     sae = load_sae(tmp_path / "ours")
     training = json.loads((tmp_path / "ours" / "cfg.json").read_text())["training"]
-    assert (sae.cfg.variant, sae.cfg.l0_target, training["layer"], training["site"]) == ("topk", K, 3, "mlp_out")
+    assert (sae.cfg.variant, sae.cfg.l0_target, training["layer"], training["site"]) == (
+        "topk",
+        K,
+        3,
+        "mlp_out",
+    )
     x = rand(64, D, seed=5)
     f_ref, x_ref = sparsify_rule(p, x, K)
     with torch.no_grad():
@@ -161,7 +172,14 @@ def dl_state(cls: str) -> dict[str, torch.Tensor]:
         return {"W_enc": W.T.contiguous(), "b_enc": b, "W_dec": Wd.T.contiguous(), "b_dec": bd,
                 "threshold": rand(F, seed=17).abs() * 0.5}  # fmt: skip
     k, threshold = torch.tensor(K, dtype=torch.int32), torch.tensor(0.8)
-    return {"k": k, "threshold": threshold, "decoder.weight": Wd, "encoder.weight": W, "encoder.bias": b, "b_dec": bd}
+    return {
+        "k": k,
+        "threshold": threshold,
+        "decoder.weight": Wd,
+        "encoder.weight": W,
+        "encoder.bias": b,
+        "b_dec": bd,
+    }
 
 
 def dl_rule(cls: str, p: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +212,9 @@ def test_dictionary_learning_imports_equal(tmp_path: Path, cls: str) -> None:
     torch.save(p, tmp_path / "ae.pt")
     trainer = {"dict_class": cls, "activation_dim": D, "dict_size": F, "layer": 2, "lm_name": "tiny/lm"}
     (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 64}}))
-    res = invoke("import", tmp_path, tmp_path / "ours", "--format", "dictionary_learning", "--site", "resid_post")
+    res = invoke(
+        "import", tmp_path, tmp_path / "ours", "--format", "dictionary_learning", "--site", "resid_post"
+    )
     assert res.exit_code == 0, res.output
     sae = load_sae(tmp_path / "ours")
     training = json.loads((tmp_path / "ours" / "cfg.json").read_text())["training"]
@@ -216,7 +236,8 @@ def test_dictionary_learning_bad_files(tmp_path: Path) -> None:
     one_line_error(invoke("import", tmp_path, out, *flags), "'CrossCoder'")
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     one_line_error(invoke("import", tmp_path, out, *flags), "'bias'", "AutoEncoder")
-    torch.save({**dl_state("AutoEncoder"), "probe": Probe()}, tmp_path / "ae.pt")  # an object: never unpickled
+    # an object in the checkpoint: never unpickled
+    torch.save({**dl_state("AutoEncoder"), "probe": Probe()}, tmp_path / "ae.pt")
     one_line_error(invoke("import", tmp_path, out, *flags), "weights_only")
     assert not Probe.built
     torch.save({**dl_state("AutoEncoder"), "bias": torch.zeros(D + 1)}, tmp_path / "ae.pt")
@@ -253,7 +274,11 @@ def test_saelens_export_then_import_is_the_same_sae(tmp_path: Path, name: str) -
     cfg = json.loads((out / "cfg.json").read_text())
     meta = cfg["metadata"]
     assert cfg["normalize_activations"] == "none" and meta["hook_name"] == "model.layers.5.self_attn"
-    assert (meta["hook_name_transformer_lens"], meta["layer"], meta["site"]) == ("blocks.5.hook_attn_out", 5, "attn_out")
+    assert (meta["hook_name_transformer_lens"], meta["layer"], meta["site"]) == (
+        "blocks.5.hook_attn_out",
+        5,
+        "attn_out",
+    )
     back = load_sae(import_saelens(out, tmp_path / "back"))
     ours = load_sae(run)
     x = rand(128, D, seed=9)
@@ -274,7 +299,9 @@ def test_saelens_bad_files_and_refusals(tmp_path: Path) -> None:
     (src / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
     one_line_error(invoke("import", src, out, "--format", "saelens"), "'layer_norm'")
     (src / "cfg.json").write_text(json.dumps({**cfg, "d_sae": F + 1}))
-    one_line_error(invoke("import", src, out, "--format", "saelens"), "'W_enc'", f"({D}, {F})", f"({D}, {F + 1})")
+    one_line_error(
+        invoke("import", src, out, "--format", "saelens"), "'W_enc'", f"({D}, {F})", f"({D}, {F + 1})"
+    )
     (src / "cfg.json").write_text(json.dumps(cfg))
     (src / "sae_weights.safetensors").write_bytes(b"\x80\x04garbage")
     one_line_error(invoke("import", src, out, "--format", "saelens"), "pickle")

@@ -24,7 +24,13 @@ TOL = 1e-5
 SAELENS_ARCH = {"relu": "standard", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk",
                 "batchtopk": "jumprelu", "matryoshka": "jumprelu", "mutual-choice": "jumprelu",
                 "feature-choice": "jumprelu"}  # fmt: skip
-OURS_FROM = {"standard": "relu", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk", "topk-rescaled": "topk"}
+OURS_FROM = {
+    "standard": "relu",
+    "gated": "gated",
+    "jumprelu": "jumprelu",
+    "topk": "topk",
+    "topk-rescaled": "topk",
+}
 
 
 @pytest.mark.slow

@@ -72,7 +72,9 @@ def read_npz(path: Path) -> dict[str, Tensor]:
     with zipfile.ZipFile(path) as z:
         other = [n for n in z.namelist() if not n.endswith(".npy")]
     if other:
-        raise FormatError(f"{path} holds {other[0]!r}, which is not an array (a torch.save archive?); not read")
+        raise FormatError(
+            f"{path} holds {other[0]!r}, which is not an array (a torch.save archive?); not read"
+        )
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in data.files}

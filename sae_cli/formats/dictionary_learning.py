@@ -34,7 +34,14 @@ CONFIG_FILE = "config.json"
 LINEAR = {"encoder.weight", "encoder.bias", "decoder.weight"}
 KEY_SETS: dict[str, set[str]] = {
     "AutoEncoder": LINEAR | {"bias"},
-    "GatedAutoEncoder": {"encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "mag_bias", "r_mag"},
+    "GatedAutoEncoder": {
+        "encoder.weight",
+        "decoder.weight",
+        "decoder_bias",
+        "gate_bias",
+        "mag_bias",
+        "r_mag",
+    },
     "JumpReluAutoEncoder": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "AutoEncoderTopK": LINEAR | {"b_dec", "k", "threshold"},
     "BatchTopKSAE": LINEAR | {"b_dec", "k", "threshold"},
@@ -90,7 +97,7 @@ def _params(cls: str, state: dict[str, Tensor], path: Path) -> tuple[str, int, i
         raise C.FormatError(f"tensor 'k' in {path} is {k}; it must be in 1..{f} (dict_size)")
     params = {"W_enc_FD": W, "b_enc_F": b, "W_dec_FD": W_dec, "b_dec_D": C.take(state, "b_dec", (d,), path)}
     if cls == "AutoEncoderTopK":
-        return "topk", d, f, params, {"k": k, "decoder_norm": "unit"}  # the rule reads the weights as they are
+        return "topk", d, f, params, {"k": k, "decoder_norm": "unit"}  # the weights as they are
     threshold = C.take(state, "threshold", (), path).clamp_min(0.0)
     return "batchtopk", d, f, {**params, "threshold": threshold}, {"k": k}
 

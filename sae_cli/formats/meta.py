@@ -84,7 +84,9 @@ def _store_facts(training: dict[str, Any]) -> tuple[ArchSites, bool | None]:
     try:
         return store_arch(spec), bos
     except Exception as e:  # the model's config cannot be read offline
-        log.warning("cannot read the architecture of %s (%s); assuming Llama-like module paths", spec.model, e)
+        log.warning(
+            "cannot read the architecture of %s (%s); assuming Llama-like module paths", spec.model, e
+        )
         return LLAMA_LIKE, bos
 
 

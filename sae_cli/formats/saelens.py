@@ -51,7 +51,8 @@ def saelens_state(sae: SAE) -> tuple[str, dict[str, Tensor], dict[str, Any]]:
     `sae.decode` compute; FormatError for a variant SAELens has no form for."""
     W_enc, b_enc = sae.W_enc_FD.T.float(), sae.b_enc_F.float()
     base = {"W_enc": W_enc, "W_dec": sae.W_dec_FD.float(), "b_dec": sae.b_dec_D.float()}
-    if isinstance(sae, BatchTopKSAE):  # BatchTopK, Matryoshka, the choice rules: pre * 1[pre > theta], theta >= 0
+    # BatchTopK, Matryoshka, the choice rules (subclasses): pre * 1[pre > theta], theta >= 0
+    if isinstance(sae, BatchTopKSAE):
         theta = sae.threshold.float().clamp_min(0.0).expand(sae.cfg.d_sae)
         return "jumprelu", {**base, "b_enc": b_enc, "threshold": theta}, {"apply_b_dec_to_input": True}
     if isinstance(sae, TopKSAE):
@@ -126,7 +127,9 @@ def _check_cfg(cfg: dict[str, Any], where: Path) -> str:
             "fold it in SAELens first (fold_activation_norm_scaling_factor) or export with 'none'"
         )
     if (cfg.get("reshape_activations") or "none") != "none":
-        raise C.FormatError(f"{where}: reshape_activations {cfg['reshape_activations']!r} (hook_z) is not supported")
+        raise C.FormatError(
+            f"{where}: reshape_activations {cfg['reshape_activations']!r} (hook_z) is not supported"
+        )
     return str(arch)
 
 
@@ -164,7 +167,8 @@ def _ours(arch: str, cfg: dict[str, Any], state: dict[str, Tensor], where: Path)
     b = b_enc - shift if apply else b_enc  # ours: W_enc x + b_enc, no b_dec subtraction
     if arch == "jumprelu":
         C.unexpected(state, {"W_enc", "W_dec", "b_dec", "b_enc", "threshold"}, where, "jumprelu SAE")
-        theta = C.take(state, "threshold", (d_sae,), where).clamp_min(0.0)  # ReLU before the step: < 0 acts as 0
+        # SAELens applies ReLU before the step: a threshold < 0 acts as 0
+        theta = C.take(state, "threshold", (d_sae,), where).clamp_min(0.0)
         return "jumprelu", {**common, "b_enc_F": b, "theta_F": theta}, {}
     C.unexpected(state, {"W_enc", "W_dec", "b_dec", "b_enc"}, where, "standard SAE")
     return "relu", {**common, "b_enc_F": b}, {}

@@ -23,10 +23,14 @@ WEIGHTS_FILE = "sae.safetensors"
 def _check_cfg(cfg: dict, where: Path) -> int:
     activation = cfg.get("activation", "topk")
     if activation != "topk":
-        raise C.FormatError(f"{where}: unknown activation {activation!r}; only sparsify's 'topk' has a form here")
+        raise C.FormatError(
+            f"{where}: unknown activation {activation!r}; only sparsify's 'topk' has a form here"
+        )
     for flag in ("transcode", "skip_connection"):
         if cfg.get(flag):
-            raise C.FormatError(f"{where}: {flag}=true (a transcoder / skip connection) is not an SAE of ours")
+            raise C.FormatError(
+                f"{where}: {flag}=true (a transcoder / skip connection) is not an SAE of ours"
+            )
     k = cfg.get("k")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise C.FormatError(f"{where} has no positive integer 'k' (got {k!r})")
@@ -47,7 +51,9 @@ def import_sparsify(
     state = C.read_safetensors(path)
     n_latents, d_in = C.dims(state, "encoder.weight", 2, path)
     if cfg.get("d_in") not in (None, d_in):
-        raise C.FormatError(f"{src / CFG_FILE} says d_in {cfg['d_in']} but encoder.weight is {(n_latents, d_in)}")
+        raise C.FormatError(
+            f"{src / CFG_FILE} says d_in {cfg['d_in']} but encoder.weight is {(n_latents, d_in)}"
+        )
     if k > n_latents:
         raise C.FormatError(f"{src / CFG_FILE}: k {k} exceeds the {n_latents} latents")
     C.unexpected(state, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, path, "sparsify SAE")
