@@ -34,6 +34,9 @@ def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[i
     """The run's held-out range (recorded at training time), cut to `tokens` whole windows when given. An
     imported SAE (sae_cli/formats) has no training range: the store's default held-out windows (its last 10 %)."""
     if "imported" in training and "eval_range" not in training:
+        source = str(training.get("source_model") or "")
+        if source and source.rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
+            log.warning("the SAE was imported for model %r; the store holds %r", source, store.spec.model)
         return first_windows(split(store, 0)[1], tokens, store.spec.context)
     if "eval_range" not in training:
         raise DataError("the run records no held-out range (trained by another tool?); cannot evaluate it")

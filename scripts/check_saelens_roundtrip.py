@@ -57,9 +57,9 @@ def perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
 
 
 @torch.no_grad()
-def our_sae(name: str, seed: int) -> Any:
+def our_sae(name: str, seed: int, fold: bool = True) -> Any:
     """A variant of ours with random, non-trivial weights, its threshold calibrated, and an input scale folded in
-    (as a finished run saves it)."""
+    (as a finished run saves it; `fold` False: as it trains, e.g. TopK with free decoder norms)."""
     torch.manual_seed(seed)
     sae = get_variant(name)(SAEConfig(variant=name, d_in=D_IN, d_sae=D_SAE, l0_target=K))
     x = inputs(seed + 1)
@@ -68,7 +68,8 @@ def our_sae(name: str, seed: int) -> Any:
     if hasattr(sae, "theta_F"):
         sae.theta_F.copy_(torch.rand(D_SAE) * 0.5)
     sae.calibrate(x, 128)
-    sae.fold_scale(SCALE)  # the saved SAE reads x / SCALE as the trained one read x
+    if fold:
+        sae.fold_scale(SCALE)  # the saved SAE reads x / SCALE as the trained one read x
     return sae.eval()
 
 
@@ -87,13 +88,17 @@ def ours_to_saelens(root: Path) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     training = {"layer": 3, "site": "resid_post", "store_model": "tiny", "store": str(root / "no-store")}
-    for i, name in enumerate(variant_names()):
-        run = save_sae(root / f"run-{name}", our_sae(name, 10 * i), training)
-        out = export_saelens(run, root / f"saelens-{name}")
+    cases = [(name, True) for name in variant_names()] + [("topk/free", False)]  # free: rescale_acts_by_...
+    for i, (name, fold) in enumerate(cases):
+        variant = name.split("/")[0]
+        run = save_sae(root / f"run-{i}", our_sae(variant, 10 * i, fold), training)
+        out = export_saelens(run, root / f"saelens-{i}")
         sl = SAE.load_from_disk(out)
         ours = load_sae(run)
-        x = inputs(100 + i) / SCALE
-        results[name] = {"architecture": sl.cfg.architecture(), **compare(ours, sl, x)}
+        x = inputs(100 + i) / (SCALE if fold else 1.0)
+        arch = sl.cfg.architecture()
+        rescaled = bool(getattr(sl.cfg, "rescale_acts_by_decoder_norm", False))
+        results[name] = {"architecture": arch, "rescaled": rescaled, **compare(ours, sl, x)}
     return results
 
 
