@@ -316,3 +316,31 @@ def test_hook_names() -> None:
     assert parse_hook_name("model.layers.3.post_feedforward_layernorm") == (3, "mlp_out")
     assert parse_hook_name("transformer.h.2.attn") == (2, "attn_out")
     assert parse_hook_name("layers.4") == (4, "resid_post") and parse_hook_name("lm_head") is None
+
+
+def test_saelens_pre6_topk_config(tmp_path: Path) -> None:
+    """Before SAELens 6 a top-k SAE was architecture "standard" with activation_fn "topk"; importing it as a ReLU
+    SAE would be silently wrong."""
+    p = {"W_enc": rand(D, F, seed=30), "b_enc": rand(F, seed=31) * 0.3, "W_dec": rand(F, D, seed=32),
+         "b_dec": rand(D, seed=33)}  # fmt: skip
+    save_file(p, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"d_in": D, "d_sae": F, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
+           "hook_point": "blocks.1.hook_resid_pre", "apply_b_dec_to_input": True}  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(import_saelens(tmp_path, tmp_path / "ours"))
+    training = json.loads((tmp_path / "ours" / "cfg.json").read_text())["training"]
+    assert (sae.cfg.variant, sae.cfg.l0_target, training["layer"], training["site"]) == (
+        "topk",
+        K,
+        1,
+        "resid_pre",
+    )
+    x = rand(64, D, seed=34)
+    pre = torch.relu((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+    vals, idx = pre.topk(K, dim=-1)
+    with torch.no_grad():
+        assert rel(torch.zeros_like(pre).scatter_(1, idx, vals), sae.encode(x)) <= 1e-6
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "activation_fn_str": "tanh-sq"}))
+    out = tmp_path / "bad"
+    one_line_error(invoke("import", tmp_path, out, "--format", "saelens"), "'tanh-sq'")
+    nothing_written(out)

@@ -113,6 +113,19 @@ def _dim(cfg: dict[str, Any], key: str, where: Path) -> int:
     return value
 
 
+def _pre6(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """A config written before SAELens 6 (no sae_lens_version): its activation function, not its architecture,
+    says top-k ("standard" + activation_fn "topk" with activation_fn_kwargs.k); any other non-ReLU one is refused."""
+    if (cfg.get("metadata") or {}).get("sae_lens_version") or cfg.get("sae_lens_version"):
+        return cfg
+    act = cfg.get("activation_fn", cfg.get("activation_fn_str")) or "relu"
+    if cfg.get("architecture", "standard") != "standard" or act == "relu":
+        return cfg
+    if act == "topk":
+        return {**cfg, "architecture": "topk", "k": (cfg.get("activation_fn_kwargs") or {}).get("k")}
+    raise C.FormatError(f"{where}: activation_fn {act!r} of a standard SAE has no form here")
+
+
 def _check_cfg(cfg: dict[str, Any], where: Path) -> str:
     arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
@@ -190,7 +203,7 @@ def import_saelens(
     from ..io import save_sae
 
     src = Path(src)
-    cfg = C.read_json_file(src / CFG_FILE)
+    cfg = _pre6(C.read_json_file(src / CFG_FILE), src / CFG_FILE)
     arch = _check_cfg(cfg, src / CFG_FILE)
     state = C.read_safetensors(src / WEIGHTS_FILE)
     _drop_scaling_factor(state, src / WEIGHTS_FILE)
@@ -198,7 +211,7 @@ def import_saelens(
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     freq_F = _frequencies(src, d_sae)
     meta = cfg.get("metadata") or {}
-    hook = meta.get("hook_name") or cfg.get("hook_name")
+    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     found = (int(meta["layer"]), str(meta["site"])) if "layer" in meta and "site" in meta else None
     where = resolve_place(found or parse_hook_name(hook), layer, site, src, f"hook_name {hook!r}")
     if l0_target is None:
