@@ -5,12 +5,11 @@ writing a folder whole or not at all (a temporary folder beside it, renamed at t
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import threading
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,6 @@ from torch import Tensor
 from ..io import SAEFileError, non_finite
 from ..registry import get_variant
 from ..variants.base import SAE, SAEConfig
-
-log = logging.getLogger(__name__)
 
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 """A pickle stream starts with the PROTO opcode 0x80; torch.save writes a zip archive."""
@@ -160,11 +157,6 @@ def build_sae(
     return sae.eval()
 
 
-def check_positive(name: str, value: Tensor, where: Path | str) -> None:
-    if bool((value <= 0).any()):
-        raise FormatError(f"tensor {name!r} in {where} has entries <= 0; it must be positive")
-
-
 @contextmanager
 def whole_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; on success it replaces `out` (a folder that existed is
@@ -191,7 +183,8 @@ def whole_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def one_of(value: str, allowed: Mapping[str, Callable[..., Any]] | tuple[str, ...], what: str) -> str:
+def one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """`value`, or FormatError naming the values there are."""
     if value not in allowed:
         raise FormatError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
     return value
