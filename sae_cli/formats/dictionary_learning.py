@@ -120,9 +120,10 @@ def import_dictionary_learning(
     for key, size in (("activation_dim", d_in), ("dict_size", d_sae)):
         if trainer.get(key) not in (None, size):
             raise C.FormatError(f"{config_path} says {key} {trainer[key]} but {path} has {size}")
-    found = (int(trainer["layer"]), "resid_post") if isinstance(trainer.get("layer"), int) else None
-    # dictionary_learning names the submodule, not the site: the layer is taken, the site must be given
-    where = resolve_place(None if site is None else found, layer, site, path, "config.json names no site")
+    # dictionary_learning names a submodule, not a site: config.json's layer is taken, the site must be given
+    if layer is None and isinstance(trainer.get("layer"), int):
+        layer = trainer["layer"]
+    where = resolve_place(None, layer, site, path, "config.json names no site")
     target = l0_target or extra.pop("k", 0.0)
     sae = C.build_sae(variant, d_in, d_sae, target, params, **extra)
     info = {"dict_class": cls, "submodule_name": trainer.get("submodule_name")}

@@ -100,7 +100,7 @@ def run_metadata(cfg: dict[str, Any], hook_name: str | None = None) -> dict[str,
     arch, bos = _store_facts(training)
     hf = hook_name or hf_hook_name(arch, layer, site)
     return {
-        "model_name": training.get("store_model") or identity.get("model"),
+        "model_name": training.get("store_model") or identity.get("model") or training.get("source_model"),
         "hook_name": hf or tl_hook_name(layer, site),
         "hook_name_transformer_lens": tl_hook_name(layer, site),
         "hook_head_index": None,
