@@ -6,6 +6,7 @@ Contenders, on the same batch of whole windows of the store (layer L resid_post,
   residual with the reconstruction spliced in, the chunked KL against the clean distribution (from the store's
   last-layer resid_post when it holds it: final norm + head only, else one no-grad tail pass), backward to the
   SAE, Adam step;
+- `lm_train_step`: the literal whole-model forward + backward: the LM loss with weight gradients;
 - `full`: one forward + backward of the whole model on the same tokens with the same SAE spliced in at layer L
   by a hook (model frozen, gradient to the SAE only), the same chunked KL against the same clean distribution,
   Adam step: what an implementation that runs the whole model does at least (e2e_sae and sparsify also run a
@@ -108,7 +109,21 @@ def main() -> None:
     def clean_pass() -> None:
         model(input_ids=ids)
 
-    timed: dict[str, Callable[[], None]] = {"ours": ours, "full": full, "clean_forward": clean_pass}
+    params = [p for p in model.parameters()]
+
+    def lm_step() -> None:  # the literal "forward + backward of the whole model": LM loss, weight gradients
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+        finally:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+
+    timed: dict[str, Callable[[], None]] = {
+        "ours": ours, "full": full, "clean_forward": clean_pass, "lm_train_step": lm_step,
+    }  # fmt: skip
     for fn in timed.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in timed}
@@ -133,6 +148,7 @@ def main() -> None:
                 "min_s": {k: min(v) for k, v in times.items()},
                 "ours_over_full": med["ours"] / med["full"],
                 "ours_over_full_plus_clean": med["ours"] / (med["full"] + med["clean_forward"]),
+                "ours_over_lm_train_step": med["ours"] / med["lm_train_step"],
                 "blocks_after_L_share": share,
             }
         )

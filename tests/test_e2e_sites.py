@@ -137,3 +137,38 @@ def test_the_replacement_is_per_thread() -> None:
     t.join()
     assert (out["b"] - full).abs().max().item() <= 1e-4
     assert (out["a"] - full).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("site", ("resid_post", "mlp_out"))
+def test_the_e2e_loss_of_an_identity_sae_is_zero(case, site: str) -> None:
+    """For every family of the fixture: the objective with the stored activation as the reconstruction gives
+    KL 0, and a step's gradient reaches the reconstruction and never the model."""
+    from actcache.store import FLAG_BOS
+    from sae_cli.e2e import E2EBatch, E2EObjective
+    from sae_cli.objective import ObjectiveContext
+
+    name, model, arch, ids = case
+    key = (LAYER, site)
+    _, act, pre = run_full(model, arch, ids, site)
+
+    class WB:
+        pass
+
+    wb = WB()
+    wb.token_ids, wb.index = ids, None
+    wb.flags = torch.zeros(ids.shape, dtype=torch.uint8)
+    wb.flags[:, 0] = FLAG_BOS
+    wb.acts = {key: act, (LAYER, "resid_pre"): pre}
+    start = key if site == "resid_post" else (LAYER, "resid_pre")
+    tail = SiteTail(Tail(model, arch, SiteTail.start_layer(key)), key, start, arch)
+    objective = E2EObjective({key: tail}, vocab=VOCAB)
+    batch = E2EBatch.of(wb, [key])
+    scale = 0.5
+    x_hat = (batch.acts[key] * scale).requires_grad_(True)
+    recon = objective(batch.acts[key] * scale, x_hat, ObjectiveContext(key, scale, batch, 0))
+    assert abs(float(recon.parts["kl"])) <= 1e-6, name
+    recon.loss.backward()
+    assert x_hat.grad is not None, name
+    assert all(p.grad is None for p in model.parameters())
+    noisy = batch.acts[key] * scale + 0.3 * torch.randn_like(x_hat)
+    assert float(objective(x_hat.detach(), noisy, ObjectiveContext(key, scale, batch, 1)).parts["kl"]) > 1e-4
