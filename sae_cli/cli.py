@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import cli_errors, console, eval_progress, out_console, resume_hint, stop_if_interrupted
+from .cli_inspect import register as register_inspect_command
 from .cli_sweep import register as register_sweep_commands
 from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs, parse_options
 from .registry import variant_names
@@ -270,3 +271,4 @@ def _eval_table(r: dict[str, Any]) -> Table:
 
 
 register_sweep_commands(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
+register_inspect_command(app)  # `sae inspect` (sae_cli/cli_inspect.py)

@@ -37,6 +37,13 @@ class Candidates:
         )
 
 
+def descending_bits(key: Tensor) -> Tensor:
+    """int64 in [0, 2**32) that sorts ascending as the float32 `key` sorts descending (-inf last)."""
+    bits = key.float().contiguous().view(torch.int32).long()
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ascending with the float, in [-2**31, 2**31)
+    return 2**31 - 1 - monotone
+
+
 class TopBuffer:
     """The N best entries of each of `n_latents` latents, each with a payload row of `span` float32 values (the
     latent's activations on the tokens around the firing) and `span` int32 token ids."""
@@ -55,43 +62,59 @@ class TopBuffer:
 
     def offer(self, cand: Candidates, payload: Callable[[Candidates], tuple[Tensor, Tensor]]) -> None:
         """Merge the candidates that beat their latent's threshold. `payload(kept: Candidates)` returns their
-        (span activations [C', S] float32, span token ids [C', S] int32), computed only for those kept."""
+        (span activations [C', S] float32, span token ids [C', S] int32), computed only for the candidates that
+        enter the buffer."""
         if self.n == 0 or cand.latent_C.numel() == 0:
             return
         cand = cand.take(cand.key_C > self.threshold()[cand.latent_C])
         if cand.latent_C.numel() == 0:
             return
-        span_CS, ids_CS = payload(cand)
-        rows_T = torch.unique(cand.latent_C)  # sorted
-        t, n = len(rows_T), self.n
-        # Old entries first (earlier tokens), then the candidates in token order: a stable sort keeps that order
-        # among equal keys.
-        dev = rows_T.device
+        dev, n = cand.latent_C.device, self.n
+        touched_F = torch.zeros(len(self.key_FN), dtype=torch.bool, device=dev)
+        touched_F[cand.latent_C] = True
+        rows_T = touched_F.nonzero().flatten()
+        t = len(rows_T)
+        # Old entries of the touched rows first (earlier tokens), then the candidates in token order; one stable
+        # sort by (row, key descending) keeps that order among equal keys.
         row_E = torch.cat(
-            [torch.arange(t, device=dev).repeat_interleave(n), torch.searchsorted(rows_T, cand.latent_C)]
+            [
+                torch.arange(t, device=dev).repeat_interleave(n),
+                (torch.cumsum(touched_F, 0) - 1)[cand.latent_C],
+            ]
         )
         key_E = torch.cat([self.key_FN[rows_T].flatten(), cand.key_C])
-        order = torch.sort(key_E, descending=True, stable=True).indices
-        order = order[torch.sort(row_E[order], stable=True).indices]
+        order = torch.sort(row_E * 2**32 + descending_bits(key_E), stable=True).indices
         row_sorted = row_E[order]
         counts_T = torch.bincount(row_sorted, minlength=t)
         rank_E = torch.arange(len(order), device=dev) - (torch.cumsum(counts_T, 0) - counts_T)[row_sorted]
         keep = rank_E < n  # every touched row keeps exactly n entries (its n old ones were offered too)
-        src, dst_row, dst_col = order[keep], rows_T[row_sorted[keep]], rank_E[keep]
-        self._scatter(src, dst_row, dst_col, rows_T, cand, span_CS, ids_CS)
+        self._scatter(order[keep], rows_T[row_sorted[keep]], rank_E[keep], rows_T, cand, payload)
 
     def _scatter(
-        self, src: Tensor, dst_row: Tensor, dst_col: Tensor, rows_T: Tensor, cand: Candidates, span_CS: Tensor,
-        ids_CS: Tensor,
+        self, src: Tensor, dst_row: Tensor, dst_col: Tensor, rows_T: Tensor, cand: Candidates,
+        payload: Callable[[Candidates], tuple[Tensor, Tensor]],
     ) -> None:  # fmt: skip
-        """Write entry src[i] (old entries of rows_T first, then candidates) into slot (dst_row[i], dst_col[i])."""
-        for name, new in (
-            ("key_FN", cand.key_C), ("token_FN", cand.token_C), ("value_FN", cand.value_C),
+        """Write entry src[i] (the old entries of rows_T, then the candidates) into slot (dst_row[i], dst_col[i]).
+        Only the old firings that change slot move (empty slots sort last and a row's filled slots only grow, so
+        nothing else changes); the payload is computed for only the candidates that enter, in token order (the
+        gather of their spans then walks the batch's rows in order)."""
+        n_old = len(rows_T) * self.n
+        new = src >= n_old
+        old_row, old_col = rows_T[src[~new] // self.n], src[~new] % self.n
+        to_row, to_col = dst_row[~new], dst_col[~new]
+        move = (self.token_FN[old_row, old_col] >= 0) & ((old_row != to_row) | (old_col != to_col))
+        old_row, old_col, to_row, to_col = old_row[move], old_col[move], to_row[move], to_col[move]
+        cand_idx, perm = torch.sort(src[new] - n_old)
+        entering = cand.take(cand_idx)
+        span_CS, ids_CS = payload(entering)
+        new_row, new_col = dst_row[new][perm], dst_col[new][perm]
+        for name, fresh in (
+            ("key_FN", entering.key_C), ("token_FN", entering.token_C), ("value_FN", entering.value_C),
             ("span_FNS", span_CS), ("ids_FNS", ids_CS),
         ):  # fmt: skip
             buf = getattr(self, name)
-            old = buf[rows_T].flatten(0, 1)
-            buf[dst_row, dst_col] = torch.cat([old, new.to(buf.dtype)])[src]
+            buf[to_row, to_col] = buf[old_row, old_col]  # the right side is gathered before the write
+            buf[new_row, new_col] = fresh.to(buf.dtype)
 
     def state(self, prefix: str) -> dict[str, Tensor]:
         """The buffer's tensors, named for a safetensors file."""
