@@ -30,7 +30,7 @@ INDEX_JS = """
 const q=document.getElementById('q'),rows=[...document.querySelectorAll('#t tbody tr')],n=document.getElementById('n');
 function filter(){const s=q.value.toLowerCase();let k=0;for(const r of rows){const m=!s||r.dataset.s.includes(s);
 r.style.display=m?'':'none';k+=m}n.textContent=k+' of '+rows.length+' latents'}
-q.addEventListener('input',filter);filter();
+q.value=new URLSearchParams(location.search).get('q')||'';q.addEventListener('input',filter);filter();
 document.querySelectorAll('#t th').forEach((th,i)=>th.addEventListener('click',()=>{
 const up=th.dataset.dir!=='asc';th.dataset.dir=up?'asc':'desc';const b=document.querySelector('#t tbody');
 const key=r=>{const c=r.children[i];return c.dataset.v!==undefined?parseFloat(c.dataset.v):c.textContent};
