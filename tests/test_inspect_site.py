@@ -131,6 +131,13 @@ def test_site_in_a_headless_browser(site, store: Path, tiny_llama_dir: Path) -> 
         (word in s) != bool(h) for s, h in rows
     )
 
+    # Sorted by frequency (column 1) from the URL, descending: the rows come in the order of the counts.
+    by_freq = dump_dom(out / "index.html", "?sort=1&desc")
+    order = [int(i) for i in re.findall(r'<tr data-s="[^"]*"[^>]*><td class="n" data-v="(\d+)"', by_freq)]
+    counts = (acts != 0).sum(0)
+    assert sorted(order) == list(range(D_SAE)) and order != list(range(D_SAE))
+    assert all(counts[a] >= counts[b] for a, b in zip(order, order[1:], strict=False))
+
 
 def test_latent_in_the_terminal_reuses_the_pass(site, store: Path) -> None:
     run, out = site

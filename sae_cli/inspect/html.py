@@ -1,5 +1,5 @@
 """The static feature browser: `index.html` (every latent, sortable by any column, searchable by token text, a few
-lines of inline JavaScript) and `latents/<id>.html` (one page per latent: numbers, histogram, the tokens its
+lines of inline JavaScript; `?q=TEXT` opens it searched, `?sort=COLUMN[&desc]` sorted by column COLUMN (0-based)) and `latents/<id>.html` (one page per latent: numbers, histogram, the tokens its
 decoder promotes and suppresses, nearest latents, contexts with every token shaded by the latent's activation).
 Self-contained: no CDN, no fetch, nothing but the files written here; works from file:// offline."""
 
@@ -35,6 +35,8 @@ document.querySelectorAll('#t th').forEach((th,i)=>th.addEventListener('click',(
 const up=th.dataset.dir!=='asc';th.dataset.dir=up?'asc':'desc';const b=document.querySelector('#t tbody');
 const key=r=>{const c=r.children[i];return c.dataset.v!==undefined?parseFloat(c.dataset.v):c.textContent};
 rows.sort((a,c)=>{const x=key(a),y=key(c);return (x<y?-1:x>y?1:0)*(up?1:-1)});rows.forEach(r=>b.appendChild(r))}));
+const p=new URLSearchParams(location.search),th=document.querySelectorAll('#t th')[p.get('sort')];
+if(th){th.click();if(p.has('desc'))th.click()}
 """
 
 
@@ -63,7 +65,8 @@ def context_html(c: dict[str, Any], scale: float) -> str:
         alpha = max(0.0, min(1.0, a / scale)) if scale > 0 else 0.0
         style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha >= 0.01 else ""
         cls = "t f" if k == c["focus"] else "t"
-        parts.append(f'<span class="{cls}"{style} title="{a:.4g}">{esc(text)}</span>')
+        tip = f' title="{a:.4g}"' if a != 0 else ""  # the exact activation on hover
+        parts.append(f'<span class="{cls}"{style}{tip}>{esc(text)}</span>')
     return f'<div class="ctx"><span class="v">{c["value"]:.3g}</span>{"".join(parts)}</div>'
 
 
@@ -117,6 +120,17 @@ def latent_page(rec: dict[str, Any], d_sae: int, title: str) -> str:
     return page(f"latent {f}", "".join(body))
 
 
+def meta_line(meta: dict[str, Any]) -> str:
+    """What was inspected and how long the pass took, in one line."""
+    parts = [f"{meta['tokens']:,} tokens (BOS and padding excluded)"]
+    if "scan_s" in meta:
+        parts.append(f"pass {meta['scan_s']:.1f} s ({meta['tokens_per_s']:,.0f} tokens/s)")
+        if meta.get("shared_with", 1) > 1:
+            parts.append(f"shared by {meta['shared_with']} SAEs")
+    parts.append("contexts: " + json.dumps(meta.get("scan", {})))
+    return "; ".join(parts)
+
+
 def index_page(rows: list[dict[str, Any]], title: str, meta: dict[str, Any]) -> str:
     alive = sum(1 for r in rows if r["freq"] > 0)
     lines = []
@@ -132,7 +146,7 @@ def index_page(rows: list[dict[str, Any]], title: str, meta: dict[str, Any]) -> 
             f'<td class="tokens">{"".join(f"<span>{esc(t)}</span>" for t in r["promotes"])}</td></tr>'
         )
     body = (
-        f"<h1>{html.escape(title)}</h1><p class=muted>{html.escape(json.dumps(meta))}</p>"
+        f"<h1>{html.escape(title)}</h1><p class=muted>{html.escape(meta_line(meta))}</p>"
         f"<p>{len(rows):,} latents, {alive:,} fired on these tokens. Click a column to sort.</p>"
         '<p><input id="q" size="40" placeholder="search token text (fires on / promotes)"> <span id="n"></span></p>'
         '<table id="t"><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>max act.</th>'

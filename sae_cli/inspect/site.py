@@ -68,7 +68,7 @@ def token_range(t: Target, store: Store, all_tokens: bool) -> tuple[int, int]:
     if all_tokens:
         run_identity(store, (), t.training, "this SAE")
         return 0, store.committed_tokens
-    if "eval_range" not in t.training:
+    if "eval_range" not in t.training and "imported" not in t.training:  # imported: the store's default split
         raise DataError(
             f"{t.folder} records no held-out range; pass --all to inspect every token of the store"
         )
