@@ -76,20 +76,25 @@ def token_range(t: Target, store: Store, all_tokens: bool) -> tuple[int, int]:
 
 
 class Weights:
-    """The store model's tokenizer and (with_model) its final norm and unembedding, loaded once per command."""
+    """The store model's tokenizer (loaded at once) and its final norm and unembedding (loaded at the first
+    `lens`), once per command; neither without `with_model`."""
 
     def __init__(self, store: Store, with_model: bool, device: str) -> None:
-        from actcache.models import load_store_model
-
         from .lens import load_tokenizer
 
-        self.tokenizer = self.norm = self.W_U = None
-        if with_model:
-            self.tokenizer = load_tokenizer(store.spec)
-            self.norm, self.W_U = final_norm_and_unembedding(load_store_model(store.spec, device), store.spec)
+        self.spec, self.with_model, self.device = store.spec, with_model, device
+        self.tokenizer = load_tokenizer(store.spec) if with_model else None
+        self._head: tuple[torch.nn.Module, torch.Tensor] | None = None
 
     def lens(self, W_dec_FD: torch.Tensor) -> Lens | None:
-        return None if self.norm is None else logit_lens(W_dec_FD, self.norm, self.W_U)
+        """The logit lens of these decoder rows (None without the model)."""
+        if not self.with_model:
+            return None
+        if self._head is None:
+            from actcache.models import load_store_model
+
+            self._head = final_norm_and_unembedding(load_store_model(self.spec, self.device), self.spec)
+        return logit_lens(W_dec_FD, *self._head)
 
 
 def out_dir(out: Path, t: Target) -> Path:
