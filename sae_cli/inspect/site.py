@@ -85,6 +85,8 @@ class Weights:
         self.spec, self.with_model, self.device = store.spec, with_model, device
         self.tokenizer = load_tokenizer(store.spec) if with_model else None
         self._head: tuple[torch.nn.Module, torch.Tensor] | None = None
+        self.load_s = 0.0
+        """Seconds spent loading the model's weights (once, at the first `lens`)."""
 
     def lens(self, W_dec_FD: torch.Tensor) -> Lens | None:
         """The logit lens of these decoder rows (None without the model)."""
@@ -93,7 +95,9 @@ class Weights:
         if self._head is None:
             from actcache.models import load_store_model
 
+            t0 = time.perf_counter()
             self._head = final_norm_and_unembedding(load_store_model(self.spec, self.device), self.spec)
+            self.load_s = time.perf_counter() - t0
         return logit_lens(W_dec_FD, *self._head)
 
 
@@ -157,9 +161,11 @@ def write_one(
     """The weight-side results of one SAE, its files and its site."""
     t0 = time.perf_counter()
     W_dec_FD = sae.W_dec_FD.detach()
+    loaded = weights.load_s
     lens = weights.lens(W_dec_FD)
     neighbours = decoder_neighbours(W_dec_FD)
-    meta["weights_s"] = time.perf_counter() - t0
+    meta["model_load_s"] = weights.load_s - loaded  # 0 after the first SAE of a command
+    meta["weights_s"] = time.perf_counter() - t0 - meta["model_load_s"]
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {**s.state(), "neighbour_ids_FK": neighbours[0], "neighbour_cos_FK": neighbours[1]}
     if lens is not None:
