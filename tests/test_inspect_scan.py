@@ -14,6 +14,7 @@ from synthetic import make_sae
 from actcache.store import FLAG_BOS, make_synthetic_store
 from sae_cli.inspect.scan import HIST_LOG2_RANGE, HIST_PER_OCTAVE, LatentScan, ScanConfig, scan
 from sae_cli.inspect.topbuf import Candidates, TopBuffer
+from sae_cli.registry import variant_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY = (0, "resid_post")
@@ -89,6 +90,20 @@ def test_scan_equals_brute_force(store, variant: str, windows: int) -> None:
         # The histogram puts each firing in its log2 bin.
         bins = torch.floor(torch.log2(col[col != 0]) * HIST_PER_OCTAVE) - HIST_LOG2_RANGE[0] * HIST_PER_OCTAVE
         assert torch.equal(s.hist_FH[f], torch.bincount(bins.long(), minlength=s.n_bins))
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_every_variant(store, variant: str) -> None:
+    """Frequencies and top-N tokens of every registered variant equal brute force (its own encode rule)."""
+    lo, hi = 2 * CTX, 8 * CTX
+    sae = random_sae(variant)
+    (s,) = scan(store, KEY, (lo, hi), [sae.encode], [sae.cfg.d_sae], ScanConfig(top=4, samples=2, windows=2))
+    acts, _, n_valid = brute_force(store, sae, lo, hi)
+    assert s.tokens == n_valid and torch.equal(s.count_F, (acts != 0).sum(0)) and s.count_F.sum() > 0
+    for f in range(sae.cfg.d_sae):
+        col = acts[:, f]
+        order = sorted(torch.nonzero(col).flatten().tolist(), key=lambda t: (-float(col[t]), t))[:4]
+        assert s.top.token_FN[f, : len(order)].tolist() == [lo + t for t in order], (variant, f)
 
 
 def test_sample_is_uniform() -> None:
