@@ -104,6 +104,11 @@ def test_site_in_a_headless_browser(site, store: Path, tiny_llama_dir: Path) -> 
     assert meta["token_range"] == list(HELD) and meta["tokens"] == (HELD[1] - HELD[0]) * (CTX - 1) // CTX
     saved = read_tensors(out / "inspect.safetensors")
     assert torch.equal(saved["count_F"], (acts != 0).sum(0))
+    for f in range(D_SAE):  # the top-5 contexts of every latent, as brute force ranks them
+        col = acts[:, f]
+        order = sorted(torch.nonzero(col).flatten().tolist(), key=lambda t: (-float(col[t]), t))[:5]
+        assert saved["top.token_FN"][f, : len(order)].tolist() == [HELD[0] + t for t in order]
+        assert saved["top.ids_FNS"][f, : len(order), 12].tolist() == [int(ids[t]) for t in order]
 
     dom = dump_dom(out / "index.html")
     links = set(re.findall(r'href="latents/(\d+)\.html"', dom))
@@ -164,10 +169,15 @@ def test_sweep_members_share_one_pass(store: Path, tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "a/index.html" in (tmp_path / "site" / "index.html").read_text()
+    (tmp_path / "solo" / "latents").mkdir(parents=True)
+    (tmp_path / "solo" / "latents" / f"{D_SAE}.html").write_text(
+        "a page of a wider SAE inspected here before"
+    )
     solo = invoke(
         "inspect", sweep / "members" / "b", "--store", store, "--out", tmp_path / "solo", "--no-model"
     )
     assert solo.exit_code == 0, solo.output
+    assert not (tmp_path / "solo" / "latents" / f"{D_SAE}.html").exists()
     assert json.loads((tmp_path / "site" / "b" / "inspect.json").read_text())["shared_with"] == 2
     shared, alone = (
         read_tensors(p / "inspect.safetensors") for p in (tmp_path / "site" / "b", tmp_path / "solo")

@@ -169,6 +169,9 @@ def write_site(
     for rec in records:
         (out / LATENTS_DIR / f"{rec['id']}.html").write_text(latent_page(rec, d_sae, title), encoding="utf-8")
         rows.append(index_row(rec))
+    for stale in (out / LATENTS_DIR).glob("*.html"):  # pages of a wider SAE inspected into `out` before
+        if not stale.stem.isdigit() or int(stale.stem) >= d_sae:
+            stale.unlink()
     (out / "index.html").write_text(index_page(rows, title, meta), encoding="utf-8")
     return out / "index.html"
 
