@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .cli_common import cli_errors, console, eval_progress, out_console, resume_hint, stop_if_interrupted
 from .cli_formats import register as register_format_commands
+from .cli_inspect import register as register_inspect_command
 from .cli_sweep import register as register_sweep_commands
 from .config import ConfigError, LoopConfig, MemberConfig, TrainConfig, field_docs, parse_options
 from .registry import variant_names
@@ -279,3 +280,4 @@ register_format_commands(app)  # `sae export` and `sae import` (sae_cli/cli_form
 
 if __name__ == "__main__":
     app()
+register_inspect_command(app)  # `sae inspect` (sae_cli/cli_inspect.py)
