@@ -276,8 +276,8 @@ def _eval_table(r: dict[str, Any]) -> Table:
 
 register_sweep_commands(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
 register_format_commands(app)  # `sae export` and `sae import` (sae_cli/cli_formats.py)
+register_inspect_command(app)  # `sae inspect` (sae_cli/cli_inspect.py)
 
 
 if __name__ == "__main__":
     app()
-register_inspect_command(app)  # `sae inspect` (sae_cli/cli_inspect.py)
