@@ -104,3 +104,37 @@ def test_init_from_refusals(store: Path, tmp_path: Path) -> None:
         runner.invoke(app, train(store, run, "--init-from", tmp_path)), "--init-from", "not a trained SAE"
     )
     assert not run.exists()
+
+
+def test_init_from_an_imported_gemma_scope_sae(store: Path, tmp_path: Path) -> None:
+    """`sae import` -> `sae train --init-from`: an imported SAE whose L0 target is unknown (0) takes the run's."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    d, f = 64, 128
+    params = {
+        "W_enc": g.normal(size=(d, f)).astype(np.float32) / 8, "W_dec": g.normal(size=(f, d)).astype(np.float32) / 8,
+        "b_enc": np.zeros(f, np.float32), "b_dec": np.zeros(d, np.float32), "threshold": np.full(f, 0.05, np.float32),
+    }  # fmt: skip
+    np.savez(tmp_path / "params.npz", **params)
+    imported = tmp_path / "gs"
+    res = runner.invoke(app, list(map(str, [
+        "import", tmp_path / "params.npz", imported, "--format", "gemmascope", "--layer", 1, "--site", "resid_post",
+    ])))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    args = train(store, run, "--init-from", imported, "--tokens", 64, "--lr", "1e-12")
+    args[1] = "jumprelu"
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "cfg.json").read_text())
+    assert cfg["sae"]["d_sae"] == f and cfg["sae"]["l0_target"] == 8.0
+    a, b = load_sae(imported).state_dict(), load_sae(run).state_dict()
+    for name in (
+        "W_enc_FD",
+        "W_dec_FD",
+        "b_enc_F",
+        "b_dec_D",
+    ):  # lr ~0: the weights start and stay as imported
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+    # (the threshold moves: JumpReLU is steered, the final trim and the calibration shift it to the target)

@@ -16,7 +16,8 @@ from ..variants.base import SAE, SAEConfig
 
 def source_config(cfg: MemberConfig, d_in: int) -> SAEConfig:
     """The SAEConfig a member started from `cfg.init_from` trains: the saved SAE's width and options (the
-    member's options over them), checked against the member's variant, L0 target and the store's d_in."""
+    member's options over them), checked against the member's variant, L0 target (unless the saved one is
+    unknown: 0, as `sae import` records it when the file does not say) and the store's d_in."""
     from .. import io
 
     folder = Path(cfg.init_from)
@@ -35,7 +36,9 @@ def source_config(cfg: MemberConfig, d_in: int) -> SAEConfig:
             f"--init-from {folder} reads d_in {saved.d_in} and the store's activations have d_model {d_in}: "
             "start from an SAE of this model and site"
         )
-    if float(saved.l0_target) != float(cfg.l0_target):
+    if float(saved.l0_target) <= 0:  # an imported SAE whose target is unknown (sae import): the run's
+        saved = dataclasses.replace(saved, l0_target=float(cfg.l0_target))
+    elif float(saved.l0_target) != float(cfg.l0_target):
         raise ConfigError(
             f"--init-from {folder} was trained at L0 target {saved.l0_target:g}: pass --l0-target "
             f"{saved.l0_target:g} (fine-tuning keeps the SAE's sparsity)"
