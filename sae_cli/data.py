@@ -51,7 +51,7 @@ def run_identity(
     for a run recorded before identities existed (not checked)."""
     try:
         if resumed is None:  # the absolute path: the error on a mismatch names it wherever the run is resumed
-            return {**store.identity(max(hi for _, hi in ranges)), "path": str(Path(store.path).resolve())}
+            return {**store.identity(max(hi for _, hi in ranges)), "path": str(store.path.resolve())}
         recorded = resumed.get("store_identity")
         store.check_identity(recorded, what)
         return recorded

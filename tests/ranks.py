@@ -16,7 +16,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_ranks(cmd: list[str], world: int, slow: float = 0.0, env: dict | None = None) -> list[subprocess.Popen]:
+def start_ranks(
+    cmd: list[str], world: int, slow: float = 0.0, env: dict | None = None
+) -> list[subprocess.Popen]:
     """`world` processes of `cmd`, one per rank, in one gloo group on 127.0.0.1."""
     port = str(free_port())
     procs = []
