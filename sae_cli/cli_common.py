@@ -206,3 +206,20 @@ def run_live(trainer: Any) -> Any:
                 live.stop()
                 console.print()
     return result
+
+
+def process_group(device: str) -> Any:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group (nccl when training on CUDA,
+    else gloo) and return its `reducer.DistributedReducer` (each rank on cuda:LOCAL_RANK); None for one process."""
+    import torch
+
+    from actcache.dist import Dist
+
+    from .reducer import DistributedReducer
+
+    dist = Dist.from_env()
+    if not dist.multi:
+        return None
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available() or device.startswith("cuda")
+    dist.init("nccl" if cuda else "gloo")
+    return DistributedReducer(f"cuda:{dist.local_rank}" if cuda else "cpu")
