@@ -151,14 +151,11 @@ def harvest(
         "store) and harvest the damaged ones again; without it only missing or resized shard files are found.",
     ),
 ) -> None:
-    """Run MODEL over a corpus and write its activations into a zarr v3 store (resumable: rerun to resume). Under
-    torchrun / accelerate launch each process harvests its share of the shards into the one store."""
-    from .dist import RemoteError
+    """Run MODEL over a corpus into a zarr v3 store (rerun to resume; under torchrun each rank does its share)."""
     from .harvest import HarvestConfig, HarvestError, HarvestInterrupted, plan_harvest, run_harvest
-    from .launch import join, location, plan_on_ranks
+    from .launch import RemoteError, join, location, plan_on_ranks
 
     out, dist = location(out), join()
-
     cfg = HarvestConfig(
         model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
         context=context, dtype=dtype, device=device, batch_size=batch_size, revision=revision, seed=seed,
@@ -186,8 +183,7 @@ def harvest(
     except OSError as err:
         kept = _committed_text(out)
         raise _environment_fail(err, f"{kept}; " if kept else "") from None
-    if dist.is_main:
-        _print_done(result, out)
+    _print_done(result, out) if dist.is_main else None
 
 
 def _print_done(result, out: Path) -> None:

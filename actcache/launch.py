@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .byteio import open_bytes
-from .dist import Dist
+from .dist import Dist, RemoteError
 from .objstore import RemotePath, is_url, store_exists
+
+__all__ = ["RemoteError", "exists", "free_bytes", "join", "location", "plan_on_ranks"]
 
 
 def location(out: str | Path) -> Path | RemotePath:
