@@ -88,8 +88,7 @@ class StoreWriter:
         cls, where: str | os.PathLike | ByteStore, spec: StoreSpec, overwrite: bool = False
     ) -> StoreWriter:
         """A new store, or the existing one if its spec is equal (resume from committed_tokens). `where`: a local
-        folder or a ByteStore (creation, --overwrite and the lock still use its root as a local folder: the parts
-        of the write path not yet behind the seam, docs/store-format.md "Byte I/O seam")."""
+        folder, a URL (s3://...: docs/store-format.md "Object storage", no lock there) or a ByteStore."""
         io = open_bytes(where)
         spec.validate()
         lock = writer_lock(io)
@@ -345,7 +344,8 @@ def _create(io: ByteStore, spec: StoreSpec) -> None:
         "spec": spec.to_json(),
         "commit_file": COMMIT_FILE,
     }
-    group = zarr.open_group(target.zarr_store(read_only=False), mode="w", attributes={"actcache": attrs})
+    where = str(tmp) if local else io.zarr_store(read_only=False)
+    group = zarr.open_group(where, mode="w", attributes={"actcache": attrs})
     codec = get_codec(spec.codec)
     stored = STORED_DTYPE[spec.dtype]
     common = dict(fill_value=0, config={"write_empty_chunks": True})
