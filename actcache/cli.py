@@ -153,9 +153,9 @@ def harvest(
 ) -> None:
     """Run MODEL over a corpus into a zarr v3 store (rerun to resume; under torchrun each rank does its share)."""
     from .harvest import HarvestConfig, HarvestError, HarvestInterrupted, plan_harvest, run_harvest
-    from .launch import RemoteError, join, location, plan_on_ranks
+    from .launch import RemoteError, location, plan_on_ranks
 
-    out, dist = location(out), join()
+    out = location(out)
     cfg = HarvestConfig(
         model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
         context=context, dtype=dtype, device=device, batch_size=batch_size, revision=revision, seed=seed,
@@ -165,7 +165,7 @@ def harvest(
         if workers is not None and workers < 1:
             raise HarvestError(f"--workers {workers} must be at least 1")
         check = lambda: _plan_and_check(cfg, out, overwrite, repair, dry_run, force)  # noqa: E731
-        plan = plan_on_ranks(dist, check, lambda: plan_harvest(cfg))
+        plan, dist = plan_on_ranks(check, lambda: plan_harvest(cfg))  # torchrun: rank 0 checks and prints
         if plan is None:
             return
         result = _run(plan, out, overwrite, workers, run_harvest, repair, dist)

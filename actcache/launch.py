@@ -39,18 +39,25 @@ def free_bytes(out: Path | RemotePath) -> int | None:
 
 def join() -> Dist:
     """This process's rank (from torchrun's variables), in the gloo process group when there are several: the
-    harvest exchanges only small objects (decisions, a barrier), so it needs no GPU collectives."""
-    dist = Dist.from_env()
-    dist.init("gloo")
+    harvest exchanges only small objects (decisions, a barrier), so it needs no GPU collectives. HarvestError
+    (one line) when the launcher's variables are incomplete or wrong."""
+    from .harvest_plan import HarvestError
+
+    try:
+        dist = Dist.from_env()
+        dist.init("gloo")
+    except ValueError as e:
+        raise HarvestError(str(e)) from None
     return dist
 
 
-def plan_on_ranks(dist: Dist, plan_and_check: Callable[[], Any], plan: Callable[[], Any]) -> Any:
-    """`plan_and_check()` on rank 0 (it prints, checks `--out` and returns the plan or None: nothing to run); the
-    other ranks wait for its verdict, then `plan()` quietly (the plan is deterministic) or return None. An error on
-    rank 0 is `dist.RemoteError` on the others."""
+def plan_on_ranks(plan_and_check: Callable[[], Any], plan: Callable[[], Any]) -> tuple[Any, Dist]:
+    """Join the job (`join`); then `plan_and_check()` on rank 0 (it prints, checks `--out` and returns the plan or
+    None: nothing to run), while the other ranks wait for its verdict, then `plan()` quietly (the plan is
+    deterministic) or return None. An error on rank 0 is `dist.RemoteError` on the others. (plan, dist)."""
+    dist = join()
     if not dist.multi:
-        return plan_and_check()
+        return plan_and_check(), dist
     planned: list[Any] = []
 
     def main() -> bool:
@@ -59,5 +66,5 @@ def plan_on_ranks(dist: Dist, plan_and_check: Callable[[], Any], plan: Callable[
 
     go = dist.run_main(main)
     if planned:
-        return planned[0]
-    return plan() if go else None
+        return planned[0], dist
+    return (plan() if go else None), dist

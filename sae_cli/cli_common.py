@@ -215,11 +215,15 @@ def process_group(device: str) -> Any:
 
     from actcache.dist import Dist
 
+    from .config import ConfigError
     from .reducer import DistributedReducer
 
-    dist = Dist.from_env()
-    if not dist.multi:
-        return None
-    cuda = device in ("auto", "cuda") and torch.cuda.is_available() or device.startswith("cuda")
-    dist.init("nccl" if cuda else "gloo")
+    try:
+        dist = Dist.from_env()
+        if not dist.multi:
+            return None
+        cuda = device in ("auto", "cuda") and torch.cuda.is_available() or device.startswith("cuda")
+        dist.init("nccl" if cuda else "gloo")
+    except ValueError as e:  # the launcher's variables are incomplete or wrong
+        raise ConfigError(str(e)) from None
     return DistributedReducer(f"cuda:{dist.local_rank}" if cuda else "cpu")
