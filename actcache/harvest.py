@@ -319,15 +319,28 @@ class _Run:
         finally:
             self.capture.remove()
         if self.staging is not None:
-            dist.barrier()
-            if dist.is_main:
-                pipeline.committed = fold_leftovers(self.writer)
-                if pipeline.committed < self.plan.spec.tokens_target and not self.writer.complete:
-                    raise HarvestError(
-                        f"the ranks finished but shard {pipeline.committed // self.plan.spec.shard_tokens} was "
-                        "never staged; rerun the same command to resume"
-                    )
+            self.meet(dist)
         self.report()
+
+    def meet(self, dist: Dist) -> None:
+        """Several processes: wait for every rank, then rank 0 commits the rest of what they staged. A rank that
+        died (the barrier fails) leaves the staged shards for rank 0 to commit as far as they reach."""
+        pipeline, spec = self.pipeline, self.plan.spec
+        try:
+            dist.barrier()
+        except RuntimeError as err:  # gloo / NCCL saw a peer go
+            committed = self.staging.fold() if dist.is_main and self.staging else pipeline.committed
+            raise HarvestError(
+                f"another process of the job stopped ({type(err).__name__}); the {committed:,} committed tokens are "
+                "intact: rerun the same command (any number of processes) to resume"
+            ) from None
+        if dist.is_main:
+            pipeline.committed = fold_leftovers(self.writer)
+            if pipeline.committed < spec.tokens_target and not self.writer.complete:
+                raise HarvestError(
+                    f"the ranks finished but shard {pipeline.committed // spec.shard_tokens} was never staged; "
+                    "rerun the same command to resume"
+                )
 
     def forward_shard(self, shard: int, batch_windows: list[Window]) -> None:
         """One shard's windows, batch by batch, into a shard buffer; then the buffer goes to the writers."""
