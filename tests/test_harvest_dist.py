@@ -187,3 +187,38 @@ def test_s3_harvest_killed_resumed_verified_and_trained(s3, tmp_path, reference,
     assert recorded["path"] == url
     assert recorded["content"] == local.identity(recorded["tokens"])["content"]
     assert local.identity_mismatch(recorded) is None  # the local copy is the same store, by content
+
+
+# ---- the launcher's variables --------------------------------------------------------------------------------------
+def test_dist_from_env_reads_torchrun_variables() -> None:
+    from actcache.dist import Dist
+
+    assert Dist.from_env({}) == Dist(0, 1, 0) and not Dist().multi and Dist().is_main
+    d = Dist.from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert (d.rank, d.world_size, d.local_rank, d.multi, d.is_main) == (3, 8, 1, True, False)
+    assert d.device("cpu") == "cpu" and Dist().device("cuda") == "cuda"  # one process: unchanged
+    with pytest.raises(ValueError, match="RANK=8 WORLD_SIZE=8"):
+        Dist.from_env({"RANK": "8", "WORLD_SIZE": "8"})
+    assert Dist().run_main(lambda: 41 + 1) == 42  # one process: rank 0 decides alone, nothing broadcast
+
+
+@pytest.mark.parametrize("command", ["actcache", "sae"])
+def test_incomplete_launcher_variables_are_one_line(command, monkeypatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from actcache.cli import app as actcache_app
+    from sae_cli.cli import app as sae_app
+
+    for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    app, args = (
+        (actcache_app, ["harvest", "smollm2-135m", "--out", str(tmp_path / "s"), "--dry-run"])
+        if command == "actcache"
+        else (sae_app, ["train", "topk", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r")])
+    )
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "MASTER_ADDR, MASTER_PORT unset: launch with torchrun" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
