@@ -159,6 +159,13 @@ def test_s3_harvest_killed_resumed_verified_and_trained(s3, tmp_path, reference,
     assert f"resuming {url} at {partial:,} committed tokens" in results[0][1]
     report = verify_store(url)
     assert report.ok, report
+    from typer.testing import CliRunner
+
+    from actcache.cli import app
+
+    for command in ("verify", "info"):  # the CLIs take the URL as it is
+        shown = CliRunner().invoke(app, [command, url])
+        assert shown.exit_code == 0 and url in shown.output, shown.output
 
     # The bucket holds the local one-process store: the same commit record and manifest records, which hold the
     # size and crc32c of every shard file, and verify just checked every shard object against them.
