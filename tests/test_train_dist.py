@@ -154,3 +154,43 @@ def test_a_killed_run_resumes_on_two_ranks_and_refuses_one(store, two_ranks, tmp
     resumed, uninterrupted = _weights(out), _weights(two_ranks)
     for k in uninterrupted:
         assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def _reducer_worker(rank: int, port: int, out: str) -> None:
+    """Rank `rank` of 2: every DistributedReducer operation on numbers each rank knows; results to a JSON file."""
+    import os
+
+    import torch.distributed as td
+
+    from sae_cli.reducer import DistributedReducer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    r = DistributedReducer()
+    got = {
+        "sum": r.sum_(torch.tensor([1.0, 2.0]) * (rank + 1)).tolist(),  # [1, 2] + [2, 4]
+        "mean": r.mean_(torch.tensor([1.0, 3.0]) * (rank + 1)).tolist(),  # ([1, 3] + [2, 6]) / 2
+        "max": r.max_(torch.tensor([float(rank), -float(rank)])).tolist(),
+        "tokens": int(r.sum_(torch.tensor(128 + rank, dtype=torch.int64))),
+    }
+    grads = [torch.full((2, 2), float(rank)), torch.full((3,), 10.0 * rank)]
+    r.mean_all_(grads)  # one bucket, back into each tensor
+    got["grads"] = [g.tolist() for g in grads]
+    got["gather"] = r.gather({"rank": rank})
+    r.barrier()
+    got["rank"], got["world"] = r.rank, r.world_size
+    Path(out, f"{rank}.json").write_text(json.dumps(got))
+    td.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_reducer_operations(tmp_path) -> None:
+    import torch.multiprocessing as mp
+    from ranks import free_port
+
+    mp.spawn(_reducer_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    for r, got in enumerate(results):
+        assert got["sum"] == [3.0, 6.0] and got["mean"] == [1.5, 4.5] and got["max"] == [1.0, 0.0]
+        assert got["tokens"] == 257 and got["grads"] == [[[0.5, 0.5], [0.5, 0.5]], [5.0, 5.0, 5.0]]
+        assert got["gather"] == [{"rank": 0}, {"rank": 1}] and (got["rank"], got["world"]) == (r, 2)
