@@ -50,7 +50,7 @@ from .harvest_plan import (
 from .models import input_device, load_model, parse_dtype
 from .pipeline import Pipeline, ShardJob
 from .sites import find_blocks
-from .staging import Staging, fold_leftovers
+from .staging import Staging, fold_leftovers, resume_staged
 from .store import StoreError, StoreWriter
 from .view import _read_commit as read_commit
 
@@ -185,7 +185,7 @@ def run_harvest(
     if model is None:
         compute = parse_dtype(spec.harvest_config["compute_dtype"])
         model = load_model(plan.source, dist.device(cfg.device), compute)
-    writer, todo = _open(plan, out, overwrite, deep_check, dist)
+    writer, todo, staged = _open(plan, out, overwrite, deep_check, dist)
     try:
         if todo is None:
             start = writer.committed_tokens
@@ -199,7 +199,8 @@ def run_harvest(
             todo[dist.rank :: dist.world_size],
             (inflight, workers, slow_commit),
         )
-        run.staging = Staging(writer, dist.rank) if dist.multi else None
+        # Staged shards of a killed multi-process run are committed through the staging path, even by one process.
+        run.staging = Staging(writer, dist.rank) if dist.multi or staged else None
         run.forward_all(dist)
         return run.result(t0, dist)
     finally:
@@ -208,29 +209,31 @@ def run_harvest(
 
 def _open(
     plan: HarvestPlan, out: str | os.PathLike, overwrite: bool, deep_check: bool, dist: Dist
-) -> tuple[StoreWriter, list[int] | None]:
-    """The writer and the shards still to do. Rank 0 creates or resumes the store (and its lock), commits what a
-    killed run left staged and decides the shards; the other ranks then open it as it is and take its decision."""
+) -> tuple[StoreWriter, list[int] | None, bool]:
+    """The writer, the shards still to do and whether a killed run left staged shards to commit. Rank 0 creates or
+    resumes the store (and its lock), commits what a killed run staged, keeps its staged shards beyond a gap
+    (`staging.resume_staged`) and decides the shards; the other ranks then open it as it is and take its decision."""
     opened: list[StoreWriter] = []
 
-    def decide() -> tuple[list[int] | None, list[int]]:
+    def decide() -> tuple[list[int] | None, list[int], bool]:
         writer = StoreWriter.create_or_resume(out, plan.spec, overwrite=overwrite)
         opened.append(writer)
         try:
-            fold_leftovers(writer)
+            staged = resume_staged(writer)
             todo = _shards_to_do(plan, writer, deep_check)
         except BaseException:
             writer.close()
             raise
-        return todo, sorted(writer.repairing)
+        todo = None if todo is None else [s for s in todo if s not in staged]
+        return todo, sorted(writer.repairing), bool(staged)
 
-    todo, repairing = dist.run_main(decide)
+    todo, repairing, staged = dist.run_main(decide)
     if opened:
-        return opened[0], todo
+        return opened[0], todo, staged
     io = open_bytes(out)
     writer = StoreWriter(io, plan.spec, read_commit(io))
     writer.repairing = set(repairing)
-    return writer, todo
+    return writer, todo, staged
 
 
 def _shards_to_do(plan: HarvestPlan, writer: StoreWriter, deep_check: bool) -> list[int] | None:

@@ -10,7 +10,8 @@ shard order and the records equal those of one process, so the finished store is
 bit. A staging record is deleted once its shard is committed; readers never look at ``pending/``.
 
 A rerun (any number of processes) first folds what a killed run left staged, after checking that each shard file
-still has its recorded size (`fold_leftovers`), and removes the rest: those shards are harvested again.
+still has its recorded size, and keeps the staged shards beyond the first gap (`resume_staged`): only the missing
+shards are harvested again.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ class Staging:
                 w.commit(shard * spec.shard_tokens + int(record["rows"]), stats)
                 io.delete(pending_key(shard))
             return w.committed_tokens
+
+
+def resume_staged(writer: StoreWriter) -> set[int]:
+    """Rank 0 at the start of a run: commit what a killed run left staged as far as it reaches without a gap, and
+    keep the staged shards beyond the gap whose files still have their recorded sizes (they are not harvested
+    again; the fold commits them once the gap is filled). Every other staging record is removed. The kept shards."""
+    Staging(writer, 0).fold()
+    io, spec, kept = writer.io, writer.spec, set()
+    first = -(-writer.committed_tokens // spec.shard_tokens)
+    for key in io.list(PENDING_DIR):
+        shard = int(key.rsplit("/", 1)[-1].split(".")[0]) if key.endswith(".json") else -1
+        record = _read(io, shard) if shard >= first else None
+        if record is not None and _sizes_hold(io, spec.array_keys, shard, record):
+            kept.add(shard)
+        else:
+            io.delete(key)
+    return kept
 
 
 def fold_leftovers(writer: StoreWriter) -> int:

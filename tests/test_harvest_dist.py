@@ -88,10 +88,17 @@ def test_a_killed_rank_then_a_rerun_on_one_process_completes(
     assert "another process of the job stopped" in err0 and "Traceback" not in err0, err0
     partial = Store.open(out).committed_tokens
     assert 0 < partial < 1088 and partial % SHARD == 0, partial
+    # Rank 0 went on after its peer died: its shards beyond the first missing one are staged, not committed.
+    staged = sorted(int(p.stem) for p in (out / PENDING_DIR).iterdir())
+    assert staged and min(staged) > partial // SHARD, (staged, partial)
+    files = {p: p.stat().st_mtime_ns for s in staged for p in out.glob(f"acts/*/*/c/{s}/0")}
+    assert len(files) == 12 * len(staged)
 
     results = wait_all(start_ranks(cmd, 1))  # another world size
     assert [code for code, _ in results] == [0], results
     assert f"resuming {out} at " in results[0][1]
+    # The staged shards were kept (committed by the rerun, not harvested again).
+    assert {p: p.stat().st_mtime_ns for p in files} == files
     report = verify_store(out)
     assert report.ok, report
     _assert_identical(_snapshot(out), _snapshot(reference))
