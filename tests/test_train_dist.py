@@ -194,3 +194,12 @@ def test_distributed_reducer_operations(tmp_path) -> None:
         assert got["sum"] == [3.0, 6.0] and got["mean"] == [1.5, 4.5] and got["max"] == [1.0, 0.0]
         assert got["tokens"] == 257 and got["grads"] == [[[0.5, 0.5], [0.5, 0.5]], [5.0, 5.0, 5.0]]
         assert got["gather"] == [{"rank": 0}, {"rank": 1}] and (got["rank"], got["world"]) == (r, 2)
+
+
+def test_a_sweep_under_torchrun_is_refused_with_one_line(monkeypatch, store, tmp_path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = ["sweep", "--store", str(store), "--layer", "0", "--variants", "topk", "--l0-target", "4"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sw")])
+    assert result.exit_code == 2 and "sae sweep runs in one process, not under torchrun" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "sw").exists()
