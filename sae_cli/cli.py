@@ -158,7 +158,15 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, reducer: 
     prep = prepare_run(
         SoloRun(cfg, out), device=cfg.loop.device, resume=resume, overwrite=overwrite, reducer=reducer
     )
-    result = run_training(prep, run_live if main else None, started=_header if main else None)
+    try:
+        result = run_training(prep, run_live if main else None, started=_header if main else None)
+    except RuntimeError as err:  # a collective failed: another process of the job is gone
+        if reducer is None:
+            raise
+        raise ConfigError(
+            f"another process of the job stopped ({type(err).__name__}); the last checkpoint in {out} is kept: "
+            f"resume with the same number of processes and --resume"
+        ) from None
     if not main:
         return
     stop_if_interrupted(result, "sae train", out)

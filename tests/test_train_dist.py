@@ -135,11 +135,13 @@ def test_a_killed_run_resumes_on_two_ranks_and_refuses_one(store, two_ranks, tmp
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.005)
     procs[1].send_signal(signal.SIGKILL)
-    try:
-        procs[0].wait(timeout=120)  # its next all_reduce fails: the peer is gone
+    try:  # its next all_reduce fails: the peer is gone; one line, exit 2
+        _, err0 = procs[0].communicate(timeout=120)
     except subprocess.TimeoutExpired:
         procs[0].kill()
         raise
+    assert procs[0].returncode == 2 and "another process of the job stopped" in err0, err0
+    assert "Traceback" not in err0, err0
     step = json.loads(state.read_text())["step"]
     assert 0 < step < STEPS, step
 
