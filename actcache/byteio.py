@@ -204,7 +204,12 @@ class DigestingLocalStore(LocalStore):
 
 
 def open_bytes(path: str | os.PathLike | ByteStore) -> ByteStore:
-    """The ByteStore of a store location: a ByteStore as is, a local path as a LocalByteStore."""
+    """The ByteStore of a store location: a ByteStore as is, a URL (`s3://...`) as an `objstore.FsspecByteStore`, a
+    local path as a LocalByteStore."""
+    from actcache.objstore import FsspecByteStore, is_url
+
+    if is_url(path):
+        return FsspecByteStore(str(path))
     if isinstance(path, str | os.PathLike):
         return LocalByteStore(path)
     return path

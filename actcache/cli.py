@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import typer
@@ -109,8 +108,11 @@ def harvest(
     model: str = typer.Argument(
         ..., help="HF id, local folder (save_pretrained or one .gguf), or smollm2-135m."
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Store folder (created, or resumed when it holds the same run)."
+    out: str = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Store folder or URL (s3://bucket/run.zarr; created, or resumed when it holds the same run).",
     ),
     layers: str = typer.Option("all", help="Layers: all, 5, 0-11 or 3,7."),
     sites: str = typer.Option(
@@ -149,9 +151,11 @@ def harvest(
         "store) and harvest the damaged ones again; without it only missing or resized shard files are found.",
     ),
 ) -> None:
-    """Run MODEL over a corpus and write its activations into a zarr v3 store (resumable: rerun to resume)."""
-    from .harvest import HarvestConfig, HarvestError, HarvestInterrupted, run_harvest
+    """Run MODEL over a corpus into a zarr v3 store (rerun to resume; under torchrun each rank does its share)."""
+    from .harvest import HarvestConfig, HarvestError, HarvestInterrupted, plan_harvest, run_harvest
+    from .launch import RemoteError, location, plan_on_ranks
 
+    out = location(out)
     cfg = HarvestConfig(
         model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
         context=context, dtype=dtype, device=device, batch_size=batch_size, revision=revision, seed=seed,
@@ -160,10 +164,13 @@ def harvest(
     try:
         if workers is not None and workers < 1:
             raise HarvestError(f"--workers {workers} must be at least 1")
-        plan = _plan_and_check(cfg, out, overwrite, repair, dry_run, force)
+        check = lambda: _plan_and_check(cfg, out, overwrite, repair, dry_run, force)  # noqa: E731
+        plan, dist = plan_on_ranks(check, lambda: plan_harvest(cfg))  # torchrun: rank 0 checks and prints
         if plan is None:
             return
-        result = _run(plan, out, overwrite, workers, run_harvest, repair)
+        result = _run(plan, out, overwrite, workers, run_harvest, repair, dist)
+    except RemoteError:  # rank 0 met it and printed it
+        raise typer.Exit(2) from None
     except HarvestInterrupted as stop:
         console.print(
             f"[yellow]interrupted[/]: {stop.committed_tokens:,} tokens committed to {out}; "
@@ -176,7 +183,7 @@ def harvest(
     except OSError as err:
         kept = _committed_text(out)
         raise _environment_fail(err, f"{kept}; " if kept else "") from None
-    _print_done(result, out)
+    _print_done(result, out) if dist.is_main else None
 
 
 def _print_done(result, out: Path) -> None:
@@ -199,23 +206,21 @@ def _plan_and_check(cfg, out: Path, overwrite: bool, repair: bool, dry_run: bool
     """Plan the harvest, print the plan table and the warnings, check the disk; the plan to run, or None when
     there is nothing to run (--dry-run, or the store is complete)."""
     from .harvest import check_disk, check_resume, plan_harvest
+    from .launch import exists, free_bytes
 
     tokens, context = cfg.tokens, cfg.context
     with console.status("planning (config, tokenizer, corpus)..."):
         plan = plan_harvest(cfg)
     # Sizes only (a stat per shard file): `--repair`'s byte-by-byte comparison runs once, in the harvest itself.
     committed, damaged = check_resume(plan, out, overwrite)
-    status = "overwrite" if overwrite and out.exists() else f"resume at {committed:,}" if committed else "new"
+    status = "overwrite" if overwrite and exists(out) else f"resume at {committed:,}" if committed else "new"
     if committed >= plan.spec.tokens_target:
         status = "complete"
     if damaged:
         status += f", {len({s for s, _ in damaged})} damaged shard(s) to harvest again"
     if repair and committed:
         status += ", --repair: every committed byte is compared with the manifest first"
-    probe = out.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(out)
     out_console.print(_plan_table(plan, out, status, free))
     if tokens is not None and plan.spec.tokens_target < tokens:
         console.print(
@@ -249,14 +254,20 @@ def _committed_text(out: Path) -> str:
     return f"the {n:,} tokens committed to {out} are intact and the same command resumes after you "
 
 
-def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest, repair: bool = False):
+def _run(plan, out, overwrite: bool, workers: int | None, run_harvest, repair: bool = False, dist=None):
     from .harvest import HarvestProgress
 
+    if dist is not None and not dist.is_main:  # a rank of several: quiet (rank 0 shows the progress)
+        return run_harvest(
+            plan, out, workers=workers, deep_check=repair, slow_commit=_slow_commit(), dist=dist
+        )
     with console.status(f"loading {plan.spec.model}..."):
         from .models import load_model, parse_dtype
 
         model = load_model(
-            plan.source, plan.config.device, parse_dtype(plan.spec.harvest_config["compute_dtype"])
+            plan.source,
+            dist.device(plan.config.device) if dist else plan.config.device,
+            parse_dtype(plan.spec.harvest_config["compute_dtype"]),
         )
     columns = [
         TextColumn("[bold]harvest"),
@@ -283,6 +294,7 @@ def _run(plan, out: Path, overwrite: bool, workers: int | None, run_harvest, rep
             workers=workers,
             deep_check=repair,
             slow_commit=_slow_commit(),
+            dist=dist,
         )
 
 
@@ -305,7 +317,7 @@ def _size(n: float) -> str:
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
+def info(store: str = typer.Argument(..., help="Store folder or URL.")) -> None:
     """Print a store's model, committed tokens, format version and a table of its arrays with statistics."""
     import sys
 
@@ -355,7 +367,7 @@ def info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
 
 
 @app.command()
-def verify(store: Path = typer.Argument(..., help="Store folder.")) -> None:
+def verify(store: str = typer.Argument(..., help="Store folder or URL.")) -> None:
     """Read every chunk below the committed tokens and check its checksum; exit 1 naming the first bad chunk."""
     from .store import StoreError
     from .verify import verify_store

@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from . import corpus as corpus_mod
+from .byteio import open_bytes
 from .capture import Capture, forward_until_stop
 from .corpus import FLAG_BOS, FLAG_PAD, Window
+from .dist import Dist
 from .harvest_plan import (
     HarvestConfig,
     HarvestError,
@@ -48,7 +50,9 @@ from .harvest_plan import (
 from .models import input_device, load_model, parse_dtype
 from .pipeline import Pipeline, ShardJob
 from .sites import find_blocks
+from .staging import Staging, fold_leftovers, resume_staged
 from .store import StoreError, StoreWriter
+from .view import _read_commit as read_commit
 
 __all__ = [
     "SLOW_COMMIT_ENV",
@@ -141,6 +145,9 @@ def _shard_windows(plan: HarvestPlan, shards: list[int]) -> Iterator[tuple[int, 
     windows: Iterator[Window] | None = None
     at = -1
     for shard in shards:
+        if windows is not None and at < shard * n_win:  # skip ahead (a rank's share of a multi-process run)
+            next(itertools.islice(windows, shard * n_win - at - 1, None), None)
+            at = shard * n_win
         if windows is None or at != shard * n_win:
             at = shard * n_win
             windows = _windows_from(plan, at)
@@ -160,6 +167,7 @@ def run_harvest(
     workers: int | None = None,
     deep_check: bool = False,
     slow_commit: float = 0.0,
+    dist: Dist | None = None,
 ) -> HarvestResult:
     """Harvest ``plan`` into ``out`` (new, or resumed at its last committed shard).
 
@@ -168,25 +176,64 @@ def run_harvest(
     committing every complete shard. Committed shards that the manifest does not prove (missing or resized files;
     ``deep_check``: any byte changed) are harvested again and must come out bit-identical to their record.
     ``slow_commit``: seconds to sleep after each commit (crash tests only; see SLOW_COMMIT_ENV).
+    ``dist``: this process's rank in a multi-process harvest (actcache/dist.py; every rank calls this with the
+    same plan): rank r forwards every world_size-th shard still to do, rank 0 commits (actcache/staging.py).
     """
-    cfg, spec = plan.config, plan.spec
+    cfg, spec, dist = plan.config, plan.spec, dist or Dist()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     if model is None:
         compute = parse_dtype(spec.harvest_config["compute_dtype"])
-        model = load_model(plan.source, cfg.device, compute)
-    writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
+        model = load_model(plan.source, dist.device(cfg.device), compute)
+    writer, todo, staged = _open(plan, out, overwrite, deep_check, dist)
     try:
-        todo = _shards_to_do(plan, writer, deep_check)
         if todo is None:
             start = writer.committed_tokens
             return HarvestResult(start, start, time.perf_counter() - t0, 0, 0, True)
         workers = workers or min(4, os.cpu_count() or 1)
-        run = _Run(plan, writer, model, progress, todo, (inflight, workers, slow_commit))
-        run.forward_all()
-        return run.result(t0)
+        run = _Run(
+            plan,
+            writer,
+            model,
+            progress,
+            todo[dist.rank :: dist.world_size],
+            (inflight, workers, slow_commit),
+        )
+        # Staged shards of a killed multi-process run are committed through the staging path, even by one process.
+        run.staging = Staging(writer, dist.rank) if dist.multi or staged else None
+        run.forward_all(dist)
+        return run.result(t0, dist)
     finally:
         writer.close()
+
+
+def _open(
+    plan: HarvestPlan, out: str | os.PathLike, overwrite: bool, deep_check: bool, dist: Dist
+) -> tuple[StoreWriter, list[int] | None, bool]:
+    """The writer, the shards still to do and whether a killed run left staged shards to commit. Rank 0 creates or
+    resumes the store (and its lock), commits what a killed run staged, keeps its staged shards beyond a gap
+    (`staging.resume_staged`) and decides the shards; the other ranks then open it as it is and take its decision."""
+    opened: list[StoreWriter] = []
+
+    def decide() -> tuple[list[int] | None, list[int], bool]:
+        writer = StoreWriter.create_or_resume(out, plan.spec, overwrite=overwrite)
+        opened.append(writer)
+        try:
+            staged = resume_staged(writer)
+            todo = _shards_to_do(plan, writer, deep_check)
+        except BaseException:
+            writer.close()
+            raise
+        todo = None if todo is None else [s for s in todo if s not in staged]
+        return todo, sorted(writer.repairing), bool(staged)
+
+    todo, repairing, staged = dist.run_main(decide)
+    if opened:
+        return opened[0], todo, staged
+    io = open_bytes(out)
+    writer = StoreWriter(io, plan.spec, read_commit(io))
+    writer.repairing = set(repairing)
+    return writer, todo, staged
 
 
 def _shards_to_do(plan: HarvestPlan, writer: StoreWriter, deep_check: bool) -> list[int] | None:
@@ -235,8 +282,16 @@ class _Run:
         self.capture = Capture(find_blocks(model, plan.arch), plan.arch, plan.layers, plan.sites)
         self.device = input_device(model)
         # The store the writer opened, handed on (never opened again by path).
-        self.pipeline = Pipeline(writer, writer.store, spec, *pipeline_args)
+        self.staging: Staging | None = None
+        """Several processes: each finished shard is staged for rank 0 to commit (actcache/staging.py)."""
+        self.pipeline = Pipeline(writer, writer.store, spec, *pipeline_args, stage=self._stage)
         self.t_run = time.perf_counter()
+
+    def _stage(self, shard: int, rows: int, stats: dict) -> None:
+        if self.staging is None:
+            self.writer.commit(shard * self.plan.spec.shard_tokens + rows, stats)
+        else:
+            self.staging.stage(shard, rows, stats)
 
     def report(self) -> None:
         if self.progress is not None:
@@ -248,8 +303,9 @@ class _Run:
                 )
             )  # fmt: skip
 
-    def forward_all(self) -> None:
-        """Every shard to do through the model and the pipeline; commits what completed on Ctrl-C."""
+    def forward_all(self, dist: Dist) -> None:
+        """Every shard to do through the model and the pipeline; commits what completed on Ctrl-C. Several
+        processes: when every rank is through, rank 0 commits the rest of what they staged."""
         pipeline = self.pipeline
         try:
             with torch.inference_mode():
@@ -265,7 +321,29 @@ class _Run:
             raise
         finally:
             self.capture.remove()
+        if self.staging is not None:
+            self.meet(dist)
         self.report()
+
+    def meet(self, dist: Dist) -> None:
+        """Several processes: wait for every rank, then rank 0 commits the rest of what they staged. A rank that
+        died (the barrier fails) leaves the staged shards for rank 0 to commit as far as they reach."""
+        pipeline, spec = self.pipeline, self.plan.spec
+        try:
+            dist.barrier()
+        except RuntimeError as err:  # gloo / NCCL saw a peer go
+            committed = self.staging.fold() if dist.is_main and self.staging else pipeline.committed
+            raise HarvestError(
+                f"another process of the job stopped ({type(err).__name__}); the {committed:,} committed tokens are "
+                "intact: rerun the same command (any number of processes) to resume"
+            ) from None
+        if dist.is_main:
+            pipeline.committed = fold_leftovers(self.writer)
+            if pipeline.committed < spec.tokens_target and not self.writer.complete:
+                raise HarvestError(
+                    f"the ranks finished but shard {pipeline.committed // spec.shard_tokens} was never staged; "
+                    "rerun the same command to resume"
+                )
 
     def forward_shard(self, shard: int, batch_windows: list[Window]) -> None:
         """One shard's windows, batch by batch, into a shard buffer; then the buffer goes to the writers."""
@@ -294,8 +372,9 @@ class _Run:
         )  # fmt: skip
         self.pipeline.submit(job)
 
-    def result(self, t0: float) -> HarvestResult:
-        self.writer.finish()
+    def result(self, t0: float, dist: Dist) -> HarvestResult:
+        if dist.is_main:
+            self.writer.finish()
         p, seconds = self.pipeline, time.perf_counter() - t0
         log.info("harvested %d tokens in %.1f s", p.committed - self.start, seconds)
         return HarvestResult(

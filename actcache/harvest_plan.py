@@ -8,11 +8,13 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import corpus as corpus_mod
+from .byteio import open_bytes
 from .codecs import DEFAULT_CODEC, canonical_dtype
 from .corpus import PackingRule
 from .models import (
@@ -28,6 +30,7 @@ from .models import (
     resolve_model,
     text_config,
 )
+from .objstore import RemotePath, is_url, store_exists
 from .sites import ArchSites, arch_sites, find_blocks, parse_layers, parse_sites, site_module
 from .store import Store, StoreError, StoreSpec, check_store_folder, damaged_shards, plan_bytes, plan_chunks
 
@@ -251,8 +254,10 @@ def check_resume(
     A damaged shard is one whose file the manifest does not prove (missing, another size; ``deep``: another
     crc32c): the harvest writes it again and checks that the new bytes equal the recorded ones.
     """
-    path = Path(out)
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    path: Any = RemotePath(str(out)) if is_url(str(out)) else Path(out)
+    if not is_url(str(out)) and (not path.exists() or (path.is_dir() and not any(path.iterdir()))):
+        return 0, []
+    if is_url(str(out)) and not store_exists(open_bytes(str(out))):
         return 0, []
     if overwrite:
         check_store_folder(path)  # not a store, or a newer format: refused even with --overwrite
@@ -270,6 +275,8 @@ def check_disk(plan: HarvestPlan, out: str | os.PathLike, committed: int = 0, fo
     """Bytes still to write; HarvestError when the disk holding ``out`` has less free space (unless force)."""
     remaining = plan.spec.tokens_target - committed
     need = int(plan.est_bytes * remaining / max(plan.spec.tokens_target, 1))
+    if is_url(str(out)):
+        return need  # a bucket has no free-space figure
     probe = Path(out).resolve()
     while not probe.exists():
         probe = probe.parent

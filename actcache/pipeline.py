@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,8 +48,11 @@ class Pipeline:
         inflight: int,
         workers: int,
         slow_commit: float = 0.0,
+        stage: Callable[[int, int, dict[str, RunningStats]], None] | None = None,
     ) -> None:
-        self.writer, self.store, self.spec = writer, store, spec
+        """``stage(shard, rows, stats)``: instead of committing, hand each finished shard on (a multi-process
+        harvest: actcache/staging.py; rank 0 commits)."""
+        self.writer, self.store, self.spec, self.stage = writer, store, spec, stage
         pin = torch.cuda.is_available() and spec.harvest_config.get("device", "cpu") != "cpu"
         torch_dtype = parse_dtype(spec.dtype)
         self.free: queue.Queue = queue.Queue()
@@ -143,8 +147,11 @@ class Pipeline:
                     self.writer.confirm_repair(job.index)
                     self.repaired += 1
                 elif self.error is None:
-                    self.writer.commit(job.start + job.rows, self._stats(job))
-                    self.committed = job.start + job.rows
+                    if self.stage is not None:
+                        self.stage(job.index, job.rows, self._stats(job))
+                    else:
+                        self.writer.commit(job.start + job.rows, self._stats(job))
+                    self.committed = self.writer.committed_tokens
                     self.bytes_raw += sum(job.buffers[k][: job.rows].nbytes for k in self.spec.acts_keys)
                     self.bytes_disk += disk
                     if self.slow_commit:

@@ -102,7 +102,7 @@ def check_store_folder(path: str | os.PathLike | ByteStore) -> None:
 
 def is_store(path: str | os.PathLike) -> bool:
     try:
-        _read_root_attrs(Path(path))
+        _read_root_attrs(open_bytes(path))
         return True
     except StoreError:
         return False

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actcache.byteio import ByteStore, fsync_dir, open_bytes, write_json_atomic
+from actcache.byteio import ByteStore, LocalByteStore, fsync_dir, open_bytes
 from actcache.codecs import META_CODEC, STORED_DTYPE, get_codec, to_stored
 from actcache.lock import StoreLock
 from actcache.manifest import (
@@ -35,6 +35,7 @@ from actcache.manifest import (
     sha256_hex,
     write_record,
 )
+from actcache.objstore import remove_store, store_exists, writer_lock
 from actcache.spec import (
     COMMIT_FILE,
     FORMAT_NAME,
@@ -87,31 +88,30 @@ class StoreWriter:
         cls, where: str | os.PathLike | ByteStore, spec: StoreSpec, overwrite: bool = False
     ) -> StoreWriter:
         """A new store, or the existing one if its spec is equal (resume from committed_tokens). `where`: a local
-        folder or a ByteStore (creation, --overwrite and the lock still use its root as a local folder: the parts
-        of the write path not yet behind the seam, docs/store-format.md "Byte I/O seam")."""
+        folder, a URL (s3://...: docs/store-format.md "Object storage", no lock there) or a ByteStore."""
         io = open_bytes(where)
         spec.validate()
-        lock = _acquire(io.root)
+        lock = writer_lock(io)
         try:
             writer = cls._create_or_resume(io, spec, overwrite)
         except BaseException:
-            lock.release()
+            lock and lock.release()
             raise
         writer.lock = lock
         return writer
 
     @classmethod
     def _create_or_resume(cls, io: ByteStore, spec: StoreSpec, overwrite: bool) -> StoreWriter:
-        path = io.root
-        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-            if not is_store(path) and not (path / "zarr.json").exists():
+        path, local = io.root, isinstance(io, LocalByteStore)
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())) if local else store_exists(io):
+            if not is_store(io) and not io.exists("zarr.json"):
                 raise StoreError(
                     f"{path} exists and is not an actcache store; choose another --out or remove it"
                 )
-            attrs = _read_root_attrs(path)  # raises on newer format versions, even with overwrite
+            attrs = _read_root_attrs(io)  # raises on newer format versions, even with overwrite
             if overwrite:
                 log.info("removing existing store %s (--overwrite)", path)
-                shutil.rmtree(path)
+                shutil.rmtree(path) if local else remove_store(io)
             else:
                 old = StoreSpec.from_json(attrs["spec"])
                 if old != spec:
@@ -122,7 +122,7 @@ class StoreWriter:
                 writer = cls(io, spec, _read_commit(io))
                 log.info("resuming store %s at %d committed tokens", path, writer.committed_tokens)
                 return writer
-        _create(path, spec)
+        _create(io, spec)
         return cls(io, spec, _read_commit(io))
 
     def _array(self, key: str) -> Any:
@@ -239,8 +239,18 @@ class StoreWriter:
 
     def shard_bytes(self, key: str, shard: int) -> int:
         """Bytes of a shard file this writer wrote (from its recorded digest)."""
+        return self.shard_digest(key, shard)[0]
+
+    def shard_digest(self, key: str, shard: int) -> tuple[int, str]:
+        """(bytes, crc32c hex) of a shard file this writer wrote, recorded as it was written."""
         with self._lock:
-            return self._digests[key][shard][0]
+            return self._digests[key][shard]
+
+    def adopt(self, shard: int, rows: int, digests: Mapping[str, Any]) -> None:
+        """Take a shard another process wrote (its rows, every array's digest) as written here, for commit()."""
+        with self._lock:
+            for key in self.spec.array_keys:
+                self._written[key][shard], self._digests[key][shard] = rows, tuple(digests[key])
 
     def confirm_repair(self, shard: int) -> None:
         """After a damaged committed shard was written again: its bytes must equal the manifest's record."""
@@ -313,22 +323,17 @@ def damaged_shards(store: Store, deep: bool = False) -> list[tuple[int, str]]:
     return damaged
 
 
-def _acquire(path: Path) -> StoreLock:
-    from actcache.lock import LockHeld
-
-    try:
-        return StoreLock(path).acquire()
-    except LockHeld as e:
-        raise StoreError(str(e)) from None
-
-
-def _create(path: Path, spec: StoreSpec) -> None:
-    """Create the group and every array in a temporary folder, then rename it into place (atomic)."""
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if path.exists():
-        path.rmdir()  # an empty folder
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _create(io: ByteStore, spec: StoreSpec) -> None:
+    """Create the group and every array, the commit record last: locally in a temporary folder renamed into place
+    (atomic); on an object store in place (every reader refuses a store without commit.json)."""
+    path, local = io.root, isinstance(io, LocalByteStore)
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}") if local else path
+    if local:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if path.exists():
+            path.rmdir()  # an empty folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+    target = LocalByteStore(tmp) if local else io
     # Derived from the spec, not random: two harvests of one spec are bit-identical stores (the content digests
     # of the manifest tell their bytes apart if they ever differ).
     store_id = sha256_hex(canonical(spec.to_json()))[:32]
@@ -339,7 +344,8 @@ def _create(path: Path, spec: StoreSpec) -> None:
         "spec": spec.to_json(),
         "commit_file": COMMIT_FILE,
     }
-    group = zarr.open_group(str(tmp), mode="w", attributes={"actcache": attrs})
+    where = str(tmp) if local else io.zarr_store(read_only=False)
+    group = zarr.open_group(where, mode="w", attributes={"actcache": attrs})
     codec = get_codec(spec.codec)
     stored = STORED_DTYPE[spec.dtype]
     common = dict(fill_value=0, config={"write_empty_chunks": True})
@@ -370,11 +376,12 @@ def _create(path: Path, spec: StoreSpec) -> None:
             dimension_names=("token",),
             **common,
         )
-    meta = meta_digests(tmp, spec.array_keys)
+    meta = meta_digests(target, spec.array_keys)
     start = genesis(store_id, spec.to_json(), meta)
-    (tmp / MANIFEST_DIR).mkdir()
-    write_json_atomic(
-        tmp / COMMIT_FILE,
+    if local:
+        (tmp / MANIFEST_DIR).mkdir()
+    target.replace_json(
+        COMMIT_FILE,
         seal(
             {
                 "format": FORMAT_NAME,
@@ -387,6 +394,7 @@ def _create(path: Path, spec: StoreSpec) -> None:
             }
         ),
     )
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if local:
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
     log.info("created store %s (%d arrays)", path, len(spec.array_keys))

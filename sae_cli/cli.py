@@ -141,20 +141,37 @@ def train(
             raise ConfigError("no run folder given: pass --out RUN (or set out = ... in the config file)")
         flat = _resolve_flat(cli, config, out, resume, parse_options(option))
         cfg = TrainConfig.from_flat(flat)
+        from contextlib import nullcontext
+
+        from .cli_common import process_group
         from .io import run_lock
 
-        with run_lock(out):
-            _train(cfg, out, resume, overwrite)
+        reducer = process_group(cfg.loop.device)  # torchrun: data-parallel, rank 0 writes (and locks)
+        with run_lock(out) if reducer is None or reducer.is_main else nullcontext():
+            _train(cfg, out, resume, overwrite, reducer)
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
+def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, reducer: Any = None) -> None:
     """The run path (sae_cli/run.py) with a folder of one member: everything checked and built in memory
-    before the run folder is touched."""
+    before the run folder is touched. `reducer`: the process group of a torchrun launch (rank 0 prints)."""
     from .cli_common import run_live
     from .run import SoloRun, prepare_run, run_training
 
-    prep = prepare_run(SoloRun(cfg, out), device=cfg.loop.device, resume=resume, overwrite=overwrite)
-    result = run_training(prep, run_live, started=_header)
+    main = reducer is None or reducer.is_main
+    prep = prepare_run(
+        SoloRun(cfg, out), device=cfg.loop.device, resume=resume, overwrite=overwrite, reducer=reducer
+    )
+    try:
+        result = run_training(prep, run_live if main else None, started=_header if main else None)
+    except RuntimeError as err:  # a collective failed: another process of the job is gone
+        if reducer is None:
+            raise
+        raise ConfigError(
+            f"another process of the job stopped ({type(err).__name__}); the last checkpoint in {out} is kept: "
+            f"resume with the same number of processes and --resume"
+        ) from None
+    if not main:
+        return
     stop_if_interrupted(result, "sae train", out)
     s = result.summaries[0]
     console.print(
@@ -279,5 +296,5 @@ register_format_commands(app)  # `sae export` and `sae import` (sae_cli/cli_form
 register_inspect_command(app)  # `sae inspect` (sae_cli/cli_inspect.py)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `torchrun --nproc-per-node N -m sae_cli.cli train ...`
     app()

@@ -206,3 +206,24 @@ def run_live(trainer: Any) -> Any:
                 live.stop()
                 console.print()
     return result
+
+
+def process_group(device: str) -> Any:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group (nccl when training on CUDA,
+    else gloo) and return its `reducer.DistributedReducer` (each rank on cuda:LOCAL_RANK); None for one process."""
+    import torch
+
+    from actcache.dist import Dist
+
+    from .config import ConfigError
+    from .reducer import DistributedReducer
+
+    try:
+        dist = Dist.from_env()
+        if not dist.multi:
+            return None
+        cuda = device in ("auto", "cuda") and torch.cuda.is_available() or device.startswith("cuda")
+        dist.init("nccl" if cuda else "gloo")
+    except ValueError as e:  # the launcher's variables are incomplete or wrong
+        raise ConfigError(str(e)) from None
+    return DistributedReducer(f"cuda:{dist.local_rank}" if cuda else "cpu")

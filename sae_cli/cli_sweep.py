@@ -83,6 +83,7 @@ def sweep(
     from .sweep import SweepError, prepare_sweep, run_training, saved_config
 
     with cli_errors(SweepError):
+        _one_process()
         lock = run_lock(out, "sweep")  # one process trains into --out at a time, until the summary is written
     try:
         with cli_errors(SweepError, hint=lambda: resume_hint(out, "sae sweep")):
@@ -112,6 +113,19 @@ def sweep(
             _finish(out)
     finally:
         lock.release()
+
+
+def _one_process() -> None:
+    """SweepError under torchrun / accelerate launch: a sweep is not wired to a process group (docs/scaling.md)."""
+    from actcache.dist import Dist
+
+    from .sweep import SweepError
+
+    if Dist.from_env().multi:
+        raise SweepError(
+            "sae sweep runs in one process, not under torchrun: run one sweep per GPU (--device cuda:I, its own "
+            "--out), or train a member data-parallel with `torchrun ... -m sae_cli.cli train` (docs/scaling.md)"
+        )
 
 
 def _fresh_config(

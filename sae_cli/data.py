@@ -51,7 +51,7 @@ def run_identity(
     for a run recorded before identities existed (not checked)."""
     try:
         if resumed is None:  # the absolute path: the error on a mismatch names it wherever the run is resumed
-            return {**store.identity(max(hi for _, hi in ranges)), "path": str(Path(store.path).resolve())}
+            return {**store.identity(max(hi for _, hi in ranges)), "path": str(store.path.resolve())}
         recorded = resumed.get("store_identity")
         store.check_identity(recorded, what)
         return recorded
@@ -199,13 +199,26 @@ def _max_norm(loop: LoopConfig) -> float | None:
 
 
 def train_reader(
-    store: Store, keys: list[Key], loop: LoopConfig, token_range: tuple[int, int]
+    store: Store,
+    keys: list[Key],
+    loop: LoopConfig,
+    token_range: tuple[int, int],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ActivationReader:
-    """Shuffled, looping (several epochs when the run is longer than the store), seeded."""
+    """Shuffled, looping (several epochs when the run is longer than the store), seeded. Rank `rank` of
+    `world_size` reads its share of the chunks and `loop.batch_size / world_size` tokens per batch."""
+    if loop.batch_size % world_size:
+        raise DataError(
+            f"the batch of {loop.batch_size} tokens does not split over {world_size} processes; pass a --batch-size "
+            f"that is a multiple of {world_size}"
+        )
     return ActivationReader(
         store,
         keys,
-        loop.batch_size,
+        loop.batch_size // world_size,
+        rank=rank,
+        world_size=world_size,
         seed=loop.seed,
         shuffle=True,
         token_range=token_range,

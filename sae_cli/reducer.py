@@ -18,14 +18,16 @@ What the trainer (sae_cli/trainer.py, sae_cli/training/member.py) hands to the r
 Only the main rank (`is_main`, rank 0) writes checkpoints, metrics and the saved SAEs. A multi-process backend
 (torch.distributed: all_reduce on the same tensors, in the same order on every rank) implements the same five
 methods; the trainer issues the calls in one fixed order per step (members one after another: the CPU lanes of a
-sweep are off when world_size > 1), which a collective backend needs. `loop.batch_size` is then the global batch:
+sweep are off when world_size > 1), which a collective backend needs: `DistributedReducer` (below). `loop.batch_size` is then the global batch:
 each rank's reader delivers batch_size / world_size tokens (ActivationReader's rank / world_size sharding).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -56,6 +58,14 @@ class Reducer:
         for t in ts:
             self.mean_(t)
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (small picklable objects: the readers' positions)."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait until every rank is here (one process: nothing)."""
+        return None
+
 
 class LocalReducer(Reducer):
     """One process: every reduction is the identity (no copy, no arithmetic)."""
@@ -75,3 +85,58 @@ class LocalReducer(Reducer):
 
 LOCAL = LocalReducer()
 """The identity reducer (stateless; shared)."""
+
+
+class DistributedReducer(Reducer):
+    """torch.distributed's default process group (joined by `actcache.dist.Dist.init`: gloo on CPU, nccl on CUDA):
+    each reduction is one `all_reduce` (the gradients of a member: one bucket). Every rank receives the same bits,
+    so the ranks' weights never drift apart. Tensors on another device than the backend's (a host scalar under
+    nccl) travel through a copy."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            raise RuntimeError(
+                "DistributedReducer needs torch.distributed's process group (actcache.dist.Dist.init)"
+            )
+        self._td = td
+        self.rank, self.world_size = td.get_rank(), td.get_world_size()
+        self.device = torch.device(device)
+        """Where the backend reduces (nccl: this rank's GPU)."""
+
+    def _reduce(self, t: Tensor, op: Any) -> Tensor:
+        if t.device == self.device or self.device.type == "cpu" and t.device.type == "cpu":
+            self._td.all_reduce(t, op=op)
+            return t
+        moved = t.to(self.device)
+        self._td.all_reduce(moved, op=op)
+        t.copy_(moved)
+        return t
+
+    def sum_(self, t: Tensor) -> Tensor:
+        return self._reduce(t, self._td.ReduceOp.SUM)
+
+    def mean_(self, t: Tensor) -> Tensor:
+        return self._reduce(t, self._td.ReduceOp.SUM).div_(self.world_size)
+
+    def max_(self, t: Tensor) -> Tensor:
+        return self._reduce(t, self._td.ReduceOp.MAX)
+
+    def mean_all_(self, ts: Sequence[Tensor]) -> None:
+        ts = list(ts)
+        if not ts:
+            return
+        flat = self.mean_(torch.cat([t.reshape(-1) for t in ts]))
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        self._td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self._td.barrier()

@@ -29,6 +29,7 @@ import torch
 
 from . import data, e2e_setup, io
 from .config import ConfigError, LoopConfig, TrainConfig
+from .reducer import LOCAL, Reducer
 from .registry import get_variant
 from .trainer import (
     CHECKPOINT_DIR,
@@ -177,12 +178,21 @@ class PreparedRun:
 
 
 def prepare_run(
-    folder: RunFolder, *, device: str = "cpu", resume: bool = False, overwrite: bool = False
+    folder: RunFolder,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    reducer: Reducer | None = None,
 ) -> PreparedRun:
     """Validate, plan every member, resolve the loop, check memory, build the reader and the trainer; writes
-    nothing. A resume takes the recorded ranges and length and refuses any other store."""
+    nothing. A resume takes the recorded ranges and length and refuses any other store. `reducer`: the process
+    group of a data-parallel run (sae_cli/reducer.py; each rank reads its share, on its own GPU)."""
     folder.validate()
+    reducer = reducer or LOCAL
     dev = torch.device(resolve_device(str(device)))
+    if reducer.world_size > 1 and dev.type == "cuda":
+        dev = torch.device(getattr(reducer, "device", dev))
     store = data.open_store(folder.store)
     data.check_keys(store, folder.keys)
     check_out(folder, resume, overwrite)
@@ -208,14 +218,19 @@ def prepare_run(
         **folder.summary(),
         **({"store_identity": identity} if identity is not None else {}),
     }
-    if e2e_setup.is_e2e(folder.objectives):  # the store's model, frozen; only the layers after the SAE's run
+    e2e = e2e_setup.is_e2e(folder.objectives)
+    if e2e and reducer.world_size > 1:
+        raise ConfigError("the e2e objective trains in one process; run it without torchrun")
+    if e2e:  # the store's model, frozen; only the layers after the SAE's run
         reader, objectives, e2e_summary = e2e_setup.build(store, plans, loop, ranges.train, dev)
         summary.update(e2e_summary)
     else:
-        reader, objectives = data.train_reader(store, folder.keys, loop, ranges.train), {}
+        rank, world = reducer.rank, reducer.world_size
+        reader, objectives = data.train_reader(store, folder.keys, loop, ranges.train, rank, world), {}
     trainer = Trainer(
-        plans, loop, reader, folder.out, loop.tokens, device=dev, extra_summary=summary, objectives=objectives
-    )
+        plans, loop, reader, folder.out, loop.tokens, device=dev, extra_summary=summary, objectives=objectives,
+        reducer=reducer,
+    )  # fmt: skip
     return PreparedRun(
         folder=folder, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=folder.keys,
         ranges=ranges, device=dev, memory_bytes=need, memory_free=free, resume=resume, identity=identity,
@@ -242,11 +257,15 @@ def start_run(prep: PreparedRun) -> None:
             store, keys, loop, ranges.train, ranges.calibration, prep.sample, finite=True
         )
         prep.trainer.start(prep.sample, scales, calibration)
-        if prep.out.exists():
-            shutil.rmtree(prep.out)  # --overwrite of a folder of this kind (check_out refused anything else)
-        prep.out.mkdir(parents=True)
+        if prep.trainer.reducer.is_main:  # only rank 0 of a process group writes
+            if prep.out.exists():
+                shutil.rmtree(
+                    prep.out
+                )  # --overwrite of a folder of this kind (check_out refused anything else)
+            prep.out.mkdir(parents=True)
     prep.timings["setup_s"] = time.perf_counter() - t0
-    prep.folder.write_record(prep)
+    if prep.trainer.reducer.is_main:
+        prep.folder.write_record(prep)
 
 
 def run_training(
@@ -257,6 +276,8 @@ def run_training(
     """start_run, `started(prep)` (the CLI's header), then the loop: `run(trainer)` (the CLI's live view) or
     `trainer.run()`; the record is updated at the end. A fresh run that fails before its first checkpoint leaves
     no folder behind (a plain rerun starts cleanly); one with a checkpoint stays for --resume."""
+    main = prep.trainer.reducer.is_main
+    prep.trainer.reducer.barrier()  # every rank checked the folder before rank 0 touches it
     try:
         start_run(prep)
         if started is not None:
@@ -264,11 +285,12 @@ def run_training(
         t0 = time.perf_counter()
         result = run(prep.trainer) if run is not None else prep.trainer.run()
     except BaseException:
-        if not prep.resume and prep.out.is_dir() and never_checkpointed(prep.folder):
+        if main and not prep.resume and prep.out.is_dir() and never_checkpointed(prep.folder):
             shutil.rmtree(prep.out, ignore_errors=True)
         raise
     prep.timings["train_s"] = time.perf_counter() - t0
-    prep.folder.write_record(prep, result)
+    if main:
+        prep.folder.write_record(prep, result)
     return result
 
 

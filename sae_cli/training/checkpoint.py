@@ -53,6 +53,9 @@ def _member_state(i: int, m: Member, tensors: dict[str, Tensor]) -> dict[str, An
 def save(tr: Trainer, reader_state: dict[str, Any] | None = None) -> Path:
     """Write `tr`'s state (see the module); the reader's position is its current one unless `reader_state`."""
     ckpt = tr.run_dir / CHECKPOINT_DIR
+    # Every rank's reader position (each reads its own share of the chunks); rank 0 writes them all.
+    world = tr.reducer.world_size
+    readers = tr.reducer.gather(tr.reader.state_dict() if reader_state is None else reader_state)
     if not tr.reducer.is_main:
         return ckpt
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,8 @@ def save(tr: Trainer, reader_state: dict[str, Any] | None = None) -> Path:
             "tokens_total": tr.tokens_total,
             "elapsed_s": tr.elapsed_s,
             "members": members,
-            "reader": tr.reader.state_dict() if reader_state is None else reader_state,
+            "reader": readers[0],
+            **({"world_size": world, "readers": readers} if world > 1 else {}),
             "metrics_rows": len(tr.rows),
         },
     )
@@ -114,6 +118,12 @@ def load(tr: Trainer) -> None:
     state = io.read_json(ckpt / "state.json")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{ckpt / 'state.json'} is not an sae_cli checkpoint")
+    world = int(state.get("world_size", 1))
+    if world != tr.reducer.world_size:
+        raise TrainingError(
+            f"the checkpoint in {ckpt} was written by {world} process(es), this run has {tr.reducer.world_size}: "
+            f"resume with {world} (torchrun --nproc-per-node {world} ...), or pass --overwrite to start over"
+        )
     saved = state["members"]
     check_same_members(tr.plans, saved, ckpt)
     tensors = io.read_tensors(ckpt / state["tensors"])
@@ -128,7 +138,7 @@ def load(tr: Trainer) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and tr.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], tr.device)
-    tr.reader.load_state_dict(state["reader"])
+    tr.reader.load_state_dict(state.get("readers", [state["reader"]])[tr.reducer.rank])
     tr.step, tr.tokens, tr.elapsed_s = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
     tr.rows = rows.read_metrics(tr.run_dir)[: int(state.get("metrics_rows", 0))]
     log.info("resumed at step %d (%d tokens)", tr.step, tr.tokens)
