@@ -23,6 +23,7 @@ import zarr
 from actcache.byteio import ByteStore, fsync_dir, open_bytes, write_json_atomic
 from actcache.codecs import META_CODEC, STORED_DTYPE, get_codec, to_stored
 from actcache.lock import StoreLock
+from actcache.lossy import round_mantissa, rounding_error
 from actcache.manifest import (
     MANIFEST_DIR,
     ShardRecord,
@@ -67,6 +68,11 @@ class StoreWriter:
         self._store = Store(self.io, _read_root_attrs(self.io))
         self._written: dict[str, dict[int, int]] = {k: {} for k in spec.array_keys}  # key -> shard -> rows
         self._digests: dict[str, dict[int, tuple[int, str]]] = {k: {} for k in spec.array_keys}
+        self.rounding: dict[str, list[float]] = {k: list(v) for k, v in commit.get("rounding", {}).items()}
+        """Lossy mode: key -> `lossy.rounding_error` summed over the committed shards."""
+        self._rounding: dict[
+            tuple[str, int], tuple[float, ...]
+        ] = {}  # (key, shard) -> written, not committed
         self.manifest: dict[str, Any] | None = commit.get("manifest")
         """None for a format-1 store (resumed without a manifest)."""
         self.store_id: str | None = self._store.store_id
@@ -167,6 +173,11 @@ class StoreWriter:
                     raise StoreError(
                         f"write_shard: {key} has shape {stored.shape}, expected {(n, spec.d_model)}"
                     )
+                if spec.keep_bits is not None:
+                    rounded = round_mantissa(stored, spec.dtype, spec.keep_bits)
+                    with self._lock:
+                        self._rounding[(key, shard)] = rounding_error(stored, rounded, spec.dtype)
+                    stored = rounded
             # A torn shard from a killed run may sit here; remove it so zarr never reads it back.
             name = Store.shard_key(key, shard)
             self.io.delete(name)
@@ -204,6 +215,7 @@ class StoreWriter:
             key = acts_key(*key) if isinstance(key, tuple) else key
             merged.setdefault(key, RunningStats(spec.d_model)).merge(update)
         complete = ends_short or tokens >= spec.tokens_target
+        rounding = self._merge_rounding(first, last)
         manifest = self._extend_manifest(first, last, tokens)
         record: dict[str, Any] = {
             "format": FORMAT_NAME,
@@ -212,12 +224,25 @@ class StoreWriter:
             "complete": complete,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "stats": {k: v.to_json() for k, v in merged.items()},
+            **({"rounding": rounding} if spec.keep_bits is not None else {}),
         }
         if manifest is not None:
             record = seal(record | {"store_id": self.store_id, "manifest": manifest})
         self.io.replace_json(COMMIT_FILE, record)
         self.committed_tokens, self.stats, self.complete = int(tokens), merged, complete
-        self.manifest = manifest
+        self.manifest, self.rounding = manifest, rounding
+
+    def _merge_rounding(self, first: int, last: int) -> dict[str, list[float]]:
+        """The committed rounding errors plus those of shards [first, last) (lossy mode; {} otherwise)."""
+        out = {k: list(v) for k, v in self.rounding.items()}
+        if self.spec.keep_bits is None:
+            return out
+        with self._lock:
+            for key in self.spec.acts_keys:
+                for shard in range(first, last):
+                    new = self._rounding.pop((key, shard), (0.0, 0.0, 0.0))
+                    out[key] = [a + b for a, b in zip(out.get(key, [0.0, 0.0, 0.0]), new, strict=True)]
+        return out
 
     def _extend_manifest(self, first: int, last: int, tokens: int) -> dict[str, Any] | None:
         """Write (fsynced) the manifest records of shards [first, last) and return the commit's manifest entry."""
@@ -254,6 +279,9 @@ class StoreWriter:
                     "harvest the store again"
                 )
         self.repairing.discard(shard)
+        with self._lock:  # its rounding error is committed already
+            for key in self.spec.acts_keys:
+                self._rounding.pop((key, shard), None)
         log.info("repaired shard %d of %s bit-exactly", shard, self.path)
 
     def finish(self) -> None:
