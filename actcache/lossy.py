@@ -55,13 +55,18 @@ def as_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
     return stored.astype(np.float32)
 
 
-def rounding_error(original: np.ndarray, rounded: np.ndarray, dtype: str) -> tuple[float, float, float]:
+def rounding_error(
+    original: np.ndarray, rounded: np.ndarray, dtype: str, keep: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """(sum of squared errors, sum of squared values, sum of squared deviations from the rows' mean) of a
-    rounding, in float64: summed over shards, the first over the second is its relative error, over the third its
-    error per variance (the fraction of variance that the rounding alone loses; actcache info shows it)."""
+    rounding over the rows `keep` selects (the harvest passes "neither BOS nor padding": BOS rows hold massive
+    activations that would swamp the variance), in float64. Summed over shards, the first over the second is the
+    relative error, over the third the error per variance (the FVU the rounding alone costs; actcache info)."""
     a = as_float32(original, dtype)
     d = as_float32(rounded, dtype) - a
+    if keep is not None:
+        a, d = a[keep], d[keep]
     sq_err = float(np.einsum("ij,ij->", d, d, dtype=np.float64))
     sq = float(np.einsum("ij,ij->", a, a, dtype=np.float64))
-    mean = a.mean(axis=0, dtype=np.float64)
+    mean = a.mean(axis=0, dtype=np.float64) if len(a) else np.zeros(a.shape[1])
     return sq_err, sq, sq - len(a) * float(mean @ mean)

@@ -140,11 +140,13 @@ class StoreWriter:
                 self._arrays[key] = arr.with_config({"write_empty_chunks": True})
             return self._arrays[key]
 
-    def write_shard(self, start: int, arrays: Mapping[str, Any]) -> None:
+    def write_shard(self, start: int, arrays: Mapping[str, Any], keep: np.ndarray | None = None) -> None:
         """Write one whole shard (rows [start, start + n), n <= shard_tokens) of some or all array keys.
 
         Thread-safe for distinct shards. Activations may be torch tensors or numpy (bf16: uint16 bits or floats).
-        The data stays invisible to readers until commit() covers it.
+        The data stays invisible to readers until commit() covers it. Lossy mode (spec.keep_bits): the values are
+        rounded, and the rounding error of the rows `keep` selects (default all; the harvest: neither BOS nor
+        padding) goes into the commit record.
         """
         spec = self.spec
         shard = start // spec.shard_tokens
@@ -176,7 +178,7 @@ class StoreWriter:
                 if spec.keep_bits is not None:
                     rounded = round_mantissa(stored, spec.dtype, spec.keep_bits)
                     with self._lock:
-                        self._rounding[(key, shard)] = rounding_error(stored, rounded, spec.dtype)
+                        self._rounding[(key, shard)] = rounding_error(stored, rounded, spec.dtype, keep)
                     stored = rounded
             # A torn shard from a killed run may sit here; remove it so zarr never reads it back.
             name = Store.shard_key(key, shard)
