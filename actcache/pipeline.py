@@ -98,11 +98,11 @@ class Pipeline:
         keep = None
         if self.spec.keep_bits is not None:  # the rounding error is measured on the rows the statistics count
             keep = (job.token_arrays["flags"][: job.rows] & (FLAG_BOS | FLAG_PAD)) == 0
-        self.writer.write_shard(start, {key: rows_ND}, keep)
+        self.writer.write_shard(start, {key: rows_ND}, keep, durable=True)
         return self._size(key, shard)
 
     def _write_tokens(self, job: ShardJob) -> int:
-        self.writer.write_shard(job.start, job.token_arrays)
+        self.writer.write_shard(job.start, job.token_arrays, durable=True)
         return sum(self._size(k, job.index) for k in job.token_arrays)
 
     def _size(self, key: str, shard: int) -> int:

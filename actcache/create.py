@@ -1,0 +1,96 @@
+"""Creation of a new store (docs/store-format.md, "Commit protocol" step 1): the group, every array and the first
+commit record are written into a temporary folder that is renamed into place, so a store exists completely (with
+0 committed tokens) or not at all."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import zarr
+
+from actcache.byteio import fsync_dir, write_json_atomic
+from actcache.codecs import META_CODEC, STORED_DTYPE, get_codec
+from actcache.manifest import MANIFEST_DIR, canonical, genesis, meta_digests, seal, sha256_hex
+from actcache.spec import (
+    COMMIT_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    TOKEN_ARRAYS,
+    StoreSpec,
+    parse_acts_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+def create_store(path: Path, spec: StoreSpec) -> None:
+    """Create the group and every array in a temporary folder, then rename it into place (atomic)."""
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if path.exists():
+        path.rmdir()  # an empty folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Derived from the spec, not random: two harvests of one spec are bit-identical stores (the content digests
+    # of the manifest tell their bytes apart if they ever differ).
+    store_id = sha256_hex(canonical(spec.to_json()))[:32]
+    attrs = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "store_id": store_id,
+        "spec": spec.to_json(),
+        "commit_file": COMMIT_FILE,
+    }
+    group = zarr.open_group(str(tmp), mode="w", attributes={"actcache": attrs})
+    codec = get_codec(spec.codec)
+    stored = STORED_DTYPE[spec.dtype]
+    common = dict(fill_value=0, config={"write_empty_chunks": True})
+    for key in spec.acts_keys:
+        layer, site = parse_acts_key(key)
+        group.create_array(
+            key,
+            shape=(spec.tokens_target, spec.d_model),
+            dtype=stored,
+            chunks=(spec.chunk_tokens, spec.d_model),
+            shards=(spec.shard_tokens, spec.d_model),
+            compressors=codec.chunk_codecs(
+                stored.itemsize, spec.chunk_tokens * spec.d_model * stored.itemsize
+            ),
+            dimension_names=("token", "d_model"),
+            attributes={"dtype": spec.dtype, "layer": layer, "site": site},
+            **common,
+        )
+    meta_codec = get_codec(META_CODEC)
+    for key, dtype in TOKEN_ARRAYS.items():
+        group.create_array(
+            key,
+            shape=(spec.tokens_target,),
+            dtype=dtype,
+            chunks=(spec.chunk_tokens,),
+            shards=(spec.shard_tokens,),
+            compressors=meta_codec.chunk_codecs(dtype.itemsize, spec.chunk_tokens * dtype.itemsize),
+            dimension_names=("token",),
+            **common,
+        )
+    meta = meta_digests(tmp, spec.array_keys)
+    start = genesis(store_id, spec.to_json(), meta)
+    (tmp / MANIFEST_DIR).mkdir()
+    write_json_atomic(
+        tmp / COMMIT_FILE,
+        seal(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "committed_tokens": 0,
+                "complete": False,
+                "stats": {},
+                "store_id": store_id,
+                "manifest": {"shards": 0, "chain": start, "genesis": start, "meta": meta},
+            }
+        ),
+    )
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+    log.info("created store %s (%d arrays)", path, len(spec.array_keys))
