@@ -25,7 +25,9 @@ def reencode(
     src: Store, out: str, layers: list[int], sites: list[str], keep_bits: int | None, overwrite: bool
 ) -> Store:
     """The new store (see the module docstring)."""
-    spec = src.spec.to_json() | {"layers": layers, "sites": sites, "aliases": {}, "keep_bits": keep_bits}
+    grid = {acts_key(layer, site) for layer in layers for site in sites}
+    aliases = {a: t for a, t in src.spec.aliases.items() if a in grid and t in grid}  # equal sites: once
+    spec = src.spec.to_json() | {"layers": layers, "sites": sites, "aliases": aliases, "keep_bits": keep_bits}
     spec["harvest_config"] = spec["harvest_config"] | {"reencoded_from": src.store_id}
     new = StoreSpec.from_json(spec)
     writer = StoreWriter.create_or_resume(out, new, overwrite=overwrite)
@@ -36,17 +38,13 @@ def reencode(
             arrays = {name: src.read(name, start, stop) for name in TOKEN_ARRAYS}
             keep = (arrays["flags"] & (FLAG_BOS | FLAG_PAD)) == 0
             stats = {}
-            for layer in layers:
-                for site in sites:
-                    key = acts_key(layer, site)
-                    arrays[key] = src.read_acts(layer, site, start, stop, dtype="stored")
-                    # Statistics of what the writer stores: the values rounded as it rounds them.
-                    stored = (
-                        arrays[key]
-                        if keep_bits is None
-                        else round_mantissa(arrays[key], new.dtype, keep_bits)
-                    )
-                    stats[key] = RunningStats(new.d_model).update(as_float32(stored, new.dtype), keep)
+            for key in new.acts_keys:
+                arrays[key] = src.read_raw(key, start, stop)
+                # Statistics of what the writer stores: the values rounded as it rounds them.
+                stored = (
+                    arrays[key] if keep_bits is None else round_mantissa(arrays[key], new.dtype, keep_bits)
+                )
+                stats[key] = RunningStats(new.d_model).update(as_float32(stored, new.dtype), keep)
             writer.write_shard(start, arrays, keep)
             writer.commit(stop, stats)
             print(f"  shard {shard}: rows {start}..{stop}", file=sys.stderr, flush=True)
