@@ -98,13 +98,15 @@ def main() -> None:
     print(f"\nbytes per token per array (d_model {d}; raw bf16 {2 * d}, raw fp32 {4 * d}):")
     print("| site | stored bytes/token (mean over layers) | vs raw bf16 | vs raw fp32 |")
     print("| --- | --- | --- | --- |")
-    for site in spec.sites:
-        per_layer = [store.stored_bytes(f"acts/{site}/{layer}") / n for layer in spec.layers]
+    for site in spec.sites:  # the arrays on disk (an alias of resid_post L has none: stored once)
+        stored = [f"acts/{site}/{layer}" for layer in spec.layers if f"acts/{site}/{layer}" in spec.acts_keys]
+        per_layer = [store.stored_bytes(key) / n for key in stored]
         b = float(np.mean(per_layer))
         print(f"| {site} | {b:.0f} (min {min(per_layer):.0f}, max {max(per_layer):.0f}) "
               f"| {b / (2 * d):.3f} | {b / (4 * d):.3f} |")  # fmt: skip
     total = sum(store.stored_bytes(k) for k in spec.array_keys)
-    print(f"whole store: {total / n:.0f} bytes/token ({total / 1e6:.1f} MB for {n} tokens)")
+    print(f"whole store: {total / n:.0f} bytes/token ({total / 1e6:.1f} MB for {n} tokens), {len(spec.acts_keys)} "
+          f"activation arrays for {len(spec.grid_keys)} (layer, site) keys ({len(spec.aliases)} equal keys stored once)")  # fmt: skip
     if not args.out:
         shutil.rmtree(root)
 
