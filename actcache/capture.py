@@ -22,7 +22,9 @@ class Capture:
     (not BOS, not padding) for the statistics.
     """
 
-    def __init__(self, blocks: nn.ModuleList, arch: ArchSites, layers, sites) -> None:
+    def __init__(self, blocks: nn.ModuleList, arch: ArchSites, layers, sites, aliases=()) -> None:
+        """Hooks every (layer, site) but the ``aliases`` (keys the store holds under another key: the same
+        tensor, copied once)."""
         self.handles: list = []
         self.buffers: dict[str, torch.Tensor] = {}
         self.sums: dict[str, list[torch.Tensor]] = {}
@@ -31,6 +33,8 @@ class Capture:
         self.devices: set[torch.device] = set()
         for layer in layers:
             for site in sites:
+                if acts_key(layer, site) in aliases:
+                    continue
                 self.handles.append(
                     hook_site(blocks[layer], arch, site, self._hook(acts_key(layer, site)), replace=False)
                 )

@@ -88,11 +88,18 @@ def _plan_table(plan, out: Path, status: str, free: int | None) -> Table:
         ("revision", str(spec.revision)),
         ("layers", _layers_text(spec.layers)),
         ("sites", ",".join(spec.sites)),
-        ("arrays", f"{len(spec.acts_keys)} activation arrays + 4 per-token arrays"),
+        (
+            "arrays",
+            f"{len(spec.acts_keys)} activation arrays ({len(spec.aliases)} equal keys stored once) + 4 per-token",
+        ),
         ("corpus", spec.corpus),
         ("windows", f"{plan.n_windows:,} x {spec.context} tokens = {spec.tokens_target:,} rows"),
         ("tokens", f"{plan.n_content_tokens:,} (without BOS/padding)"),
-        ("dtype", f"{spec.dtype} (model computes in {spec.harvest_config['compute_dtype']})"),
+        (
+            "dtype",
+            f"{spec.dtype} (model computes in {spec.harvest_config['compute_dtype']})"
+            + (f", lossy: {spec.keep_bits} mantissa bits kept" if spec.keep_bits is not None else ""),
+        ),
         ("chunk / shard", f"{spec.chunk_tokens:,} / {spec.shard_tokens:,} tokens, codec {spec.codec}"),
         ("size raw", _gb(plan.raw_bytes)),
         ("size on disk (est.)", _gb(plan.est_bytes) + (f" ({_gb(free)} free)" if free is not None else "")),
@@ -129,6 +136,10 @@ def harvest(
     ),
     context: int = typer.Option(1024, help="Tokens per context window."),
     dtype: str = typer.Option("bf16", help="Stored dtype: bf16, fp16 or fp32."),
+    keep_bits: int | None = typer.Option(
+        None,
+        help="Lossy: keep this many mantissa bits (rounded to nearest even; 2: 0.40 of raw bf16). Default: lossless.",
+    ),
     device: str = typer.Option(
         "auto", help="auto (GPU if any; device_map=auto if several/too large), cpu, cuda:0."
     ),
@@ -159,7 +170,7 @@ def harvest(
     cfg = HarvestConfig(
         model=model, layers=layers, sites=sites, dataset=dataset, text_field=text_field, tokens=tokens,
         context=context, dtype=dtype, device=device, batch_size=batch_size, revision=revision, seed=seed,
-        module_paths=module_paths, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens,
+        module_paths=module_paths, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens, keep_bits=keep_bits,
     )  # fmt: skip
     try:
         if workers is not None and workers < 1:
@@ -308,22 +319,13 @@ def _slow_commit() -> float:
     return float(os.environ.get(SLOW_COMMIT_ENV, "0") or 0)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:,.1f} TiB"
-
-
 @app.command()
 def info(store: str = typer.Argument(..., help="Store folder or URL.")) -> None:
     """Print a store's model, committed tokens, format version and a table of its arrays with statistics."""
     import sys
 
-    import numpy as np
-
-    from .store import TOKEN_ARRAYS, Store, StoreError, acts_key
+    from .info import info_rows
+    from .store import Store, StoreError
 
     try:
         st = Store.open(store)
@@ -333,36 +335,19 @@ def info(store: str = typer.Argument(..., help="Store folder or URL.")) -> None:
         raise _environment_fail(err) from None
     spec, n = st.spec, st.committed_tokens
     out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping of the table in logs and pipes
+    lossy = f", lossy: {spec.keep_bits} mantissa bits kept" if spec.keep_bits is not None else ""
     out.print(
         f"[bold]{store}[/]: {spec.model} (revision {spec.revision}), {n:,} / {spec.tokens_target:,} tokens committed"
         f"{' (complete)' if st.complete else ''}, format {st.format_version}, context {spec.context}, "
-        f"chunk/shard {spec.chunk_tokens:,}/{spec.shard_tokens:,} tokens, codec {spec.codec}, corpus {spec.corpus}"
+        f"chunk/shard {spec.chunk_tokens:,}/{spec.shard_tokens:,} tokens, codec {spec.codec}{lossy}, "
+        f"corpus {spec.corpus}"
     )
+    rows = info_rows(st)
     table = Table(title="arrays")
-    for col in ("array", "shape", "dtype", "stored", "ratio", "mean ||x||^2", "|mean|", "stats count"):
+    for col in rows[0]:
         table.add_column(col, justify="left" if col in ("array", "dtype") else "right")
-    total_stored = total_raw = 0
-    rows = [(acts_key(layer, site), (layer, site)) for layer, site in st.keys] + [
-        (k, None) for k in TOKEN_ARRAYS
-    ]
-    for key, layer_site in rows:
-        itemsize = st.array(key).dtype.itemsize
-        width = spec.d_model if layer_site else 1
-        raw, stored = n * width * itemsize, st.stored_bytes(key)
-        total_raw, total_stored = total_raw + raw, total_stored + stored
-        stats = ["", "", ""]
-        if layer_site:
-            s = st.running_stats(*layer_site)
-            stats = (
-                [f"{s.mean_sq_norm:.4g}", f"{float(np.linalg.norm(s.mean)):.4g}", f"{s.count:,}"]
-                if s.count
-                else ["-"] * 3
-            )
-        table.add_row(
-            key, f"{n:,} x {width}" if layer_site else f"{n:,}", spec.dtype if layer_site else str(TOKEN_ARRAYS[key]),
-            _size(stored), f"{stored / raw:.3f}" if raw else "-", *stats,
-        )  # fmt: skip
-    table.add_row("total", "", "", _size(total_stored), f"{total_stored / max(total_raw, 1):.3f}")
+    for row in rows:
+        table.add_row(*row.values())
     out.print(table)
 
 

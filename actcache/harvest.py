@@ -279,7 +279,9 @@ class _Run:
         self.done = start - sum(
             min(spec.shard_tokens, start - i * spec.shard_tokens) for i in sorted(writer.repairing)
         )
-        self.capture = Capture(find_blocks(model, plan.arch), plan.arch, plan.layers, plan.sites)
+        self.capture = Capture(
+            find_blocks(model, plan.arch), plan.arch, plan.layers, plan.sites, spec.aliases
+        )
         self.device = input_device(model)
         # The store the writer opened, handed on (never opened again by path).
         self.staging: Staging | None = None

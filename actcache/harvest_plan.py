@@ -31,7 +31,7 @@ from .models import (
     text_config,
 )
 from .objstore import RemotePath, is_url, store_exists
-from .sites import ArchSites, arch_sites, find_blocks, parse_layers, parse_sites, site_module
+from .sites import ArchSites, arch_sites, equal_sites, find_blocks, parse_layers, parse_sites, site_module
 from .store import Store, StoreError, StoreSpec, check_store_folder, damaged_shards, plan_bytes, plan_chunks
 
 
@@ -77,6 +77,8 @@ class HarvestConfig:
     """Activation codec pipeline (actcache.codecs.CODECS)."""
     compute_dtype: str | None = None
     """dtype the model computes in (default: fp32 on CPU, bf16 on GPU)."""
+    keep_bits: int | None = None
+    """Lossy mode: mantissa bits kept (rounded to nearest even) before compression; None: lossless."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,9 @@ def _harvest_config(
     """The resolved harvest configuration recorded in the store's spec (``StoreSpec.harvest_config``)."""
     compute = cfg.compute_dtype or dtype_name(default_compute_dtype(cfg.device))
     return {
-        k: v for k, v in asdict(cfg).items() if k not in ("chunk_tokens", "shard_tokens", "codec", "dtype")
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("chunk_tokens", "shard_tokens", "codec", "dtype", "keep_bits")
     } | {
         "layers": list(layers),
         "sites": list(sites),
@@ -214,10 +218,12 @@ def plan_harvest(cfg: HarvestConfig) -> HarvestPlan:
         shard_tokens=shard,
         codec=cfg.codec,
         harvest_config=harvest_config,
+        aliases=equal_sites(arch, layers, sites),
+        keep_bits=cfg.keep_bits,
     )
     spec.validate()
     itemsize = torch.finfo(parse_dtype(cfg.dtype)).bits // 8
-    raw = spec.tokens_target * d_model * itemsize * n_arrays
+    raw = spec.tokens_target * d_model * itemsize * len(spec.acts_keys)
     return HarvestPlan(
         config=cfg,
         source=source,

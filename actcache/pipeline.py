@@ -16,7 +16,7 @@ import torch
 from .harvest_plan import HarvestError
 from .models import parse_dtype
 from .stats import RunningStats
-from .store import Store, StoreSpec, StoreWriter
+from .store import FLAG_BOS, FLAG_PAD, Store, StoreSpec, StoreWriter
 
 
 @dataclass
@@ -99,11 +99,14 @@ class Pipeline:
     def _write(self, shard: int, start: int, key: str, rows_ND: torch.Tensor, job: ShardJob) -> int:
         for event in job.events:
             event.synchronize()
-        self.writer.write_shard(start, {key: rows_ND})
+        keep = None
+        if self.spec.keep_bits is not None:  # the rounding error is measured on the rows the statistics count
+            keep = (job.token_arrays["flags"][: job.rows] & (FLAG_BOS | FLAG_PAD)) == 0
+        self.writer.write_shard(start, {key: rows_ND}, keep, durable=True)
         return self._size(key, shard)
 
     def _write_tokens(self, job: ShardJob) -> int:
-        self.writer.write_shard(job.start, job.token_arrays)
+        self.writer.write_shard(job.start, job.token_arrays, durable=True)
         return sum(self._size(k, job.index) for k in job.token_arrays)
 
     def _size(self, key: str, shard: int) -> int:

@@ -167,7 +167,10 @@ class ActivationReader:
         def read(key: str) -> np.ndarray:
             return self.store.read_chunk(key, c)[a:b]
 
-        return read("flags"), read("token_ids"), [read(acts_key(*key)) for key in self.keys]
+        # Equal keys stored once (StoreSpec.aliases) are read once.
+        names = [self.store.spec.stored_key(acts_key(*key)) for key in self.keys]
+        arrays = {name: read(name) for name in dict.fromkeys(names)}
+        return read("flags"), read("token_ids"), [arrays[name] for name in names]
 
     def _load_group(self, epoch: int, group: int, pool: ThreadPoolExecutor) -> _Group:
         chunks = self.epoch_chunks(epoch)[group * self.mix_chunks : (group + 1) * self.mix_chunks]

@@ -46,6 +46,10 @@ class ArchSites:
     """Path of the attention-output module, relative to a block."""
     mlp_out: str
     """Path of the MLP-output module, relative to a block."""
+    chained: bool = True
+    """Block L's output is block L+1's input, nothing in between, so ``resid_post L`` and ``resid_pre L+1`` are
+    one tensor (true of every table entry: the models' forward hands each block's hidden states to the next;
+    hand-given ``--module-paths`` prove nothing, so False there)."""
 
 
 _LLAMA_LIKE = ArchSites(layers=("model.layers", "layers"), attn_out="self_attn", mlp_out="mlp")
@@ -86,6 +90,7 @@ def parse_module_paths(text: str) -> ArchSites:
         layers=(fields["layers"],),
         attn_out=fields.get("attn_out", ""),
         mlp_out=fields.get("mlp_out", ""),
+        chained=False,
     )
 
 
@@ -100,6 +105,19 @@ def arch_sites(model_type: str, module_paths: str | None = None) -> ArchSites:
             f"unknown architecture {model_type!r} (known: {', '.join(sorted(ARCH_TABLE))}); give its module "
             f"paths with {MODULE_PATHS_FLAG} {MODULE_PATHS_EXAMPLE}"
         ) from None
+
+
+def equal_sites(arch: ArchSites, layers: tuple[int, ...], sites: tuple[str, ...]) -> dict[str, str]:
+    """The (layer, site) keys that the architecture proves equal to another harvested key: alias -> stored key
+    ('acts/resid_pre/16' -> 'acts/resid_post/15'), for the store to hold each tensor once. The only equality the
+    table proves is the chained residual stream (``ArchSites.chained``); the sub-block outputs and the residual
+    stream differ by construction (resid_post L = resid_pre L + attn_out L + mlp_out L, or the normed sums)."""
+    if not arch.chained or not {"resid_pre", "resid_post"} <= set(sites):
+        return {}
+    held = set(layers)
+    return {
+        f"acts/resid_pre/{layer + 1}": f"acts/resid_post/{layer}" for layer in layers if layer + 1 in held
+    }
 
 
 def parse_sites(text: str) -> tuple[str, ...]:

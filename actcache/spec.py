@@ -13,13 +13,16 @@ from typing import Any
 import numpy as np
 
 from actcache.codecs import STORED_DTYPE, canonical_dtype, get_codec
+from actcache.lossy import KEEP_BITS_RATIO, MANTISSA_BITS
 
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 FLAG_BOS, FLAG_PAD = 1, 2
 FORMAT_NAME = "actcache-store"
-FORMAT_VERSION = 2
-"""2: a manifest binds every committed shard's bytes to its position (actcache/manifest.py); the store has an id.
-Format-1 stores still open, read and resume; verify checks their chunk checksums only."""
+FORMAT_VERSION = 3
+"""3: equal sites are stored once (StoreSpec.aliases) and activations may be rounded (StoreSpec.keep_bits); 2: a
+manifest binds every committed shard's bytes to its position (actcache/manifest.py); the store has an id.
+Format-2 stores open, read, resume and verify as before; format-1 stores open, read and resume; verify checks
+their chunk checksums only."""
 COMMIT_FILE = "commit.json"
 TOKEN_ARRAYS: dict[str, np.dtype] = {
     "token_ids": np.dtype(np.int32),
@@ -86,6 +89,11 @@ class StoreSpec:
     """Name of the activation codec pipeline (actcache.codecs.CODECS)."""
     harvest_config: dict = field(default_factory=dict)
     """The full resolved harvest configuration (JSON-serialisable)."""
+    aliases: dict = field(default_factory=dict)
+    """Activation keys stored once under another key that holds the same tensor ('acts/resid_pre/16' ->
+    'acts/resid_post/15'; actcache.sites.equal_sites): no array of their own (format 3)."""
+    keep_bits: int | None = None
+    """Lossy mode: mantissa bits kept (round-to-nearest-even) before compression; None: lossless (format 3)."""
 
     def __post_init__(self) -> None:
         # Normalise so that a spec built from the CLI equals the one read back from JSON.
@@ -93,6 +101,9 @@ class StoreSpec:
         object.__setattr__(self, "sites", tuple(str(s) for s in self.sites))
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         object.__setattr__(self, "harvest_config", json.loads(json.dumps(self.harvest_config)))
+        object.__setattr__(self, "aliases", {str(k): str(v) for k, v in sorted(self.aliases.items())})
+        if self.keep_bits is not None:
+            object.__setattr__(self, "keep_bits", int(self.keep_bits))
 
     def validate(self) -> None:
         """Raise StoreError naming the first inconsistent field."""
@@ -115,10 +126,29 @@ class StoreSpec:
             get_codec(self.codec)
         except ValueError as e:
             raise StoreError(str(e)) from None
+        grid = set(self.grid_keys)
+        for alias, target in self.aliases.items():
+            if alias not in grid or target not in grid or target in self.aliases or alias == target:
+                raise StoreError(f"bad alias {alias} -> {target}: both must be stored (layer, site) keys")
+        if self.keep_bits is not None and not 0 <= self.keep_bits <= MANTISSA_BITS[self.dtype]:
+            raise StoreError(
+                f"keep_bits {self.keep_bits} is outside 0..{MANTISSA_BITS[self.dtype]} for {self.dtype}; "
+                f"choose e.g. --keep-bits 2 (or omit it for a lossless store)"
+            )
+
+    @property
+    def grid_keys(self) -> list[str]:
+        """Every (layer, site) key the store answers for, aliases included."""
+        return [acts_key(layer, site) for layer in self.layers for site in self.sites]
 
     @property
     def acts_keys(self) -> list[str]:
-        return [acts_key(layer, site) for layer in self.layers for site in self.sites]
+        """The activation arrays on disk: every (layer, site) key but the aliases."""
+        return [k for k in self.grid_keys if k not in self.aliases]
+
+    def stored_key(self, key: str) -> str:
+        """The array that holds `key` (itself, or the key it is an alias of)."""
+        return self.aliases.get(key, key)
 
     @property
     def array_keys(self) -> list[str]:
@@ -127,6 +157,11 @@ class StoreSpec:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layers"], d["sites"] = list(self.layers), list(self.sites)
+        # Absent when unused: a format-2 spec serialises (and so digests: store id, genesis) as it did.
+        if not self.aliases:
+            del d["aliases"]
+        if self.keep_bits is None:
+            del d["keep_bits"]
         return d
 
     @classmethod
@@ -177,6 +212,8 @@ def plan_bytes(spec: StoreSpec) -> int:
     """Estimated bytes on disk of the finished store (for the harvest's disk check and --dry-run)."""
     itemsize = STORED_DTYPE[spec.dtype].itemsize
     ratio = get_codec(spec.codec).bf16_ratio if spec.dtype == "bfloat16" else 1.0
+    if spec.keep_bits is not None:  # measured on SmolLM2 (docs/benchmarks.md, "Lossy mode")
+        ratio = min(ratio, KEEP_BITS_RATIO.get(spec.keep_bits, ratio))
     acts = spec.tokens_target * spec.d_model * itemsize * len(spec.acts_keys) * ratio
     # Per-token arrays: 17 raw bytes per token, which compress to well under half.
     per_token = spec.tokens_target * sum(d.itemsize for d in TOKEN_ARRAYS.values()) * 0.5

@@ -151,6 +151,9 @@ class Store:
         self.committed_tokens: int = int(commit["committed_tokens"])
         self.complete: bool = bool(commit.get("complete", False))
         self._stats: dict[str, Any] = commit.get("stats", {})
+        self.rounding: dict[str, list[float]] = commit.get("rounding", {})
+        """Lossy mode (spec.keep_bits): stored key -> [squared rounding errors, squared values, squared deviations
+        from the shard means], summed over the committed shards (actcache.lossy.rounding_error)."""
         self.manifest: dict[str, Any] | None = commit.get("manifest")
         """{"shards", "chain", "genesis", "meta"} (actcache/manifest.py); None for format-1 stores."""
         if self.committed_tokens > self.spec.tokens_target:
@@ -230,7 +233,8 @@ class Store:
         return [(layer, site) for layer in self.spec.layers for site in self.spec.sites]
 
     def array(self, key: str) -> Any:
-        """The zarr array of a key ('acts/resid_post/3', 'token_ids', ...)."""
+        """The zarr array of a key ('acts/resid_post/3', 'token_ids', ...; an alias gives the array it names)."""
+        key = self.spec.stored_key(key)
         with self._lock:
             if key not in self._arrays:
                 if key not in self.spec.array_keys:
@@ -246,7 +250,7 @@ class Store:
                 f"{self.path} has no activations for layer {layer} site {site!r}; it holds layers "
                 f"{list(self.spec.layers)} and sites {list(self.spec.sites)}"
             )
-        return acts_key(layer, site)
+        return self.spec.stored_key(acts_key(layer, site))
 
     def acts(self, layer: int, site: str) -> Any:
         """The zarr array [tokens_target, d_model] (stored dtype); rows >= committed_tokens are not data."""
@@ -259,7 +263,8 @@ class Store:
             )
 
     def read_raw(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of an array in the stored dtype (bf16 as uint16 bits)."""
+        """Rows [start, stop) of an array in the stored dtype (bf16 as uint16 bits); an alias reads its array."""
+        key = self.spec.stored_key(key)
         self._check_range(start, stop)
         # zarr reads an absent shard file as fill values (zeros): a lost file must be an error, never data.
         for shard in range(start // self.spec.shard_tokens, math.ceil(stop / self.spec.shard_tokens)):
@@ -305,6 +310,7 @@ class Store:
         cached; committed shards never change), crc32c check, decompression in the calling thread.
         """
         spec = self.spec
+        key = spec.stored_key(key)
         start, stop = chunk * spec.chunk_tokens, min(self.committed_tokens, (chunk + 1) * spec.chunk_tokens)
         if not 0 <= start < self.committed_tokens:
             raise StoreError(
@@ -334,7 +340,7 @@ class Store:
 
     def chunk_decoder(self, key: str) -> ChunkDecoder | None:
         """The fast decoder of one inner chunk of `key` (None: a codec pipeline it does not know; use zarr)."""
-        return self._decoder(key)
+        return self._decoder(self.spec.stored_key(key))
 
     def _decoder(self, key: str) -> ChunkDecoder | None:
         with self._lock:

@@ -20,31 +20,27 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actcache.byteio import ByteStore, LocalByteStore, fsync_dir, open_bytes
-from actcache.codecs import META_CODEC, STORED_DTYPE, get_codec, to_stored
+from actcache.byteio import ByteStore, LocalByteStore, open_bytes
+from actcache.codecs import to_stored
+from actcache.create import create_store as _create
 from actcache.lock import StoreLock
+from actcache.lossy import round_mantissa, rounding_error
 from actcache.manifest import (
-    MANIFEST_DIR,
     ShardRecord,
-    canonical,
-    genesis,
     meta_digests,
     object_digest,
     read_record,
     seal,
-    sha256_hex,
     write_record,
 )
 from actcache.objstore import remove_store, store_exists, writer_lock
 from actcache.spec import (
     COMMIT_FILE,
     FORMAT_NAME,
-    FORMAT_VERSION,
     TOKEN_ARRAYS,
     StoreError,
     StoreSpec,
     acts_key,
-    parse_acts_key,
 )
 from actcache.stats import RunningStats
 from actcache.view import Store, _read_commit, _read_root_attrs, is_store
@@ -68,6 +64,12 @@ class StoreWriter:
         self._store = Store(self.io, _read_root_attrs(self.io))
         self._written: dict[str, dict[int, int]] = {k: {} for k in spec.array_keys}  # key -> shard -> rows
         self._digests: dict[str, dict[int, tuple[int, str]]] = {k: {} for k in spec.array_keys}
+        self.rounding: dict[str, list[float]] = {k: list(v) for k, v in commit.get("rounding", {}).items()}
+        """Lossy mode: key -> `lossy.rounding_error` summed over the committed shards."""
+        self._rounding: dict[tuple[str, int], tuple[float, ...]] = {}
+        """(key, shard) -> rounding error of a shard written, not yet committed."""
+        self._durable: set[str] = set()
+        """Shard files made durable by write_shard(durable=True), not yet committed."""
         self.manifest: dict[str, Any] | None = commit.get("manifest")
         """None for a format-1 store (resumed without a manifest)."""
         self.store_id: str | None = self._store.store_id
@@ -134,11 +136,16 @@ class StoreWriter:
                 self._arrays[key] = arr.with_config({"write_empty_chunks": True})
             return self._arrays[key]
 
-    def write_shard(self, start: int, arrays: Mapping[str, Any]) -> None:
+    def write_shard(
+        self, start: int, arrays: Mapping[str, Any], keep: np.ndarray | None = None, durable: bool = False
+    ) -> None:
         """Write one whole shard (rows [start, start + n), n <= shard_tokens) of some or all array keys.
 
         Thread-safe for distinct shards. Activations may be torch tensors or numpy (bf16: uint16 bits or floats).
-        The data stays invisible to readers until commit() covers it.
+        The data stays invisible to readers until commit() covers it. Lossy mode (spec.keep_bits): the values are
+        rounded, and the rounding error of the rows `keep` selects (default all; the harvest: neither BOS nor
+        padding) goes into the commit record. `durable`: make the files durable now, in the calling thread (the
+        harvest's writer threads, so that the commit of the last shard does not wait for them one by one).
         """
         spec = self.spec
         shard = start // spec.shard_tokens
@@ -167,16 +174,27 @@ class StoreWriter:
                     raise StoreError(
                         f"write_shard: {key} has shape {stored.shape}, expected {(n, spec.d_model)}"
                     )
+                if spec.keep_bits is not None:
+                    rounded = round_mantissa(stored, spec.dtype, spec.keep_bits)
+                    with self._lock:
+                        self._rounding[(key, shard)] = rounding_error(stored, rounded, spec.dtype, keep)
+                    stored = rounded
             # A torn shard from a killed run may sit here; remove it so zarr never reads it back.
             name = Store.shard_key(key, shard)
+            with self._lock:
+                self._durable.discard(name)
             self.io.delete(name)
             self._array(key)[start : start + n] = stored
             # The digest of the bytes zarr handed to the file (no re-read); read back only where zarr wrote by
             # a path the digesting store does not see.
             digest = self._zarr_store.pop_digest(name) or object_digest(self.io, name)
+            if durable:
+                self.io.make_durable([name])
             with self._lock:
                 self._written[key][shard] = n
                 self._digests[key][shard] = digest
+                if durable:
+                    self._durable.add(name)
 
     def commit(self, tokens: int, stats_update: Mapping[Any, RunningStats] | None = None) -> None:
         """Make rows [0, tokens) durable and visible; stats_update holds the statistics of the NEW rows only
@@ -196,14 +214,16 @@ class StoreWriter:
         ):
             # A committed shard is never rewritten, so a commit may only end inside a shard at its last row.
             raise StoreError(f"commit({tokens}) ends inside a shard that holds more rows")
-        self.io.make_durable(
-            Store.shard_key(key, shard) for key in spec.array_keys for shard in range(first, last)
-        )
+        names = [Store.shard_key(key, shard) for key in spec.array_keys for shard in range(first, last)]
+        with self._lock:
+            self.io.make_durable([name for name in names if name not in self._durable])
+            self._durable.difference_update(names)
         merged = {k: v.copy() for k, v in self.stats.items()}
         for key, update in (stats_update or {}).items():
             key = acts_key(*key) if isinstance(key, tuple) else key
             merged.setdefault(key, RunningStats(spec.d_model)).merge(update)
         complete = ends_short or tokens >= spec.tokens_target
+        rounding = self._merge_rounding(first, last)
         manifest = self._extend_manifest(first, last, tokens)
         record: dict[str, Any] = {
             "format": FORMAT_NAME,
@@ -212,12 +232,25 @@ class StoreWriter:
             "complete": complete,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "stats": {k: v.to_json() for k, v in merged.items()},
+            **({"rounding": rounding} if spec.keep_bits is not None else {}),
         }
         if manifest is not None:
             record = seal(record | {"store_id": self.store_id, "manifest": manifest})
         self.io.replace_json(COMMIT_FILE, record)
         self.committed_tokens, self.stats, self.complete = int(tokens), merged, complete
-        self.manifest = manifest
+        self.manifest, self.rounding = manifest, rounding
+
+    def _merge_rounding(self, first: int, last: int) -> dict[str, list[float]]:
+        """The committed rounding errors plus those of shards [first, last) (lossy mode; {} otherwise)."""
+        out = {k: list(v) for k, v in self.rounding.items()}
+        if self.spec.keep_bits is None:
+            return out
+        with self._lock:
+            for key in self.spec.acts_keys:
+                for shard in range(first, last):
+                    new = self._rounding.pop((key, shard), (0.0, 0.0, 0.0))
+                    out[key] = [a + b for a, b in zip(out.get(key, [0.0, 0.0, 0.0]), new, strict=True)]
+        return out
 
     def _extend_manifest(self, first: int, last: int, tokens: int) -> dict[str, Any] | None:
         """Write (fsynced) the manifest records of shards [first, last) and return the commit's manifest entry."""
@@ -264,6 +297,9 @@ class StoreWriter:
                     "harvest the store again"
                 )
         self.repairing.discard(shard)
+        with self._lock:  # its rounding error is committed already
+            for key in self.spec.acts_keys:
+                self._rounding.pop((key, shard), None)
         log.info("repaired shard %d of %s bit-exactly", shard, self.path)
 
     def finish(self) -> None:
@@ -321,80 +357,3 @@ def damaged_shards(store: Store, deep: bool = False) -> list[tuple[int, str]]:
             damaged.append((shard, why))
             break
     return damaged
-
-
-def _create(io: ByteStore, spec: StoreSpec) -> None:
-    """Create the group and every array, the commit record last: locally in a temporary folder renamed into place
-    (atomic); on an object store in place (every reader refuses a store without commit.json)."""
-    path, local = io.root, isinstance(io, LocalByteStore)
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}") if local else path
-    if local:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if path.exists():
-            path.rmdir()  # an empty folder
-        path.parent.mkdir(parents=True, exist_ok=True)
-    target = LocalByteStore(tmp) if local else io
-    # Derived from the spec, not random: two harvests of one spec are bit-identical stores (the content digests
-    # of the manifest tell their bytes apart if they ever differ).
-    store_id = sha256_hex(canonical(spec.to_json()))[:32]
-    attrs = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "store_id": store_id,
-        "spec": spec.to_json(),
-        "commit_file": COMMIT_FILE,
-    }
-    where = str(tmp) if local else io.zarr_store(read_only=False)
-    group = zarr.open_group(where, mode="w", attributes={"actcache": attrs})
-    codec = get_codec(spec.codec)
-    stored = STORED_DTYPE[spec.dtype]
-    common = dict(fill_value=0, config={"write_empty_chunks": True})
-    for key in spec.acts_keys:
-        layer, site = parse_acts_key(key)
-        group.create_array(
-            key,
-            shape=(spec.tokens_target, spec.d_model),
-            dtype=stored,
-            chunks=(spec.chunk_tokens, spec.d_model),
-            shards=(spec.shard_tokens, spec.d_model),
-            compressors=codec.chunk_codecs(
-                stored.itemsize, spec.chunk_tokens * spec.d_model * stored.itemsize
-            ),
-            dimension_names=("token", "d_model"),
-            attributes={"dtype": spec.dtype, "layer": layer, "site": site},
-            **common,
-        )
-    meta_codec = get_codec(META_CODEC)
-    for key, dtype in TOKEN_ARRAYS.items():
-        group.create_array(
-            key,
-            shape=(spec.tokens_target,),
-            dtype=dtype,
-            chunks=(spec.chunk_tokens,),
-            shards=(spec.shard_tokens,),
-            compressors=meta_codec.chunk_codecs(dtype.itemsize, spec.chunk_tokens * dtype.itemsize),
-            dimension_names=("token",),
-            **common,
-        )
-    meta = meta_digests(target, spec.array_keys)
-    start = genesis(store_id, spec.to_json(), meta)
-    if local:
-        (tmp / MANIFEST_DIR).mkdir()
-    target.replace_json(
-        COMMIT_FILE,
-        seal(
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "committed_tokens": 0,
-                "complete": False,
-                "stats": {},
-                "store_id": store_id,
-                "manifest": {"shards": 0, "chain": start, "genesis": start, "meta": meta},
-            }
-        ),
-    )
-    if local:
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    log.info("created store %s (%d arrays)", path, len(spec.array_keys))

@@ -3,7 +3,8 @@
 Default: the embedded SmolLM2-135M on the embedded corpus, 8192 tokens (32 windows of 256), all 30 layers x
 4 sites in bf16. The plain forward and the harvest alternate (``--repeats`` rounds) in one process, so load
 from other jobs hits both alike; each is reported as wall-clock tokens/s and tokens per process-CPU-second
-(all threads, the writers' included).
+(all threads, the writers' included). "tail": the wait after the last forward batch for the last shard's
+compression, writes and commit (nothing overlaps it; in a one-shard run that is the whole compression).
 
     python scripts/bench_harvest.py [--tokens 8192] [--context 256] [--batch-size 8] [--repeats 2]
 """
@@ -22,6 +23,7 @@ import torch
 
 from actcache.harvest import HarvestConfig, plan_harvest, run_harvest
 from actcache.models import load_model
+from actcache.pipeline import Pipeline
 from actcache.store import Store
 
 
@@ -72,6 +74,16 @@ def main() -> None:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_harvest_"))
     store_path = root / "store"
 
+    tails: list[float] = []
+    close = Pipeline.close
+
+    def timed_close(self: Pipeline) -> None:  # the wait after the forward: the last shard's writes and commit
+        t0 = time.perf_counter()
+        close(self)
+        tails.append(time.perf_counter() - t0)
+
+    Pipeline.close = timed_close
+
     def harvest() -> None:
         shutil.rmtree(store_path, ignore_errors=True)
         run_harvest(plan, store_path, model=model, workers=args.workers)
@@ -82,8 +94,9 @@ def main() -> None:
         for name, fn in (("forward", plain_forward), ("harvest", harvest)):
             wall, cpu = _timed(fn)
             rows[name].append((wall, cpu))
+            tail = f", tail after the forward {tails[-1]:.2f} s" if name == "harvest" else ""
             print(f"round {r}: {name:8s} {wall:7.1f} s wall, {cpu:7.1f} CPU-s, "
-                  f"{spec.tokens_target / wall:7.1f} tok/s, {spec.tokens_target / cpu:7.1f} tok/CPU-s")  # fmt: skip
+                  f"{spec.tokens_target / wall:7.1f} tok/s, {spec.tokens_target / cpu:7.1f} tok/CPU-s{tail}")  # fmt: skip
 
     n = spec.tokens_target
     fw = statistics.median(n / w for w, _ in rows["forward"])
@@ -98,13 +111,15 @@ def main() -> None:
     print(f"\nbytes per token per array (d_model {d}; raw bf16 {2 * d}, raw fp32 {4 * d}):")
     print("| site | stored bytes/token (mean over layers) | vs raw bf16 | vs raw fp32 |")
     print("| --- | --- | --- | --- |")
-    for site in spec.sites:
-        per_layer = [store.stored_bytes(f"acts/{site}/{layer}") / n for layer in spec.layers]
+    for site in spec.sites:  # the arrays on disk (an alias of resid_post L has none: stored once)
+        stored = [f"acts/{site}/{layer}" for layer in spec.layers if f"acts/{site}/{layer}" in spec.acts_keys]
+        per_layer = [store.stored_bytes(key) / n for key in stored]
         b = float(np.mean(per_layer))
         print(f"| {site} | {b:.0f} (min {min(per_layer):.0f}, max {max(per_layer):.0f}) "
               f"| {b / (2 * d):.3f} | {b / (4 * d):.3f} |")  # fmt: skip
     total = sum(store.stored_bytes(k) for k in spec.array_keys)
-    print(f"whole store: {total / n:.0f} bytes/token ({total / 1e6:.1f} MB for {n} tokens)")
+    print(f"whole store: {total / n:.0f} bytes/token ({total / 1e6:.1f} MB for {n} tokens), {len(spec.acts_keys)} "
+          f"activation arrays for {len(spec.grid_keys)} (layer, site) keys ({len(spec.aliases)} equal keys stored once)")  # fmt: skip
     if not args.out:
         shutil.rmtree(root)
 

@@ -91,7 +91,11 @@ def test_stored_activations_equal_independent_forward(tmp_path, tiny_corpus, arc
             want = to_stored(expected[f"acts/{site}/{layer}"], "float32")
             assert got.dtype == np.float32 and got.shape == (n, 64)
             assert np.array_equal(got, want), f"{arch} layer {layer} {site}"
-    # resid_post L is the next block's input, exactly.
+    # resid_post L is the next block's input, exactly: stored once, read under both keys.
+    assert store.spec.aliases == {
+        f"acts/resid_pre/{i + 1}": f"acts/resid_post/{i}" for i in range(N_LAYERS - 1)
+    }
+    assert not (store.path / "acts/resid_pre/1").exists() and (store.path / "acts/resid_pre/0").exists()
     for layer in range(N_LAYERS - 1):
         assert np.array_equal(
             store.read_acts(layer, "resid_post", 0, n, dtype="stored"),
@@ -205,3 +209,78 @@ def test_ctrl_c_commits_complete_shards_and_the_rerun_matches(tmp_path, tiny_cor
     for layer, site in reference.keys:
         a, b = resumed.running_stats(layer, site), reference.running_stats(layer, site)
         assert a.count == b.count and a.mean_sq_norm == b.mean_sq_norm and np.array_equal(a.mean, b.mean)
+
+
+def test_equal_sites_stored_once_and_read_back_as_the_model_produced(tmp_path, tiny_corpus):
+    """resid_pre L+1 = resid_post L is one array; both keys, every reader path, verify and info see it."""
+    from typer.testing import CliRunner
+
+    from actcache.cli import app
+    from actcache.reader import ActivationReader
+    from actcache.verify import verify_store
+
+    plan, model, store, _ = _harvest(
+        tmp_path, tiny_corpus, "llama", layers="1,2", sites="resid_pre,resid_post"
+    )
+    assert plan.spec.aliases == {"acts/resid_pre/2": "acts/resid_post/1"}
+    assert plan.spec.acts_keys == ["acts/resid_pre/1", "acts/resid_post/1", "acts/resid_post/2"]
+    assert sorted(p.name for p in (store.path / "acts/resid_pre").iterdir() if p.is_dir()) == ["1"]
+    n = store.committed_tokens
+    expected = _reference(model, "llama", store.read("token_ids", 0, n).reshape(-1, CONTEXT))
+    for layer, site in [(1, "resid_pre"), (1, "resid_post"), (2, "resid_pre"), (2, "resid_post")]:
+        want = expected[f"acts/{site}/{layer}"].numpy()
+        assert np.array_equal(store.read_acts(layer, site, 0, n), want), (layer, site)
+        assert np.array_equal(np.asarray(store.acts(layer, site)[:n]), want)
+        chunks = [
+            store.read_chunk(f"acts/{site}/{layer}", c) for c in range(-(-n // store.spec.chunk_tokens))
+        ]
+        assert np.array_equal(np.concatenate(chunks), want)
+    assert store.stats(2, "resid_pre")["count"] == store.stats(1, "resid_post")["count"] > 0
+    assert np.array_equal(store.stats(2, "resid_pre")["mean"], store.stats(1, "resid_post")["mean"])
+    # The shuffling reader under the alias key yields the same rows as under the stored key.
+    a, b = (
+        ActivationReader(store, [key], batch_size=64, seed=1, drop_bos=False, dtype=torch.float32)
+        for key in [(2, "resid_pre"), (1, "resid_post")]
+    )
+    got_a, got_b = next(iter(a)), next(iter(b))
+    assert torch.equal(got_a.acts[(2, "resid_pre")], got_b.acts[(1, "resid_post")])
+    report = verify_store(store.path)
+    assert report.ok and report.arrays == 3 + 4
+    info = CliRunner().invoke(app, ["info", str(store.path)])
+    assert (
+        info.exit_code == 0
+        and "acts/resid_pre/2 = acts/resid_post/1" in info.output
+        and "format 3" in info.output
+    )
+
+
+def test_keep_bits_harvest_rounds_and_records_its_error(tmp_path, tiny_corpus):
+    """--keep-bits 2: every stored value is the model's bf16 value rounded to 2 mantissa bits (nearest even);
+    the commit record holds the measured error; the reader returns float32."""
+    from actcache.lossy import ERROR_ROW_STRIDE, round_mantissa
+
+    plan, model, store, _ = _harvest(tmp_path, tiny_corpus, "llama", layers="2", sites="resid_post", dtype="bf16",
+                                     keep_bits=2)  # fmt: skip
+    assert store.spec.keep_bits == 2 and store.format_version == 3
+    n = store.committed_tokens
+    x = _reference(model, "llama", store.read("token_ids", 0, n).reshape(-1, CONTEXT))["acts/resid_post/2"]
+    bf16 = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    bits = store.read_acts(2, "resid_post", 0, n, dtype="stored")
+    assert np.array_equal(bits, round_mantissa(bf16, "bfloat16", 2))
+    assert not np.any(bits & 0x1F)  # the 5 low mantissa bits are zero
+    got = store.read_acts(2, "resid_post", 0, n)
+    full = (bf16.astype(np.uint32) << 16).view(np.float32)
+    assert got.dtype == np.float32
+    # Relative error of one value at most 2^-3 (half a unit in the last kept place).
+    assert np.all(np.abs(got - full) <= np.abs(full) * 2.0**-3 + 1e-30)
+    sq_err, sq, sq_centered = store.rounding["acts/resid_post/2"]
+    # Measured where the statistics count (not BOS, not padding), every 8th such row of each shard.
+    keep = (store.read("flags", 0, n) & (FLAG_BOS | FLAG_PAD)) == 0
+    assert 0 < keep.sum() < n
+    rows = np.concatenate(
+        [s0 + np.flatnonzero(keep[s0 : s0 + SHARD])[::ERROR_ROW_STRIDE] for s0 in range(0, n, SHARD)]
+    )
+    err = ((got - full)[rows].astype(np.float64) ** 2).sum()
+    assert sq_err == pytest.approx(err, rel=1e-9)
+    assert sq == pytest.approx((full[rows].astype(np.float64) ** 2).sum())
+    assert 0 < sq_err / sq < 2.0**-6 and sq_centered <= sq

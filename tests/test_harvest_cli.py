@@ -6,6 +6,7 @@ import json
 import shutil
 from collections import namedtuple
 
+import numpy as np
 import pytest
 from conftest import make_tokenizer
 from typer.testing import CliRunner
@@ -146,3 +147,44 @@ def test_ctrl_c_message_and_exit_code(tmp_path, tiny_llama_dir, tiny_corpus, mon
     result = _invoke(*_base(tiny_llama_dir, tiny_corpus, tmp_path / "s"))
     assert result.exit_code == 130
     assert "128 tokens committed" in result.stderr and "rerun the same command to resume" in result.stderr
+
+
+def test_keep_bits_harvest_equals_the_reencoded_lossless_harvest(tmp_path, tiny_llama_dir, tiny_corpus):
+    """`actcache harvest --keep-bits 2` writes the bytes that scripts/reencode_store.py writes from a lossless
+    harvest of the same command (the docs/benchmarks.md comparison re-encodes the demo store); resid_pre of layer
+    2 is stored once, as resid_post of layer 1, in both."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "reencode_store", Path(__file__).parents[1] / "scripts" / "reencode_store.py"
+    )
+    reencode_store = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reencode_store)
+    base = ["--layers", "1,2", "--sites", "resid_pre,resid_post", "--dtype", "bf16"]
+    assert _invoke(*_base(tiny_llama_dir, tiny_corpus, tmp_path / "full", *base)).exit_code == 0
+    result = _invoke(*_base(tiny_llama_dir, tiny_corpus, tmp_path / "lossy", *base, "--keep-bits", "2"))
+    assert result.exit_code == 0, result.output
+    bad = _invoke(*_base(tiny_llama_dir, tiny_corpus, tmp_path / "bad", *base, "--keep-bits", "9"))
+    _assert_bad_input(bad, "keep_bits 9 is outside 0..7")
+    full, lossy = Store.open(tmp_path / "full"), Store.open(tmp_path / "lossy")
+    assert lossy.spec.keep_bits == 2 and lossy.spec.aliases == {"acts/resid_pre/2": "acts/resid_post/1"}
+    again = reencode_store.reencode(
+        full, str(tmp_path / "again"), [1, 2], ["resid_pre", "resid_post"], 2, False
+    )
+    keys = ["acts/resid_pre/1", "acts/resid_post/1", "acts/resid_post/2"]
+    assert lossy.spec.acts_keys == keys and again.spec.acts_keys == keys
+    for key in [*keys, "token_ids", "flags"]:
+        for shard in range(4):
+            name = Store.shard_key(key, shard)
+            assert lossy.io.read(name) == again.io.read(name), name
+    assert lossy.rounding == again.rounding
+    # Statistics: the harvest's are of the model's values, the re-encoding's of the rounded ones (it has no other).
+    for layer, site in [(1, "resid_post"), (2, "resid_post")]:
+        a, b = lossy.stats(layer, site), again.stats(layer, site)
+        assert a["count"] == b["count"] > 0 and a["mean_sq_norm"] == pytest.approx(
+            b["mean_sq_norm"], rel=1e-2
+        )
+    # The lossy store's rows are the lossless ones rounded: within half a unit of the 3rd significant bit.
+    x, y = full.read_acts(1, "resid_post", 0, 256), lossy.read_acts(2, "resid_pre", 0, 256)
+    assert np.all(np.abs(y - x) <= np.abs(x) * 2.0**-3) and not np.array_equal(x, y)

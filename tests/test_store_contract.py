@@ -236,3 +236,22 @@ def test_verify_and_damaged_shards_see_a_changed_committed_byte(backend) -> None
     assert [s for s, _ in damaged_shards(store)] == [1]
     with pytest.raises(StoreError, match="missing"):
         store.read_raw(KEY, SHARD, 2 * SHARD)
+
+
+def test_shards_made_durable_at_write_are_not_synced_again_by_the_commit(tmp_path) -> None:
+    """write_shard(durable=True) (the harvest's writer threads) makes each shard file durable before the commit,
+    which then syncs only what is not durable yet; a shard written again without it is synced by the commit."""
+    io = RecordingByteStore(tmp_path / "s")
+    writer = StoreWriter.create_or_resume(io, spec())
+    arrays, stats = shard_data(0)
+    writer.write_shard(0, {KEY: arrays[KEY]}, durable=True)
+    writer.write_shard(0, {k: v for k, v in arrays.items() if k != KEY})
+    at_write = {key for op, key in io.calls if op == "make_durable"}
+    assert at_write == {Store.shard_key(KEY, 0)}
+    io.calls.clear()
+    writer.commit(SHARD, {KEY: stats})
+    synced = [key for op, key in io.calls if op == "make_durable"]
+    assert Store.shard_key(KEY, 0) not in synced
+    assert {Store.shard_key(k, 0) for k in ("token_ids", "doc_ids", "positions", "flags")} <= set(synced)
+    writer.close()
+    assert verify_store(tmp_path / "s").ok

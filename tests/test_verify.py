@@ -103,7 +103,7 @@ def test_cli_verify_and_info_exit_codes(store_copy: Path, tmp_path: Path) -> Non
     assert ok.exit_code == 0 and "every checksum and the manifest match" in ok.output
     info = runner.invoke(app, ["info", str(store_copy)])
     assert info.exit_code == 0
-    for text in ("acts/attn_out/3", "2,304 x 16", "bfloat16", "synthetic", "format 2", "2,304 / 2,304"):
+    for text in ("acts/attn_out/3", "2,304 x 16", "bfloat16", "synthetic", "format 3", "2,304 / 2,304"):
         assert text in info.output
     path = Store.open(store_copy).shard_path("token_ids", 0)
     data = bytearray(path.read_bytes())
