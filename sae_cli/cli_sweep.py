@@ -66,6 +66,7 @@ def sweep(
     ),
     device: str = typer.Option("auto", help=DOC["device"]),
     normalize: str = typer.Option("sample", help=DOC["normalize"]),
+    max_norm_ratio: float = typer.Option(0.0, help=DOC["max_norm_ratio"]),
     checkpoint_every: int = typer.Option(0, help=DOC["checkpoint_every"]),
     log_every: int = typer.Option(10, help=DOC["log_every"]),
     resume: bool = typer.Option(
@@ -97,6 +98,7 @@ def sweep(
                 loop = LoopConfig(
                     tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
                     normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
+                    max_norm_ratio=max_norm_ratio,
                 )  # fmt: skip
                 cfg = _fresh_config(
                     store=store, layer=layer, site=site, layers=layers, sites=sites, variants=variants,
