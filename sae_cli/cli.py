@@ -117,6 +117,7 @@ def train(
     autocast: str = typer.Option(None, help=DOC["autocast"]),
     device: str = typer.Option(None, help=DOC["device"]),
     normalize: str = typer.Option(None, help=DOC["normalize"]),
+    max_norm_ratio: float = typer.Option(None, help=DOC["max_norm_ratio"]),
     log_every: int = typer.Option(None, help=DOC["log_every"]),
     objective: str = typer.Option(None, help=DOC["objective"]),
     ds_layers: str = typer.Option(None, "--ds-layers", help=DOC["ds_layers"]),

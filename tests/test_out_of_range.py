@@ -121,3 +121,64 @@ def test_metrics_report_the_worst_tokens_by_hand() -> None:
     # the median norm of the batch is (2 + 2) / 2 = 2 (norms 0, 2, 2, 2.83)
     assert worst[0]["norm_over_median"] == pytest.approx(1.0)
     assert [w["fvu"] for w in worst if w["passed_through"]] == [0.0]
+
+
+@pytest.mark.slow
+def test_train_and_sweep_record_the_filter_with_the_token_ranges_and_eval_reports_worst_tokens(
+    tmp_path: Path,
+) -> None:
+    """Through the CLI's run path: `sae train` and `sae sweep` with --max-norm-ratio write it, the norms and the
+    token ranges into cfg.json; `sae eval` (held-out range with massive tokens) counts them as passed through,
+    and with --no-passthrough reports some of them worse than the mean."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sae_cli.cli import app
+
+    store, x_ND, massive_N = massive_store(tmp_path, n=4096)
+    common = [
+        "--store",
+        str(store.path),
+        "--layer",
+        "0",
+        "--l0-target",
+        "4",
+        "--width",
+        "4x",
+        "--tokens",
+        "1024",
+    ]
+    common += ["--batch-size", "256", "--eval-tokens", "1024", "--device", "cpu", "--max-norm-ratio", "5"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "jumprelu", *common, "--out", str(tmp_path / "solo")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, ["sweep", "--variants", "jumprelu", *common, "--no-eval", "--out", str(tmp_path / "sw")]
+    )
+    assert res.exit_code == 0, res.output
+    member = next((tmp_path / "sw" / "members").iterdir())
+    for folder in (tmp_path / "solo", member):
+        cfg = json.loads((folder / "cfg.json").read_text())
+        rec = cfg["training"]
+        assert (
+            rec["max_norm_ratio"] == 5.0
+            and rec["train_range"] == [0, 3072]
+            and rec["eval_range"] == [3072, 4096]
+        )
+        assert cfg["sae"]["passthrough_norm"] == pytest.approx(5 * rec["norm_median"])
+    n_massive = int(massive_N[3072:].sum())  # BOS positions (every 64th) are not massive: 5 + 97 j never is
+    res = runner.invoke(app, ["eval", str(tmp_path / "solo"), "--no-model", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    on = json.loads((tmp_path / "solo" / "eval.json").read_text())
+    assert on["passed_through"] == n_massive and on["massive_tokens"] == n_massive
+    assert "worse than the mean" in res.output
+    res = runner.invoke(
+        app, ["eval", str(tmp_path / "solo"), "--no-model", "--device", "cpu", "--no-passthrough"]
+    )
+    off = json.loads((tmp_path / "solo" / "eval.json").read_text())
+    assert off["passed_through"] == 0 and off["passthrough_norm"] is None
+    # the typical tokens are reconstructed alike (the tokens near the mean, with no feature active, have a per-token
+    # FVU above 1 in both); without the rule some massive tokens are worse than the mean too (2 of 11 here)
+    assert on["tokens_fvu_over_1"] < off["tokens_fvu_over_1"] <= on["tokens_fvu_over_1"] + n_massive
+    assert off["fvu"] > 10 * on["fvu"] and off["fvu_typical"] == pytest.approx(on["fvu_typical"], rel=1e-9)
