@@ -115,10 +115,13 @@ def evaluate(
     result["density_histogram"] = density_histogram(freq_F)
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
 
+    def spliced(x: torch.Tensor) -> torch.Tensor:  # the out-of-range rule applies in the splice too
+        return sae.reconstruct(x, passthrough)[1]
+
     if with_model:
         if lm is None:
             lm = lm_metrics(
-                [lambda x: sae.reconstruct(x, passthrough)[1]], store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
+                [spliced], store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
                 lm_windows_per_batch, report, model,
             )[0]  # fmt: skip
         result.update(lm)
