@@ -119,6 +119,7 @@ def train(
     autocast: str = typer.Option(None, help=DOC["autocast"]),
     device: str = typer.Option(None, help=DOC["device"]),
     normalize: str = typer.Option(None, help=DOC["normalize"]),
+    max_norm_ratio: float = typer.Option(None, help=DOC["max_norm_ratio"]),
     log_every: int = typer.Option(None, help=DOC["log_every"]),
     objective: str = typer.Option(None, help=DOC["objective"]),
     init_from: str = typer.Option(None, "--init-from", help=DOC["init_from"]),
@@ -234,6 +235,12 @@ def eval_cmd(
     ),
     device: str = typer.Option("auto", help="Torch device for the SAE and the model."),
     batch_size: int = typer.Option(4096, help="Tokens per SAE batch."),
+    no_passthrough: bool = typer.Option(
+        False,
+        "--no-passthrough",
+        help="Send every token through the SAE, also those its out-of-range rule passes through (cfg.json "
+        "passthrough_norm).",
+    ),
 ) -> None:
     """Evaluate an SAE on its store's held-out tokens (and, with the model, splice it into the LM)."""
     from .evaluate import DENSITY_PNG, EVAL_FILE, check_eval_options, evaluate
@@ -253,9 +260,23 @@ def eval_cmd(
                 device=dev,
                 batch_size=batch_size,
                 progress=report,
+                passthrough=not no_passthrough,
             )
     out_console.print(_eval_table(result))
     console.print(f"wrote {run / EVAL_FILE} and {run / DENSITY_PNG}")
+
+
+def _worst(r: dict[str, Any]) -> str:
+    worst = r.get("worst_tokens") or []
+    if not worst:
+        return "-"
+    return f"{worst[0]['fvu']:.3f} (norm {worst[0]['norm_over_median']:.1f}x median)"
+
+
+def _passed(r: dict[str, Any]) -> str:
+    if r.get("passthrough_norm") is None:
+        return "no rule"
+    return f"{r['passed_through']:,} (cut-off {r['passthrough_norm']:.4g})"
 
 
 def _eval_table(r: dict[str, Any]) -> Table:
@@ -270,6 +291,9 @@ def _eval_table(r: dict[str, Any]) -> Table:
         ("FVU", f"{r['fvu']:.4f}"),
         ("FVU without massive tokens", f"{r['fvu_typical']:.4f} ({r['massive_tokens']} massive)"),
         ("MSE", f"{r['mse']:.4g}"),
+        ("worst token FVU (vs. the mean)", _worst(r)),
+        ("tokens worse than the mean", f"{r['tokens_fvu_over_1']:,}"),
+        ("passed through (norm > cut-off)", _passed(r)),
         ("dead %", f"{r['dead_pct']:.2f}"),
         ("dense % (> 10 % of tokens)", f"{r['dense_pct']:.2f}"),
         ("shrinkage (rel. reconstruction bias)", f"{r['shrinkage']:.4f}"),

@@ -64,6 +64,7 @@ def sweep(
     no_eval: bool = typer.Option(False, "--no-eval", help="Train only; evaluate later: `sae pareto --eval`."),
     device: str = typer.Option("auto", help=DOC["device"]),
     normalize: str = typer.Option("sample", help=DOC["normalize"]),
+    max_norm_ratio: float = typer.Option(0.0, help=DOC["max_norm_ratio"]),
     checkpoint_every: int = typer.Option(0, help=DOC["checkpoint_every"]),
     log_every: int = typer.Option(10, help=DOC["log_every"]),
     resume: bool = typer.Option(
@@ -96,7 +97,7 @@ def sweep(
                 loop = LoopConfig(
                     tokens=tokens, batch_size=batch_size, seed=seed, eval_tokens=eval_tokens, device=device,
                     normalize=normalize, checkpoint_every=checkpoint_every, log_every=log_every,
-                    ds_layers=ds_layers,
+                    ds_layers=ds_layers, max_norm_ratio=max_norm_ratio,
                 )  # fmt: skip
                 cfg = _fresh_config(
                     store=store, layer=layer, site=site, layers=layers, sites=sites, variants=variants,

@@ -83,13 +83,15 @@ def evaluate(
     progress: Callable[[str, int, int], None] | None = None,
     model: Any = None,
     lm: dict[str, Any] | None = None,
+    passthrough: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json).
     `tokens`: at most this many held-out tokens for everything (0: all); `lm_tokens`: at most this many of them
     for the LM metrics, which cost three model passes per window (0: as `tokens`). `model`: the store's LM,
     already loaded on `device` (a sweep evaluates many SAEs with one load). `lm`: the LM metrics, already
     computed on `lm_range(...)` of this run (a sweep computes them for all its members at once). `store_path`: the
-    store (an open `Store`, or its path; default: the one the run recorded)."""
+    store (an open `Store`, or its path; default: the one the run recorded). `passthrough` False: evaluate the SAE
+    without its out-of-range rule (cfg.json's passthrough_norm), every token through the SAE."""
     check_eval_options(tokens, lm_tokens, batch_size)
     run = Path(run)
     cfg = io.read_cfg(run)
@@ -110,8 +112,8 @@ def evaluate(
     with torch.no_grad():
         for x_BD in eval_batches(store, key, (lo, hi), batch_size, drop_bos):
             x_BD = x_BD.to(device).float()
-            acts_BF = sae.encode(x_BD)
-            metrics.update(x_BD, sae.decode(acts_BF), acts_BF)
+            acts_BF, x_hat_BD = sae.reconstruct(x_BD, passthrough)
+            metrics.update(x_BD, x_hat_BD, acts_BF, sae.passed_through(x_BD) if passthrough else None)
             done += len(x_BD)
             report("reconstruction", done, hi - lo)
     result: dict[str, Any] = {
@@ -123,6 +125,7 @@ def evaluate(
         "d_sae": sae.cfg.d_sae,
         "l0_target": sae.cfg.l0_target,
         "eval_range": [lo, hi],
+        "passthrough_norm": sae.cfg.passthrough_norm if passthrough else None,
         **metrics.result(),
     }
     target = sae.cfg.l0_target  # 0: unknown (an imported SAE whose source records none)
@@ -131,10 +134,13 @@ def evaluate(
     result["density_histogram"] = density_histogram(freq_F)
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")
 
+    def spliced(x: torch.Tensor) -> torch.Tensor:  # the out-of-range rule applies in the splice too
+        return sae.reconstruct(x, passthrough)[1]
+
     if with_model:
         if lm is None:
             lm = lm_metrics(
-                [sae.forward], store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
+                [spliced], store, key, first_windows((lo, hi), lm_tokens, store.spec.context), device,
                 lm_windows_per_batch, report, model,
             )[0]  # fmt: skip
         result.update(lm)

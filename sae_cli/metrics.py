@@ -5,6 +5,10 @@
   per token (summed over d_in). Both also without massive-norm tokens: a token is massive when its norm
   exceeds `massive_ratio` (10) times the median token norm, the median taken from the first batch (>= a few
   thousand tokens gives it to within a few percent; massive tokens are ~0.03 % of tokens, methods.md).
+- Worst tokens: the per-token FVU ||x - x_hat||^2 / ||x - mean||^2 (1 = no better than predicting the data mean
+  for that token; the mean taken from the first batch, as the median), its largest value, how many tokens exceed
+  1, and the `WORST` worst tokens with their norms (in units of the median norm); tokens an SAE passed through
+  (its out-of-range rule, variants/base.py) are counted.
 - Dead %: share of latents that never fire on the evaluated tokens; dense %: share firing on > 10 % of them.
 - Shrinkage: the relative reconstruction bias gamma = argmin_g E||x_hat / g - x||^2 = E||x_hat||^2 / E<x_hat, x>
   (Rajamanoharan et al. 2024, arXiv 2404.16014 sec. 5; Wright & Sharkey 2024): 1 = unbiased, < 1 = the
@@ -24,6 +28,8 @@ from torch import Tensor
 
 DENSE_FREQ = 0.1
 """A latent firing on more than this share of tokens is dense."""
+WORST = 5
+"""Worst tokens listed by `ReconstructionMetrics.result`."""
 
 
 def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
@@ -83,19 +89,51 @@ class ReconstructionMetrics:
         self.typical = _Moments.zeros(d_in, self.device)
         self.fires_F = torch.zeros(d_sae, dtype=torch.float64, device=self.device)
         self.active = 0.0
+        self.mean_D: Tensor | None = None
+        self.over_one = 0
+        self.passed = 0
+        self.worst: list[tuple[float, float, bool]] = []
+        """(per-token FVU, norm, passed through) of the worst tokens so far, worst first."""
 
     @torch.no_grad()
-    def update(self, x_BD: Tensor, x_hat_BD: Tensor, acts_BF: Tensor) -> None:
+    def update(self, x_BD: Tensor, x_hat_BD: Tensor, acts_BF: Tensor, passed_B: Tensor | None = None) -> None:
+        """One batch: tokens, reconstructions, latents; `passed_B` (bool [B]): the tokens passed through."""
         x, x_hat = x_BD.double(), x_hat_BD.double()
         norm_B = x.norm(dim=1)
         if self.threshold is None:
             self.threshold = self.massive_ratio * float(norm_B.median())
+            self.mean_D = x.mean(0)
+        self._worst_tokens(x, x_hat, norm_B, passed_B)
         typical_B = norm_B <= self.threshold
         self.all.add(x, x_hat)
         self.typical.add(x[typical_B], x_hat[typical_B])
         fired_BF = acts_BF != 0
         self.fires_F += fired_BF.sum(0).double()
         self.active += float(fired_BF.sum())
+
+    def _worst_tokens(self, x: Tensor, x_hat: Tensor, norm_B: Tensor, passed_B: Tensor | None) -> None:
+        assert self.mean_D is not None
+        fvu_B = (x - x_hat).pow(2).sum(1) / (x - self.mean_D).pow(2).sum(1).clamp_min(1e-30)
+        self.over_one += int((fvu_B > 1).sum())
+        passed_B = (
+            torch.zeros_like(fvu_B, dtype=torch.bool) if passed_B is None else passed_B.to(fvu_B.device)
+        )
+        self.passed += int(passed_B.sum())
+        top = fvu_B.topk(min(WORST, len(fvu_B))).indices.tolist()
+        rows = [(float(fvu_B[i]), float(norm_B[i]), bool(passed_B[i])) for i in top]
+        self.worst = sorted(self.worst + rows, key=lambda r: -r[0])[:WORST]
+
+    def worst_result(self) -> dict:
+        median = self.threshold / self.massive_ratio if self.threshold else math.nan
+        return {
+            "fvu_token_max": self.worst[0][0] if self.worst else math.nan,
+            "tokens_fvu_over_1": self.over_one,
+            "passed_through": self.passed,
+            "worst_tokens": [
+                {"fvu": f, "norm": n, "norm_over_median": n / median, "passed_through": p}
+                for f, n, p in self.worst
+            ],
+        }
 
     def freq_F(self) -> Tensor:
         """Firing frequency per latent on the tokens seen."""
@@ -117,6 +155,7 @@ class ReconstructionMetrics:
             "dead_pct": 100.0 * float((freq_F == 0).double().mean()),
             "dense_pct": 100.0 * float((freq_F > DENSE_FREQ).double().mean()),
             "shrinkage": self.all.shrinkage(),
+            **self.worst_result(),
         }
 
 

@@ -114,8 +114,9 @@ def build_contenders(
         if args.ours:
             for variant in args.ours_variants:
                 out[f"ours {variant} l0={k}"] = peers.OursAdapter(
-                    variant, args.width, k, key, sample_BD, n_steps, args.batch
-                )
+                    variant, args.width, k, key, sample_BD, n_steps, args.batch,
+                    loop_overrides={"max_norm_ratio": args.max_norm_ratio, "seed": args.seed},
+                )  # fmt: skip
     return out
 
 
@@ -186,8 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="folder: save each SAELens peer's inference weights there (<label>.safetensors) for inspection",
     )
+    ap.add_argument(
+        "--max-norm-ratio",
+        type=float,
+        default=0.0,
+        help="drop training tokens above this multiple of the median norm for every contender (as `sae train "
+        "--max-norm-ratio`; 0: keep them); evaluation always sees every held-out token",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     args.k = [int(k) for k in args.k.split(",")]
     args.jumprelu = parse_jumprelu(args.jumprelu)
@@ -204,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.layer, args.site)
     train_range, eval_range = data.split(store, args.eval_tokens)
     # The same automatic batch size and run length as `sae train` on this store (sae_cli.config.resolve_loop).
-    loop = LoopConfig(batch_size=args.batch, tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed)
+    loop = LoopConfig(
+        batch_size=args.batch, tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed,
+        max_norm_ratio=args.max_norm_ratio,
+    )  # fmt: skip
     loop = resolve_loop(loop, train_range[1] - train_range[0])
     args.batch, args.tokens = loop.batch_size, loop.tokens
     n_steps = max(1, math.ceil(args.tokens / args.batch))
@@ -268,21 +280,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  evaluated {name}", flush=True)
     print()
     print(markdown_table(rows, n_steps * args.batch))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"argv": sys.argv, "source": source, "rows": rows}, indent=1))
     return 0
 
 
 def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
     lines = [
-        f"| SAE ({tokens:,} training tokens) | d_sae | L0 | FVU | FVU w/o massive tokens | dead % | shrinkage "
-        "| delta LM loss | CE recovered | train s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| SAE ({tokens:,} training tokens) | d_sae | L0 | FVU | FVU w/o massive tokens | worst token FVU | "
+        "tokens FVU > 1 | dead % | shrinkage | delta LM loss | CE recovered | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         train_s = "-" if r["train_s"] != r["train_s"] else f"{r['train_s']:.0f}"
         lm = f"{r['delta_lm_loss']:.4f} | {r['ce_recovered']:.4f}" if "delta_lm_loss" in r else "- | -"
         lines.append(
             f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['fvu_typical']:.4f} | "
-            f"{r['dead_pct']:.1f} | {r['shrinkage']:.3f} | {lm} | {train_s} |"
+            f"{r['fvu_token_max']:.3g} | {r['tokens_fvu_over_1']} | {r['dead_pct']:.1f} | {r['shrinkage']:.3f} | {lm} | {train_s} |"
         )
     return "\n".join(lines)
 

@@ -327,30 +327,42 @@ class OursAdapter:
             l0_target=l0_target,
             options=options or {},
         )
-        plan = plan_member(member, sample_BD.shape[1], Path(self._tmp.name) / "sae")
+        # the run's length in steps, as `sae train` passes it: the default lr includes the short-run factor
+        plan = plan_member(member, sample_BD.shape[1], Path(self._tmp.name) / "sae", total_steps)
         tokens = total_steps * batch_size
         loop = LoopConfig(tokens=tokens, batch_size=batch_size, device="cpu", **(loop_overrides or {}))
         self.trainer = Trainer([plan], loop, _NoReader(), Path(self._tmp.name) / "run", tokens, device="cpu")
         self.trainer.start({key: sample_BD})
+        self.sample_BD, self.batch_size = sample_BD, batch_size
+        self.max_norm_ratio = float((loop_overrides or {}).get("max_norm_ratio", 0.0))
         self.sae: Any = None
 
     def step(self, x_BD: Tensor) -> None:
         self.trainer._step(_Batch({self.key: x_BD}))
 
     def finish(self) -> None:
-        """The SAE as `sae train` saves it: a fresh copy with the input scale folded in."""
+        """The SAE as `sae train` saves it (training/finish.py): a fresh copy, calibrated (here on the
+        normalisation sample: the adapter holds no windows back), the input scale folded in, and with a norm
+        filter its out-of-range rule."""
+        import dataclasses
+
         from sae_cli.registry import get_variant
+        from sae_cli.training.finish import norm_record
 
         m = self.trainer.members[0]
         sae = get_variant(m.plan.sae_cfg.variant)(m.plan.sae_cfg)
         sae.load_state_dict(m.sae.state_dict())
+        sae.calibrate(self.sample_BD.float() * m.scale, self.batch_size)
         sae.fold_scale(m.scale)
+        cutoff = norm_record(self.max_norm_ratio, self.sample_BD).get("norm_cutoff")
+        if cutoff is not None:
+            sae.cfg = dataclasses.replace(sae.cfg, passthrough_norm=cutoff)
         self.sae = sae.eval()
 
     @torch.no_grad()
     def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        acts_BF = self.sae.encode(x_BD)
-        return self.sae.decode(acts_BF), acts_BF
+        acts_BF, x_hat_BD = self.sae.reconstruct(x_BD)
+        return x_hat_BD, acts_BF
 
 
 class LoadedSAE:
@@ -370,8 +382,8 @@ class LoadedSAE:
 
     @torch.no_grad()
     def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        acts_BF = self.sae.encode(x_BD)
-        return self.sae.decode(acts_BF), acts_BF
+        acts_BF, x_hat_BD = self.sae.reconstruct(x_BD)  # the out-of-range rule applies, as in `sae eval`
+        return x_hat_BD, acts_BF
 
 
 # ---- factory, scaling, timing -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ The class of the SAE (sae_cli/variants) decides the row, so a subclass of BatchT
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ FORMAT_VERSION = "6.0.0"
 LOG_EPS = 1e-10
 """log10(frequency + eps), as SAELens writes sparsity.safetensors."""
 ARCHITECTURES = ("standard", "gated", "jumprelu", "topk")
+
+log = logging.getLogger("sae_cli.formats")
 
 
 # ---- export ----------------------------------------------------------------------------------------------------
@@ -94,8 +97,17 @@ def export_saelens(run: Path, out: Path, *, overwrite: bool = False, hook_name: 
             "exported_by": "sae_cli",
             "variant": sae.cfg.variant,
             "l0_target": sae.cfg.l0_target,
+            # SAELens has no out-of-range rule: recorded here, not applied by sae_lens (docs/formats.md)
+            **({"passthrough_norm": sae.cfg.passthrough_norm} if sae.cfg.passthrough_norm else {}),
         },
     }
+    if sae.cfg.passthrough_norm:
+        log.warning(
+            "%s passes tokens with norm above %.4g through unchanged (trained with --max-norm-ratio); SAELens has no "
+            "such rule: the exported SAE encodes them as any other token",
+            run,
+            sae.cfg.passthrough_norm,
+        )
     freq_F = load_densities(run)
     with C.whole_folder(out, overwrite) as tmp:
         write_tensors_atomic(tmp / WEIGHTS_FILE, {k: v.contiguous() for k, v in state.items()})

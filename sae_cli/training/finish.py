@@ -4,9 +4,13 @@ the metrics written. Only the main rank of a process group saves (the ranks hold
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
 
 from .. import io
 from ..registry import get_variant
@@ -28,10 +32,32 @@ class TrainResult:
     summaries: list[dict[str, Any]]
 
 
+def norm_record(max_norm_ratio: float, x_ND: Tensor | None) -> dict[str, Any]:
+    """What the SAE's record says of the token norms it was trained on: the outlier filter's ratio (0: none), and
+    on the calibration tokens (raw units; the training range's tail or the normalisation sample, both read
+    through the training filters) the median, 99.9th percentile and largest norm; with a filter, its cut-off
+    ratio x median (the reader takes the median per group of chunks, so its cut-off varies by a few percent)."""
+    rec: dict[str, Any] = {"max_norm_ratio": float(max_norm_ratio)}
+    if x_ND is None or len(x_ND) == 0:
+        return rec
+    norm_N = x_ND.float().norm(dim=-1)
+    median = float(norm_N.median())
+    rec.update(
+        norm_tokens=len(norm_N),
+        norm_median=median,
+        norm_p999=float(torch.quantile(norm_N, 0.999)) if len(norm_N) <= 1 << 24 else None,
+        norm_max=float(norm_N.max()),
+    )
+    if max_norm_ratio > 0:
+        rec["norm_cutoff"] = max_norm_ratio * median
+    return rec
+
+
 def summary(tr: Trainer, m: Member) -> dict[str, Any]:
     """What cfg.json records of the training of member `m`."""
     return {
         **tr.extra_summary,
+        **norm_record(tr.loop.max_norm_ratio, tr.calibration.get(m.plan.key)),
         "name": m.plan.name,
         "layer": m.plan.key[0],
         "site": m.plan.key[1],
@@ -64,6 +90,8 @@ def save_member(tr: Trainer, m: Member, record: dict[str, Any]) -> None:
         sae.calibrate(x_ND, tr.loop.batch_size)
     sae = sae.cpu()
     sae.fold_scale(m.scale)
+    if record.get("norm_cutoff") is not None:  # tokens past the filter's cut-off were never trained on
+        sae.cfg = dataclasses.replace(sae.cfg, passthrough_norm=float(record["norm_cutoff"]))
     io.save_sae(m.plan.out_dir, sae, record, freq_F=m.freq_F.cpu())
 
 

@@ -39,6 +39,11 @@ class SAEConfig:
     """Target mean number of active latents per token (k for TopK-like variants; the steering target otherwise)."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Variant-specific hyper-parameters; validated against the variant's `Options` dataclass."""
+    passthrough_norm: float | None = None
+    """Out-of-range rule: a token whose norm exceeds this comes back unchanged from `forward` / `reconstruct`
+    (x_hat = x, no latent active). Set at the end of a run that dropped tokens above a norm from its training
+    (--max-norm-ratio), to that cut-off in raw units (the ratio times the median token norm of the calibration
+    tokens); None: every token goes through the SAE. docs/variants.md, "Tokens outside the training range"."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "options": dict(self.options)}
@@ -124,7 +129,26 @@ class SAE(nn.Module):
         return acts_BF @ self.W_dec_FD + self.b_dec_D
 
     def forward(self, x_BD: Tensor) -> Tensor:
-        return self.decode(self.encode(x_BD))
+        """The reconstruction under the inference rule, the pass-through rule applied (what the splice uses)."""
+        return self.reconstruct(x_BD)[1]
+
+    def passed_through(self, x_BD: Tensor) -> Tensor | None:
+        """Bool [B]: the tokens the out-of-range rule passes through (norm above cfg.passthrough_norm); None when
+        the SAE has no such rule."""
+        limit = self.cfg.passthrough_norm
+        return None if limit is None else x_BD.norm(dim=-1) > limit
+
+    def reconstruct(self, x_BD: Tensor, passthrough: bool = True) -> tuple[Tensor, Tensor]:
+        """(latents [B, d_sae], reconstruction [B, d_in]) under the inference rule. `passthrough` (default): a token
+        of norm above cfg.passthrough_norm comes back as it is, with no latent active (the SAE never saw such a
+        token in training; its rule can fire thousands of latents on it)."""
+        acts_BF = self.encode(x_BD)
+        x_hat_BD = self.decode(acts_BF)
+        mask_B = self.passed_through(x_BD) if passthrough else None
+        if mask_B is not None:
+            acts_BF = acts_BF.masked_fill(mask_B[:, None], 0.0)
+            x_hat_BD = torch.where(mask_B[:, None], x_BD, x_hat_BD)
+        return acts_BF, x_hat_BD
 
     def training_loss(self, x_BD: Tensor, state: StepState) -> LossOutput:
         raise NotImplementedError

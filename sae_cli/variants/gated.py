@@ -32,10 +32,18 @@ class GatedSAE(SAE):
     class Options:
         b_dec_init: str = "median"
         """Decoder bias init from the first batch: "median" (geometric), "mean" or "zero"."""
+        aux_coef: float = 0.0
+        """Weight of an AuxK term on the gate (TopK's, arXiv 2406.04093): the dead latents' k_aux largest ReLU gate
+        pre-activations reconstruct the residual, which pulls their gate rows back to where they open. 0: off."""
+        k_aux: int | None = None
+        """Latents in the AuxK reconstruction; None = d_in // 2."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         C.check_choice("b_dec_init", self.opts.b_dec_init, ("median", "mean", "zero"))
+        if self.opts.aux_coef < 0:
+            raise ValueError(f"option aux_coef must be >= 0, got {self.opts.aux_coef}")
+        self.k_aux = self.opts.k_aux if self.opts.k_aux is not None else max(1, cfg.d_in // 2)
         self.r_mag_F = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag_F = nn.Parameter(torch.zeros(cfg.d_sae))
 
@@ -64,6 +72,13 @@ class GatedSAE(SAE):
         loss = recon.loss + state.sparsity_coef * sparsity + aux
         l0 = fired_F.sum().float() / x_BD.shape[0]
         parts = {**recon.parts, "sparsity": sparsity.detach(), "aux": aux.detach()}
+        if self.opts.aux_coef > 0:
+            x_in_BD = x_BD - self.b_dec_D
+            auxk = C.aux_residual_loss(
+                x_in_BD, self.W_enc_FD, self.b_enc_F, self.W_dec_FD, state.dead_F, x_BD - x_hat_BD, self.k_aux
+            )
+            loss = loss + self.opts.aux_coef * auxk
+            parts["auxk"] = auxk.detach()
         return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
 
     def firing_margin(self, x_BD: Tensor) -> Tensor:

@@ -43,12 +43,18 @@ class JumpReLUSAE(SAE):
         """Decoder bias init from the first batch: "zero" (Gemma Scope), "mean" or "median"."""
         unit_norm_decoder: bool = False
         """Keep decoder rows at unit norm (gradient projection + renormalisation) instead of free norms."""
+        aux_coef: float = 0.0
+        """Weight of an AuxK term (TopK's, arXiv 2406.04093): the dead latents' k_aux largest ReLU pre-activations
+        reconstruct the residual, which pulls their encoder rows back to where they fire. 0: off."""
+        k_aux: int | None = None
+        """Latents in the AuxK reconstruction; None = d_in // 2."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         C.check_choice("b_dec_init", self.opts.b_dec_init, ("median", "mean", "zero"))
-        if self.opts.bandwidth <= 0 or self.opts.theta_init < 0:
-            raise ValueError("option bandwidth must be > 0 and theta_init >= 0")
+        if self.opts.bandwidth <= 0 or self.opts.theta_init < 0 or self.opts.aux_coef < 0:
+            raise ValueError("option bandwidth must be > 0, theta_init >= 0 and aux_coef >= 0")
+        self.k_aux = self.opts.k_aux if self.opts.k_aux is not None else max(1, cfg.d_in // 2)
         self.unit_norm_decoder = self.opts.unit_norm_decoder  # instance override of the class default
         self.theta_F = nn.Parameter(
             torch.full((cfg.d_sae,), float(self.opts.theta_init), dtype=torch.float32)
@@ -70,8 +76,15 @@ class JumpReLUSAE(SAE):
         recon = reconstruction(state, x_BD, x_hat_BD)
         l0_penalty = l0_B.mean()
         loss = recon.loss + state.sparsity_coef * l0_penalty
+        parts = {**recon.parts, "sparsity": l0_penalty.detach()}
+        if self.opts.aux_coef > 0:
+            aux = C.aux_residual_loss(
+                x_BD, self.W_enc_FD, self.b_enc_F, self.W_dec_FD, state.dead_F, x_BD - x_hat_BD, self.k_aux
+            )
+            loss = loss + self.opts.aux_coef * aux
+            parts["aux"] = aux.detach()
         l0 = fired_F.sum().float() / x_BD.shape[0]
-        return LossOutput(loss, x_hat_BD, {**recon.parts, "sparsity": l0_penalty.detach()}, l0, fired_F)
+        return LossOutput(loss, x_hat_BD, parts, l0, fired_F)
 
     def firing_margin(self, x_BD: Tensor) -> Tensor:
         return self.pre_acts(x_BD) - self.theta_F
