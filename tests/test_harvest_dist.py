@@ -92,7 +92,8 @@ def test_a_killed_rank_then_a_rerun_on_one_process_completes(
     staged = sorted(int(p.stem) for p in (out / PENDING_DIR).iterdir())
     assert staged and min(staged) > partial // SHARD, (staged, partial)
     files = {p: p.stat().st_mtime_ns for s in staged for p in out.glob(f"acts/*/*/c/{s}/0")}
-    assert len(files) == 12 * len(staged)
+    on_disk = len(Store.open(out).spec.acts_keys)  # activation arrays on disk (aliased equal sites: once)
+    assert on_disk >= 2 and len(files) == on_disk * len(staged)
 
     results = wait_all(start_ranks(cmd, 1))  # another world size
     assert [code for code, _ in results] == [0], results
