@@ -270,8 +270,14 @@ def check_resume(
         return 0, []
     store = Store.open(path)  # raises: not a store / newer format version / damaged commit record
     if store.spec != plan.spec:
+        diff = store.spec.diff(plan.spec)
+        if all(d.startswith("equal sites stored once") for d in diff):  # a format-2 store of the same run
+            raise StoreError(
+                f"{path} is a finished or partial store of an older format (equal sites stored twice); this version "
+                "cannot add to it: pass --overwrite to harvest it again (it still reads as it is)"
+            )
         raise StoreError(
-            f"{path} holds a store with a different config ({'; '.join(store.spec.diff(plan.spec))}); to resume "
+            f"{path} holds a store with a different config ({'; '.join(diff)}); to resume "
             "rerun the same command, or pass --overwrite to replace it"
         )
     return store.committed_tokens, damaged_shards(store, deep)

@@ -170,21 +170,26 @@ class StoreSpec:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def diff(self, other: StoreSpec) -> list[str]:
-        """Names of the fields that differ, each with both values."""
+        """Names of the fields that differ, each with both values (a field only one side records included)."""
         a, b = self.to_json(), other.to_json()
         out = []
-        for k in a:
-            if a[k] == b[k]:
+        for k in dict.fromkeys([*a, *b]):
+            va, vb = a.get(k), b.get(k)
+            if va == vb:
                 continue
-            if isinstance(a[k], dict) and isinstance(b[k], dict):  # harvest_config: only the keys that differ
-                keys = sorted(set(a[k]) | set(b[k]))
+            if k == "aliases":  # format 3 stores equal sites once: say so rather than list 29 pairs
+                out.append(
+                    f"equal sites stored once: {len(va or {})} != {len(vb or {})} aliases (format 2 vs 3)"
+                )
+            elif isinstance(va, dict) and isinstance(vb, dict):  # harvest_config: only the keys that differ
+                keys = sorted(set(va) | set(vb))
                 out += [
-                    f"{k}.{sub}: {a[k].get(sub)!r} != {b[k].get(sub)!r}"
+                    f"{k}.{sub}: {va.get(sub)!r} != {vb.get(sub)!r}"
                     for sub in keys
-                    if a[k].get(sub) != b[k].get(sub)
+                    if va.get(sub) != vb.get(sub)
                 ]
             else:
-                out.append(f"{k}: {a[k]!r} != {b[k]!r}")
+                out.append(f"{k}: {va!r} != {vb!r}")
         return out
 
 

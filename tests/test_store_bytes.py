@@ -79,6 +79,14 @@ def test_spec_aliases_and_keep_bits_are_checked_and_serialised_only_when_used():
     assert StoreSpec.from_json(spec.to_json()) == spec
     assert spec.acts_keys == ["acts/resid_pre/0", "acts/resid_post/0", "acts/resid_post/1"]
     assert spec.stored_key("acts/resid_pre/1") == "acts/resid_post/0"
+    # A format-2 spec against today's: the difference is named (a key only one side records included)
+    assert plain.diff(StoreSpec(**base, aliases={"acts/resid_pre/1": "acts/resid_post/0"})) == [
+        "equal sites stored once: 0 != 1 aliases (format 2 vs 3)"
+    ]
+    assert spec.diff(plain) == [
+        "equal sites stored once: 1 != 0 aliases (format 2 vs 3)",
+        "keep_bits: 2 != None",
+    ]
     for bad in (
         dict(aliases={"acts/resid_pre/2": "acts/resid_post/1"}),
         dict(aliases={"acts/resid_pre/1": "acts/resid_pre/1"}),
