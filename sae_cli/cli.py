@@ -210,7 +210,7 @@ def _header(prep: Any) -> None:
     if plan.objective != "local":
         s = prep.trainer.extra_summary
         console.print(
-            f"objective {plan.objective}: KL x {s['kl_coef']:g}"
+            f"objective {plan.objective}: KL x {s['kl_coef'][plan.objective]:g}"
             + (f" + {s['ds_coef']:g} x MSE at layers {s['ds_layers']}" if "ds_layers" in s else "")
             + f", {s['windows_per_batch']} windows per batch, {s['blocks_per_step']} blocks per step, KL in chunks "
             f"of {s['kl_chunk_positions']} positions (peak ~{s['kl_peak_bytes'] / 2**20:.0f} MiB of logits)"

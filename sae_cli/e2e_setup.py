@@ -147,7 +147,7 @@ def build(
     first = objectives[names[0]]
     summary = {
         "objectives": names,
-        "kl_coef": first.kl_coef,
+        "kl_coef": {name: obj.kl_coef for name, obj in objectives.items()},
         **({"ds_layers": list(ds), "ds_coef": loop.ds_coef} if ds else {}),
         "windows_per_batch": windows,
         "tail_starts": {f"{s}/{ly}": f"acts/{ss}/{sl}" for (ly, s), (sl, ss) in starts.items()},
