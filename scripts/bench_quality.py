@@ -28,7 +28,10 @@ Hyper-parameters (what we chose and why):
   quadratic, coef 1, theta0 = bw = 0.001 on unit scale: with their scale and defaults the threshold, which Adam
   moves by about lr per step, cannot keep up with pre-activations 24x larger, and L0 stays in the thousands
   within a short run (docs/benchmarks.md, "Quality");
-- sparsify TopK: AuxK alpha 1/32 (its default is 0), dead window 10 % of the run, Adam.
+- sparsify TopK, one contender per --sparsify-optimizers entry: "signum" = sparsify's own defaults (its SignSGD
+  inside schedule-free momentum 0.95, lr 5e-3 / sqrt(d_sae / 2^14), no schedule, AuxK off, evaluated at the
+  schedule-free average); "adam" = the Adam settings above with AuxK alpha 1/32 (its default is 0) and a dead
+  window of 10 % of the run.
 """
 
 from __future__ import annotations
@@ -109,13 +112,21 @@ def build_contenders(
             label += f", theta0 {cfg.jumprelu_init_threshold:g}, bw {cfg.jumprelu_bandwidth:g}"
             label += f", lr {cfg.resolved_lr():.2g}, {e['scale']} scale"
             out[label] = peers.make_peer("saelens", "jumprelu", cfg, c)
-        if args.sparsify:
-            out[f"sparsify topk k={k}"] = peers.make_peer("sparsify", "topk", base, scale)
+        for opt in args.sparsify_optimizers if args.sparsify else []:
+            cfg = dataclasses.replace(base, sparsify_optimizer=opt)
+            if opt == "signum":  # sparsify's own defaults: its lr rule, no schedule, AuxK off
+                cfg = dataclasses.replace(cfg, aux_coef=0.0, lr=args.lr or None)
+            out[f"sparsify topk k={k} ({opt})"] = peers.make_peer("sparsify", "topk", cfg, scale)
         if args.ours:
-            for variant in args.ours_variants:
-                out[f"ours {variant} l0={k}"] = peers.OursAdapter(
-                    variant, args.width, k, key, sample_BD, n_steps, args.batch,
-                    loop_overrides={"max_norm_ratio": args.max_norm_ratio, "seed": args.seed},
+            for entry in args.ours_variants:
+                variant, _, optimizer = entry.partition(":")
+                overrides = {"max_norm_ratio": args.max_norm_ratio, "seed": args.seed}
+                if optimizer:  # schedule-free: no decay (warm-up kept)
+                    overrides["decay_fraction"] = 0.0
+                label = f"ours {variant} l0={k}" + (f" ({optimizer})" if optimizer else "")
+                out[label] = peers.OursAdapter(
+                    variant, args.width, k, key, sample_BD, n_steps, args.batch, loop_overrides=overrides,
+                    optimizer=optimizer,
                 )  # fmt: skip
     return out
 
@@ -164,8 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         "--no-saelens-topk", dest="saelens_topk", action="store_false", help="leave SAELens TopK out"
     )
     ap.add_argument("--no-sparsify", dest="sparsify", action="store_false", help="leave sparsify TopK out")
+    ap.add_argument(
+        "--sparsify-optimizers",
+        default="signum",
+        help="sparsify TopK contenders: signum (its defaults: SignSGD + schedule-free), adam (ours' settings)",
+    )
     ap.add_argument("--ours", action="store_true", help="also train ours here (library, same batches)")
-    ap.add_argument("--ours-variants", default="topk,jumprelu", help="our variants trained with --ours")
+    ap.add_argument(
+        "--ours-variants",
+        default="topk,jumprelu",
+        help="our variants trained with --ours; VARIANT:signum[@LR] swaps our Adam for schedule-free SignSGD",
+    )
     ap.add_argument(
         "--ours-runs", nargs="*", default=[], help="finished `sae train --out` folders to evaluate"
     )
@@ -201,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args.k = [int(k) for k in args.k.split(",")]
     args.jumprelu = parse_jumprelu(args.jumprelu)
     args.ours_variants = args.ours_variants.split(",")
+    args.sparsify_optimizers = args.sparsify_optimizers.split(",")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 

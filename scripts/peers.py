@@ -14,8 +14,10 @@ peer's own classes:
   (embedding_bag) decoder; its forward returns the FVU and AuxK losses. The step mirrors its `Trainer.fit`:
   decoder rows renormalised before the forward, b_dec = batch mean on the first step, dead-latent mask for
   AuxK, remove the decoder-parallel gradient, optimiser + linear-warm-up scheduler, fired bookkeeping.
-  sparsify defaults to SignSGD + schedule-free; we use its `optimizer="adam"` branch (torch Adam, lr
-  2e-4 / sqrt(d_sae / 2^14)) so that every library runs the same optimiser.
+  Two optimisers, as its `Trainer` builds them: `optimizer="signum"`, its default (its `SignSGD` inside
+  `schedulefree.ScheduleFreeWrapper(momentum=0.95)`, lr 5e-3 / sqrt(d_sae / 2^14), constant; evaluated at the
+  schedule-free average, `eval()` mode, as its checkpoints are), and `optimizer="adam"` (torch Adam, lr
+  2e-4 / sqrt(d_sae / 2^14), linear warm-up and decay), so that every library can run the same optimiser.
 
 - ours: `OursAdapter` drives our real `sae_cli.trainer.Trainer` (its loop body, `Trainer._step`) behind the
   same interface (`step`, `finish`, `reconstruct`), so that one loop can interleave every contender on the same
@@ -86,6 +88,8 @@ class PeerConfig:
     window in tokens)."""
     aux_coef: float = 1 / 32
     """sparsify `auxk_alpha` (its default is 0 = AuxK off; 1/32 is the paper's value, which ours uses)."""
+    sparsify_optimizer: str = "adam"
+    """sparsify `optimizer`: "signum" (its default: SignSGD + schedule-free) or "adam"."""
     topk_sparse: bool = False
     """SAELens `use_sparse_activations` for topk/batchtopk (COO latents + torch.sparse.mm decode)."""
     normalize: bool = True
@@ -230,14 +234,25 @@ class SparsifyPeer:
         from sparsify import SparseCoder, SparseCoderConfig
         from transformers import get_linear_schedule_with_warmup
 
-        self.label = "sparsify topk"
+        self.label = f"sparsify topk ({cfg.sparsify_optimizer})"
         torch.manual_seed(seed)
         self.cfg = cfg
         self.sae = SparseCoder(
             cfg.d_in, SparseCoderConfig(num_latents=cfg.d_sae, k=cfg.k), device="cpu", dtype=torch.float32
         )
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas)
-        self.sched = get_linear_schedule_with_warmup(self.opt, cfg.lr_warmup_steps, cfg.total_steps)
+        self.sched: Any = None
+        if cfg.sparsify_optimizer == "signum":  # sparsify.Trainer's default branch
+            from schedulefree import ScheduleFreeWrapper
+            from sparsify.sign_sgd import SignSGD
+
+            lr = cfg.lr if cfg.lr is not None else 5e-3 / math.sqrt(cfg.d_sae / 2**14)
+            self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": lr}]), momentum=0.95)
+            self.opt.train()
+        elif cfg.sparsify_optimizer == "adam":
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas)
+            self.sched = get_linear_schedule_with_warmup(self.opt, cfg.lr_warmup_steps, cfg.total_steps)
+        else:
+            raise ValueError(f"sparsify optimizer {cfg.sparsify_optimizer!r}: choose 'signum' or 'adam'")
         self.tokens_since_fired_F = torch.zeros(cfg.d_sae, dtype=torch.long)
         self.dead_tokens = cfg.dead_window_steps * cfg.batch_size
         self.n_steps = 0
@@ -255,14 +270,18 @@ class SparsifyPeer:
         sae.remove_gradient_parallel_to_decoder_directions()
         self.opt.step()
         self.opt.zero_grad()
-        self.sched.step()
+        if self.sched is not None:
+            self.sched.step()
         with torch.no_grad():
             self.tokens_since_fired_F += x_BD.shape[0]
             self.tokens_since_fired_F[fired_F] = 0
         self.n_steps += 1
 
     def finish(self) -> None:
-        self.sae.set_decoder_norm_to_unit_norm()
+        if self.sched is None:  # schedule-free: the averaged weights, as sparsify saves them (`_checkpoint`)
+            self.opt.eval()
+        else:
+            self.sae.set_decoder_norm_to_unit_norm()
 
     @torch.no_grad()
     def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
@@ -312,6 +331,7 @@ class OursAdapter:
         batch_size: int = 4096,
         options: dict[str, Any] | None = None,
         loop_overrides: dict[str, Any] | None = None,
+        optimizer: str = "",
     ) -> None:
         from sae_cli.config import LoopConfig, MemberConfig
         from sae_cli.trainer import Trainer, plan_member
@@ -333,6 +353,10 @@ class OursAdapter:
         loop = LoopConfig(tokens=tokens, batch_size=batch_size, device="cpu", **(loop_overrides or {}))
         self.trainer = Trainer([plan], loop, _NoReader(), Path(self._tmp.name) / "run", tokens, device="cpu")
         self.trainer.start({key: sample_BD})
+        self.swapped = None
+        if optimizer:  # experiment: another optimiser in place of our Adam (the lr schedule stays ours)
+            self.swapped = _swap_optimizer(self.trainer.members[0], optimizer, d_sae)
+            self.label += f" ({optimizer})"
         self.sample_BD, self.batch_size = sample_BD, batch_size
         self.max_norm_ratio = float((loop_overrides or {}).get("max_norm_ratio", 0.0))
         self.sae: Any = None
@@ -350,6 +374,8 @@ class OursAdapter:
         from sae_cli.training.finish import norm_record
 
         m = self.trainer.members[0]
+        if self.swapped is not None and hasattr(m.opt, "eval"):
+            m.opt.eval()  # schedule-free: the averaged weights
         sae = get_variant(m.plan.sae_cfg.variant)(m.plan.sae_cfg)
         sae.load_state_dict(m.sae.state_dict())
         sae.calibrate(self.sample_BD.float() * m.scale, self.batch_size)
@@ -363,6 +389,24 @@ class OursAdapter:
     def reconstruct(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         acts_BF, x_hat_BD = self.sae.reconstruct(x_BD)
         return x_hat_BD, acts_BF
+
+
+def _swap_optimizer(member: Any, name: str, d_sae: int) -> Any:
+    """Replace a member's Adam: "signum" = sparsify's SignSGD in schedule-free (momentum 0.95) at sparsify's lr
+    5e-3 / sqrt(d_sae / 2^14); "signum@LR" at lr LR. Our lr multiplier (warm-up, decay) still applies."""
+    import dataclasses
+
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify.sign_sgd import SignSGD
+
+    kind, _, lr = name.partition("@")
+    if kind != "signum":
+        raise ValueError(f"unknown optimizer {name!r}")
+    lr_value = float(lr) if lr else 5e-3 / math.sqrt(d_sae / 2**14)
+    member.plan = dataclasses.replace(member.plan, lr=lr_value)
+    member.opt = ScheduleFreeWrapper(SignSGD([{"params": member.sae.parameters(), "lr": lr_value}]), momentum=0.95)
+    member.opt.train()
+    return member.opt
 
 
 class LoadedSAE:
