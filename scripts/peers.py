@@ -246,7 +246,9 @@ class SparsifyPeer:
             from sparsify.sign_sgd import SignSGD
 
             lr = cfg.lr if cfg.lr is not None else 5e-3 / math.sqrt(cfg.d_sae / 2**14)
-            self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": lr}]), momentum=0.95)
+            self.opt = ScheduleFreeWrapper(
+                SignSGD([{"params": self.sae.parameters(), "lr": lr}]), momentum=0.95
+            )
             self.opt.train()
         elif cfg.sparsify_optimizer == "adam":
             self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas)
@@ -404,7 +406,9 @@ def _swap_optimizer(member: Any, name: str, d_sae: int) -> Any:
         raise ValueError(f"unknown optimizer {name!r}")
     lr_value = float(lr) if lr else 5e-3 / math.sqrt(d_sae / 2**14)
     member.plan = dataclasses.replace(member.plan, lr=lr_value)
-    member.opt = ScheduleFreeWrapper(SignSGD([{"params": member.sae.parameters(), "lr": lr_value}]), momentum=0.95)
+    member.opt = ScheduleFreeWrapper(
+        SignSGD([{"params": member.sae.parameters(), "lr": lr_value}]), momentum=0.95
+    )
     member.opt.train()
     return member.opt
 

@@ -301,3 +301,24 @@ def test_matryoshka_loss_is_mean_of_prefix_losses(data):
     want = [C.mse(acts[:, :m] @ sae.W_dec_FD[:m] + sae.b_dec_D, x) for m in (8, 32, 64)]
     torch.testing.assert_close(out.loss.detach(), sum(want).detach() / 3)
     torch.testing.assert_close(out.parts["mse_prefix8"], want[0].detach())
+
+
+def test_jumprelu_target_threshold_init_starts_at_the_l0_target():
+    """theta_init_rule="target": each latent fires on l0_target / d_sae of the init sample, so the L0 on that
+    sample is the target (up to ties); the fixed rule (theta 0.001) starts near d_sae / 2."""
+    torch.manual_seed(0)
+    x_ND = torch.randn(512, D_IN) / math.sqrt(D_IN)  # E||x||^2 = 1, as the trainer scales it
+    torch.manual_seed(1)
+    target = make_sae("jumprelu", D_IN, D_SAE, K, theta_init_rule="target")
+    target.init_from_data(x_ND)
+    torch.manual_seed(1)
+    fixed = make_sae("jumprelu", D_IN, D_SAE, K)
+    fixed.init_from_data(x_ND)
+    assert torch.equal(target.W_enc_FD, fixed.W_enc_FD)
+    l0_target = float((target.encode(x_ND) > 0).sum(1).float().mean())
+    l0_fixed = float((fixed.encode(x_ND) > 0).sum(1).float().mean())
+    # r = 512 * 4 / 64 = 32 tokens per latent at or above the threshold, strictly above: 31 of 512 each
+    assert l0_target == pytest.approx(D_SAE * 31 / 512, abs=1e-6)
+    assert 0.4 * D_SAE < l0_fixed < 0.6 * D_SAE
+    with pytest.raises(ValueError, match="theta_init_rule"):
+        make_sae("jumprelu", D_IN, D_SAE, K, theta_init_rule="auto")

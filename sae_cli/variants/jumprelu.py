@@ -38,7 +38,11 @@ class JumpReLUSAE(SAE):
         bandwidth: float = 0.001
         """epsilon of the rectangle kernel K(u) = 1[|u| < 1/2] (paper, on E||x||^2 = 1 data)."""
         theta_init: float = 0.001
-        """Initial threshold of every latent (paper, on E||x||^2 = 1 data)."""
+        """Initial threshold of every latent (paper, on E||x||^2 = 1 data); see theta_init_rule."""
+        theta_init_rule: str = "fixed"
+        """"fixed": every threshold starts at theta_init; "target": each latent's threshold starts at the
+        (1 - l0_target / d_sae) quantile of its pre-activations on the normalisation sample, so that the L0 starts
+        near its target instead of near d_sae / 2 (never below theta_init)."""
         b_dec_init: str = "zero"
         """Decoder bias init from the first batch: "zero" (Gemma Scope), "mean" or "median"."""
         unit_norm_decoder: bool = False
@@ -52,6 +56,7 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         C.check_choice("b_dec_init", self.opts.b_dec_init, ("median", "mean", "zero"))
+        C.check_choice("theta_init_rule", self.opts.theta_init_rule, ("fixed", "target"))
         if self.opts.bandwidth <= 0 or self.opts.theta_init < 0 or self.opts.aux_coef < 0:
             raise ValueError("option bandwidth must be > 0, theta_init >= 0 and aux_coef >= 0")
         self.k_aux = self.opts.k_aux if self.opts.k_aux is not None else max(1, cfg.d_in // 2)
@@ -99,6 +104,11 @@ class JumpReLUSAE(SAE):
     def init_from_data(self, x_BD: Tensor) -> None:
         super().init_from_data(x_BD)
         C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)
+        if self.opts.theta_init_rule == "target" and self.cfg.l0_target > 0:
+            # the r-th largest pre-activation of each latent, r = N * l0_target / d_sae (the top quantile)
+            r = max(1, min(len(x_BD), round(len(x_BD) * self.cfg.l0_target / self.cfg.d_sae)))
+            theta_F = self.pre_acts(x_BD.float()).topk(r, dim=0).values[-1]
+            self.theta_F.copy_(theta_F.clamp(min=self.opts.theta_init))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
