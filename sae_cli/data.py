@@ -91,16 +91,18 @@ CALIBRATION_FRACTION, CALIBRATION_MAX_TOKENS = 0.1, 16384
 
 
 def calibration_split(
-    store: Store, train_range: tuple[int, int], loop: LoopConfig
+    store: Store, train_range: tuple[int, int], loop: LoopConfig, calibrates: bool = True
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(train_range, calibration_range): whole windows held back from the end of the training range for the final
     threshold calibration (LoopConfig.calibration_tokens; the range is empty when nothing is held back). `loop`
     is resolved (tokens known). A run that reads its range more than once fits its thresholds to tokens it has
-    memorised, which fire fewer latents than new ones (docs/variants.md, "Running inference thresholds")."""
+    memorised, which fire fewer latents than new ones (docs/variants.md, "Running inference thresholds").
+    `calibrates`: whether any member sets a threshold at the end; when none does (TopK), the automatic rule holds
+    nothing back (on the demo store the 10 % held back cost TopK 16 % of held-out FVU: docs/benchmarks.md)."""
     lo, hi = train_range
     ctx = store.spec.context
     n = loop.calibration_tokens
-    if n == 0 and loop.tokens > hi - lo:
+    if n == 0 and calibrates and loop.tokens > hi - lo:
         n = min(CALIBRATION_MAX_TOKENS, int(CALIBRATION_FRACTION * (hi - lo)))
     n_windows = math.ceil(n / ctx) if n > 0 else 0
     if n_windows and n_windows >= (hi - lo) // ctx:
@@ -127,7 +129,9 @@ def _range(value: object) -> tuple[int, int]:
     return lo, hi
 
 
-def plan_ranges(store: Store, loop: LoopConfig, saved: dict | None = None) -> tuple[Ranges, LoopConfig]:
+def plan_ranges(
+    store: Store, loop: LoopConfig, saved: dict | None = None, calibrates: bool = True
+) -> tuple[Ranges, LoopConfig]:
     """The token ranges of a run and its resolved loop (automatic batch size and length filled in). Fresh
     (`saved` None): split off the eval windows, resolve the loop on the training range, hold back the calibration
     windows. Resumed (`saved`: the run's recorded "train_range", "eval_range", "calibration_range", "batch_size",
@@ -150,7 +154,7 @@ def plan_ranges(store: Store, loop: LoopConfig, saved: dict | None = None) -> tu
         return Ranges(train, calib, ev), resolved
     train, ev = split(store, loop.eval_tokens)
     resolved = resolve_loop(loop, train[1] - train[0])
-    train, calib = calibration_split(store, train, resolved)
+    train, calib = calibration_split(store, train, resolved, calibrates)
     return Ranges(train, calib, ev), resolved
 
 

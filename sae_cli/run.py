@@ -66,6 +66,8 @@ class RunFolder(Protocol):
     keys: list[Key]
     objectives: set[str]
     """The members' objectives (MemberConfig.objective): any end-to-end one makes the batches whole windows."""
+    variants: list[str]
+    """The members' variant names: tokens are held back for the final calibration only when one calibrates."""
 
     def validate(self) -> None: ...
     def is_ours(self) -> bool: ...
@@ -197,7 +199,8 @@ def prepare_run(
     data.check_keys(store, folder.keys)
     check_out(folder, resume, overwrite)
     saved = folder.recorded() if resume else None
-    ranges, loop = data.plan_ranges(store, folder.loop, saved)
+    calibrates = any(get_variant(v).calibrates for v in folder.variants)
+    ranges, loop = data.plan_ranges(store, folder.loop, saved, calibrates)
     loop = e2e_setup.window_loop(loop, store.spec.context, folder.objectives)  # e2e: whole windows
     identity = data.run_identity(store, ranges, saved, f"the {folder.noun} in {folder.out}")
     plans = folder.plan(store.d_model, math.ceil(loop.tokens / loop.batch_size))
@@ -321,6 +324,10 @@ class SoloRun:
     @property
     def objectives(self) -> set[str]:
         return {self.cfg.member.objective}
+
+    @property
+    def variants(self) -> list[str]:
+        return [self.cfg.member.variant]
 
     def validate(self) -> None:
         get_variant(self.cfg.member.variant)  # unknown name -> KeyError naming the choices

@@ -137,6 +137,10 @@ class SweepRun:
     def objectives(self) -> set[str]:
         return set(self.cfg.objectives)
 
+    @property
+    def variants(self) -> list[str]:
+        return list(self.cfg.variants)
+
     def validate(self) -> None:
         self.cfg.validate()
 

@@ -73,11 +73,18 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(
     # Equal-shape groups: (variant, layer, site, shape); the two L0 targets of each share one.
     assert len(meta["shape_groups"]) == 4 and all(len(g) == 2 for g in meta["shape_groups"])
 
+    # The sweep holds tokens back for JumpReLU's final calibration; a solo TopK run holds none back unless asked
+    # (TopK sets no threshold): given the same hold-back, it equals its sweep member bit for bit.
+    lo, hi = meta["calibration_range"]
+    assert hi - lo > 0
+    held_back = tmp_path / "held_back.toml"
+    held_back.write_text(f"calibration_tokens = {hi - lo}\n")
     for variant, layer, l0 in (("topk", 1, 8), ("jumprelu", 0, 4)):
         solo = tmp_path / f"solo-{variant}"
+        extra = ("--config", held_back) if variant == "topk" else ()
         res = invoke(
             "train", variant, "--store", store, "--layer", layer, "--site", "resid_post", "--width", "8x",
-            "--l0-target", l0, "--out", solo, *COMMON,
+            "--l0-target", l0, "--out", solo, *COMMON, *extra,
         )  # fmt: skip
         assert res.exit_code == 0, res.output
         member = out / "members" / f"{variant}-L{layer}-resid_post-w128-l0_{l0}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from actcache.stats import RunningStats
 from actcache.store import FLAG_BOS, Store, StoreSpec, StoreWriter
 from sae_cli import data, io
 from sae_cli.config import LoopConfig, MemberConfig, resolve_loop
+from sae_cli.registry import get_variant
 from sae_cli.trainer import (
     METRICS_FILE,
     Trainer,
@@ -338,6 +340,11 @@ def test_calibration_split_holds_back_windows_only_for_runs_of_several_epochs(tm
     many = resolve_loop(LoopConfig(batch_size=256), 3584)  # 300 steps of 256 > 3584 tokens
     kept, calib = data.calibration_split(store, train, many)
     assert kept == (0, 3200) and calib == (3200, 3584)
+    # no member sets a threshold at the end (TopK): nothing held back; an explicit count still is
+    assert data.calibration_split(store, train, many, calibrates=False) == (train, (3584, 3584))
+    assert not get_variant("topk").calibrates and get_variant("jumprelu").calibrates
+    explicit_many = dataclasses.replace(many, calibration_tokens=100)
+    assert data.calibration_split(store, train, explicit_many, calibrates=False) == ((0, 3456), (3456, 3584))
     x = data.calibration_sample(store, [KEY], many, kept, calib)[KEY]
     assert len(x) == 384 - 6  # every held-back token but the 6 window starts (BOS, dropped as in training)
     one = resolve_loop(LoopConfig(batch_size=256, tokens=3584), 3584)

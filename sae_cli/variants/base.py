@@ -95,6 +95,9 @@ class SAE(nn.Module):
     `decoder_norm`, JumpReLU's `unit_norm_decoder`)."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam's (beta1, beta2) for this variant (sae_cli/training/plan.py reads it)."""
+    calibrates: ClassVar[bool] = True
+    """True when `calibrate` sets an inference threshold (every rule with a firing margin or a batch-level
+    threshold); False when it has nothing to set (TopK), so a run of such members holds no tokens back for it."""
     l0_gain: ClassVar[float] = 1.0
     """Steered variants: factor on the L0 controller's integral gain (sae_cli/l0_control.py). Below 1 for a rule
     whose L0 falls steeply and irreversibly once lambda is too high (ReLU's L1: latents pushed below zero get no

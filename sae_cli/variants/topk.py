@@ -29,6 +29,7 @@ from .base import SAE, LossOutput, SAEConfig, StepState
 class TopKSAE(SAE):
     name = "topk"
     steered = False
+    calibrates = False  # k per token: no threshold to set at the end
     unit_norm_decoder = False
     """The default, Options.decoder_norm = "free"; "unit" turns it on for the instance."""
 
