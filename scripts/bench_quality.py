@@ -120,13 +120,18 @@ def build_contenders(
         if args.ours:
             for entry in args.ours_variants:
                 variant, _, optimizer = entry.partition(":")
+                lr = None
+                if "@" in variant:  # VARIANT@LR: ours at another peak lr
+                    variant, _, lr_text = variant.partition("@")
+                    lr = float(lr_text)
                 overrides = {"max_norm_ratio": args.max_norm_ratio, "seed": args.seed}
                 if optimizer:  # schedule-free: no decay (warm-up kept)
                     overrides["decay_fraction"] = 0.0
                 label = f"ours {variant} l0={k}" + (f" ({optimizer})" if optimizer else "")
+                label += f" (lr {lr:g})" if lr else ""
                 out[label] = peers.OursAdapter(
                     variant, args.width, k, key, sample_BD, n_steps, args.batch, loop_overrides=overrides,
-                    optimizer=optimizer,
+                    optimizer=optimizer, lr=lr,
                 )  # fmt: skip
     return out
 
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ours-variants",
         default="topk,jumprelu",
-        help="our variants trained with --ours; VARIANT:signum[@LR] swaps our Adam for schedule-free SignSGD",
+        help="our variants trained with --ours; VARIANT@LR: at peak lr LR; VARIANT:signum[@LR]: schedule-free "
+        "SignSGD in place of our Adam",
     )
     ap.add_argument(
         "--ours-runs", nargs="*", default=[], help="finished `sae train --out` folders to evaluate"

@@ -334,6 +334,7 @@ class OursAdapter:
         options: dict[str, Any] | None = None,
         loop_overrides: dict[str, Any] | None = None,
         optimizer: str = "",
+        lr: float | None = None,
     ) -> None:
         from sae_cli.config import LoopConfig, MemberConfig
         from sae_cli.trainer import Trainer, plan_member
@@ -348,6 +349,7 @@ class OursAdapter:
             width=str(d_sae),
             l0_target=l0_target,
             options=options or {},
+            **({"lr": lr} if lr else {}),
         )
         # the run's length in steps, as `sae train` passes it: the default lr includes the short-run factor
         plan = plan_member(member, sample_BD.shape[1], Path(self._tmp.name) / "sae", total_steps)
