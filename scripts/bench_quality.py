@@ -119,6 +119,9 @@ def build_contenders(
             out[f"sparsify topk k={k} ({opt})"] = peers.make_peer("sparsify", "topk", cfg, scale)
         if args.ours:
             for entry in args.ours_variants:
+                entry, *extras = entry.split("+")  # VARIANT...+key=value: a variant option (beta1: Adam's)
+                options = {k: _toml_value(v) for k, _, v in (e.partition("=") for e in extras)}
+                beta1 = options.pop("beta1", None)
                 variant, _, optimizer = entry.partition(":")
                 lr = None
                 if "@" in variant:  # VARIANT@LR: ours at another peak lr
@@ -129,11 +132,24 @@ def build_contenders(
                     overrides["decay_fraction"] = 0.0
                 label = f"ours {variant} l0={k}" + (f" ({optimizer})" if optimizer else "")
                 label += f" (lr {lr:g})" if lr else ""
+                label += "".join(f" +{e}" for e in extras)
                 out[label] = peers.OursAdapter(
                     variant, args.width, k, key, sample_BD, n_steps, args.batch, loop_overrides=overrides,
-                    optimizer=optimizer, lr=lr,
+                    optimizer=optimizer, lr=lr, options=options,
                 )  # fmt: skip
+                if beta1 is not None:
+                    for group in out[label].trainer.members[0].opt.param_groups:
+                        group["betas"] = (float(beta1), group["betas"][1])
     return out
+
+
+def _toml_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def lm_metrics(
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ours-variants",
         default="topk,jumprelu",
         help="our variants trained with --ours; VARIANT@LR: at peak lr LR; VARIANT:signum[@LR]: schedule-free "
-        "SignSGD in place of our Adam",
+        "SignSGD in place of our Adam; +KEY=VALUE (repeatable): a variant option, or beta1=B for Adam's beta1",
     )
     ap.add_argument(
         "--ours-runs", nargs="*", default=[], help="finished `sae train --out` folders to evaluate"
