@@ -72,7 +72,7 @@ class RunFolder(Protocol):
     def validate(self) -> None: ...
     def is_ours(self) -> bool: ...
     def recorded(self) -> dict[str, Any]: ...
-    def plan(self, d_in: int, steps: int) -> list[MemberPlan]: ...
+    def plan(self, d_in: int, steps: int, batch_size: int) -> list[MemberPlan]: ...
     def check_memory(
         self, plans: list[MemberPlan], loop: LoopConfig, device: torch.device, reader_bytes: int
     ) -> tuple[int, int | None]: ...
@@ -203,7 +203,7 @@ def prepare_run(
     ranges, loop = data.plan_ranges(store, folder.loop, saved, calibrates)
     loop = e2e_setup.window_loop(loop, store.spec.context, folder.objectives)  # e2e: whole windows
     identity = data.run_identity(store, ranges, saved, f"the {folder.noun} in {folder.out}")
-    plans = folder.plan(store.d_model, math.ceil(loop.tokens / loop.batch_size))
+    plans = folder.plan(store.d_model, math.ceil(loop.tokens / loop.batch_size), loop.batch_size)
     e2e_setup.check(store, plans, loop)
     check_l0_targets(plans)
     # The memory check comes before any SAE is built; the variants then check their options on the meta device.
@@ -339,8 +339,8 @@ class SoloRun:
     def recorded(self) -> dict[str, Any]:
         return io.read_json(self.out / TRAIN_CONFIG_FILE)["resolved"]
 
-    def plan(self, d_in: int, steps: int) -> list[MemberPlan]:
-        return [plan_member(self.cfg.member, d_in, self.out, steps=steps)]
+    def plan(self, d_in: int, steps: int, batch_size: int) -> list[MemberPlan]:
+        return [plan_member(self.cfg.member, d_in, self.out, steps=steps, batch_size=batch_size)]
 
     def check_memory(
         self, plans: list[MemberPlan], loop: LoopConfig, device: torch.device, reader_bytes: int

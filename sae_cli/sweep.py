@@ -59,11 +59,16 @@ start_training = start_run
 
 
 # ---- planning ------------------------------------------------------------------------------------------------
-def plan_sweep(cfg: SweepConfig, d_in: int, out: str | Path, steps: int | None = None) -> list[MemberPlan]:
-    """Resolve every member against the data width and the run length in steps (the default lr depends on it,
-    exactly as in `sae train`); SweepError when two members resolve to the same SAE (e.g. --width 8x,4608 at
-    d_model 576)."""
-    plans = [plan_member(m, d_in, Path(out) / MEMBERS_DIR, steps=steps) for m in cfg.members()]
+def plan_sweep(
+    cfg: SweepConfig, d_in: int, out: str | Path, steps: int | None = None, batch_size: int | None = None
+) -> list[MemberPlan]:
+    """Resolve every member against the data width and the run length in steps of `batch_size` tokens (the
+    default lr depends on them, exactly as in `sae train`); SweepError when two members resolve to the same SAE
+    (e.g. --width 8x,4608 at d_model 576)."""
+    plans = [
+        plan_member(m, d_in, Path(out) / MEMBERS_DIR, steps=steps, batch_size=batch_size)
+        for m in cfg.members()
+    ]
     plans = [dataclasses.replace(p, out_dir=Path(out) / MEMBERS_DIR / p.name) for p in plans]
     seen: set[str] = set()
     for p in plans:
@@ -150,8 +155,8 @@ class SweepRun:
     def recorded(self) -> dict[str, Any]:
         return io.read_json(self.out / SWEEP_FILE)
 
-    def plan(self, d_in: int, steps: int) -> list[MemberPlan]:
-        return plan_sweep(self.cfg, d_in, self.out, steps=steps)
+    def plan(self, d_in: int, steps: int, batch_size: int) -> list[MemberPlan]:
+        return plan_sweep(self.cfg, d_in, self.out, steps=steps, batch_size=batch_size)
 
     def check_memory(
         self, plans: list[MemberPlan], loop: LoopConfig, device: torch.device, reader_bytes: int

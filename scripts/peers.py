@@ -352,7 +352,7 @@ class OursAdapter:
             **({"lr": lr} if lr else {}),
         )
         # the run's length in steps, as `sae train` passes it: the default lr includes the short-run factor
-        plan = plan_member(member, sample_BD.shape[1], Path(self._tmp.name) / "sae", total_steps)
+        plan = plan_member(member, sample_BD.shape[1], Path(self._tmp.name) / "sae", total_steps, batch_size)
         tokens = total_steps * batch_size
         loop = LoopConfig(tokens=tokens, batch_size=batch_size, device="cpu", **(loop_overrides or {}))
         self.trainer = Trainer([plan], loop, _NoReader(), Path(self._tmp.name) / "run", tokens, device="cpu")

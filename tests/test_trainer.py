@@ -26,6 +26,7 @@ from sae_cli.trainer import (
     TrainingError,
     check_memory,
     dead_window,
+    default_lr,
     estimate_memory,
     input_scale,
     lr_multiplier,
@@ -417,3 +418,19 @@ def test_a_nan_in_a_lane_behind_the_others_writes_no_checkpoint(
     assert msg.startswith("member topk: loss is nan at step 4 (tokens 768); no checkpoint of this step: btk")
     assert "member_threads=False" in msg and msg.endswith("lower --lr or check the data")
     assert not (tmp_path / "lanes" / "checkpoint" / "state.json").exists()
+
+
+def test_default_lr_by_width_steps_and_batch() -> None:
+    """2e-4 / sqrt(d_sae / 2^14) times sqrt((1200 / steps) * (batch / 1024)) clamped to [1, 4], by hand."""
+    assert default_lr("topk", 2**14) == pytest.approx(2e-4)
+    assert default_lr("topk", 2**14, 300) == pytest.approx(4e-4)  # the demo: 300 steps of 1024 -> 2x
+    assert default_lr("topk", 2**14, 300, 4096) == pytest.approx(8e-4)  # sqrt(4 * 4) = 4
+    assert default_lr("topk", 2**14, 256, 4096) == pytest.approx(8e-4)  # sqrt(4.69 * 4) = 4.33 -> capped at 4
+    assert default_lr("topk", 2**14, 1200, 4096) == pytest.approx(4e-4)  # sqrt(1 * 4) = 2
+    assert default_lr("jumprelu", 2**14, 4800, 4096) == pytest.approx(2e-4)  # a long run: the plain heuristic
+    assert default_lr("topk", 2**14, 2400, 1024) == pytest.approx(2e-4)  # sqrt(0.5) -> at least 1
+    assert default_lr("topk", 4608, 300, 1024) == pytest.approx(2e-4 / math.sqrt(4608 / 2**14) * 2)
+    plan = plan_member(
+        MemberConfig(variant="topk", width="4x"), 576, "/nonexistent", steps=300, batch_size=4096
+    )
+    assert plan.lr == pytest.approx(default_lr("topk", 2304, 300, 4096))

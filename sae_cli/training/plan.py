@@ -18,10 +18,12 @@ from .errors import TrainingError
 
 Key = tuple[int, str]
 # Default peak lr, every variant: the OpenAI/sparsify TopK heuristic 2e-4 / sqrt(d_sae / 2^14), times a short-run
-# factor min(2, sqrt(1200 / steps)) (>= 1): on SmolLM2 layer 15, 300 steps, doubling the lr took TopK's held-out
-# FVU from 0.212 to 0.173 and JumpReLU's from 0.276 to 0.220 (docs/training.md). Gemma Scope's 7e-5 for JumpReLU
-# is tuned for runs of billions of tokens. Adam's betas are a fact of the variant (`SAE.adam_betas`).
-LR_BASE, LR_REF_WIDTH, LR_SHORT_RUN_STEPS, LR_SHORT_RUN_MAX = 2e-4, 2**14, 1200, 2.0
+# factor sqrt((1200 / steps) * (batch / 1024)) clamped to [1, 4]: on SmolLM2 layer 15, 300 steps of 1024 (factor 2),
+# doubling the lr took TopK's held-out FVU from 0.212 to 0.173 and JumpReLU's from 0.276 to 0.220; at 256 steps of
+# 4096 (factor 4; 2 under the earlier rule, which ignored the batch) TopK's went from 0.163 to 0.142 (docs/training.md,
+# "Defaults for short runs"). Runs of >= 1200 steps of 1024 tokens (>= 4800 of 4096) get the plain heuristic. Gemma
+# Scope's 7e-5 for JumpReLU is tuned for runs of billions of tokens. Adam's betas are a fact of the variant.
+LR_BASE, LR_REF_WIDTH, LR_SHORT_RUN_STEPS, LR_REF_BATCH, LR_SHORT_RUN_MAX = 2e-4, 2**14, 1200, 1024, 4.0
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,22 @@ class MemberPlan:
     """A trained SAE's folder the member starts from (training/init_from.py); "" = a fresh init."""
 
 
-def default_lr(variant: str, d_sae: int, steps: int | None = None) -> float:
-    """Peak lr from the width, raised for short runs when `steps` is given (see LR_BASE); the same rule for
-    every variant today (`variant` is where a variant-specific rule would go)."""
-    short = 1.0 if not steps else min(LR_SHORT_RUN_MAX, max(1.0, math.sqrt(LR_SHORT_RUN_STEPS / steps)))
-    return LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH) * short
+def default_lr(variant: str, d_sae: int, steps: int | None = None, batch_size: int | None = None) -> float:
+    """Peak lr from the width, raised for short runs when `steps` is given, the more so the larger the batch
+    (`batch_size` tokens per step; None: 1024) (see LR_BASE); the same rule for every variant today (`variant` is
+    where a variant-specific rule would go)."""
+    if not steps:
+        return LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH)
+    batch = batch_size or LR_REF_BATCH
+    short = math.sqrt(LR_SHORT_RUN_STEPS / steps * batch / LR_REF_BATCH)
+    return LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH) * min(LR_SHORT_RUN_MAX, max(1.0, short))
 
 
-def plan_member(cfg: MemberConfig, d_in: int, out_dir: str | Path, steps: int | None = None) -> MemberPlan:
-    """Resolve a MemberConfig against the data width (d_in) and the run's length in steps (for the default lr);
-    KeyError/ValueError name the bad input."""
+def plan_member(
+    cfg: MemberConfig, d_in: int, out_dir: str | Path, steps: int | None = None, batch_size: int | None = None
+) -> MemberPlan:
+    """Resolve a MemberConfig against the data width (d_in) and the run's length in steps of `batch_size` tokens
+    (for the default lr); KeyError/ValueError name the bad input."""
     cls = get_variant(cfg.variant)
     if cfg.init_from:
         sae_cfg = init_from.source_config(cfg, d_in)
@@ -68,7 +76,7 @@ def plan_member(cfg: MemberConfig, d_in: int, out_dir: str | Path, steps: int | 
         name=name,
         key=(int(cfg.layer), cfg.site),
         sae_cfg=sae_cfg,
-        lr=cfg.lr if cfg.lr is not None else default_lr(cfg.variant, d_sae, steps),
+        lr=cfg.lr if cfg.lr is not None else default_lr(cfg.variant, d_sae, steps, batch_size),
         betas=(float(betas[0]), float(betas[1])),
         steered=steered,
         fixed_coef=float(cfg.sparsity_coef or 0.0),
