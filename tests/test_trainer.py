@@ -421,7 +421,8 @@ def test_a_nan_in_a_lane_behind_the_others_writes_no_checkpoint(
 
 
 def test_default_lr_by_width_steps_and_batch() -> None:
-    """2e-4 / sqrt(d_sae / 2^14) times sqrt((1200 / steps) * (batch / 1024)) clamped to [1, 4], by hand."""
+    """2e-4 / sqrt(d_sae / 2^14) times sqrt((1200 / steps) * r), r = max(1, batch / 1024), clamped to
+    [1, min(4, 2 sqrt(r))], by hand: batches of <= 1024 tokens keep the earlier min(2, sqrt(1200 / steps))."""
     assert default_lr("topk", 2**14) == pytest.approx(2e-4)
     assert default_lr("topk", 2**14, 300) == pytest.approx(4e-4)  # the demo: 300 steps of 1024 -> 2x
     assert default_lr("topk", 2**14, 300, 4096) == pytest.approx(8e-4)  # sqrt(4 * 4) = 4
@@ -429,6 +430,12 @@ def test_default_lr_by_width_steps_and_batch() -> None:
     assert default_lr("topk", 2**14, 1200, 4096) == pytest.approx(4e-4)  # sqrt(1 * 4) = 2
     assert default_lr("jumprelu", 2**14, 4800, 4096) == pytest.approx(2e-4)  # a long run: the plain heuristic
     assert default_lr("topk", 2**14, 2400, 1024) == pytest.approx(2e-4)  # sqrt(0.5) -> at least 1
+    assert default_lr("topk", 2**14, 32, 1024) == pytest.approx(
+        4e-4
+    )  # sqrt(37.5) -> 2 at batch 1024, as before
+    assert default_lr("topk", 2**14, 32, 256) == pytest.approx(4e-4)  # smaller batches: the earlier rule too
+    assert default_lr("topk", 2**14, 32, 2048) == pytest.approx(2e-4 * 2 * math.sqrt(2))  # ceiling 2 sqrt(2)
+    assert default_lr("topk", 2**14, 100, 65536) == pytest.approx(8e-4)  # ceiling at most 4
     assert default_lr("topk", 4608, 300, 1024) == pytest.approx(2e-4 / math.sqrt(4608 / 2**14) * 2)
     plan = plan_member(
         MemberConfig(variant="topk", width="4x"), 576, "/nonexistent", steps=300, batch_size=4096

@@ -18,12 +18,15 @@ from .errors import TrainingError
 
 Key = tuple[int, str]
 # Default peak lr, every variant: the OpenAI/sparsify TopK heuristic 2e-4 / sqrt(d_sae / 2^14), times a short-run
-# factor sqrt((1200 / steps) * (batch / 1024)) clamped to [1, 4]: on SmolLM2 layer 15, 300 steps of 1024 (factor 2),
-# doubling the lr took TopK's held-out FVU from 0.212 to 0.173 and JumpReLU's from 0.276 to 0.220; at 256 steps of
-# 4096 (factor 4; 2 under the earlier rule, which ignored the batch) TopK's went from 0.163 to 0.142 (docs/training.md,
-# "Defaults for short runs"). Runs of >= 1200 steps of 1024 tokens (>= 4800 of 4096) get the plain heuristic. Gemma
-# Scope's 7e-5 for JumpReLU is tuned for runs of billions of tokens. Adam's betas are a fact of the variant.
-LR_BASE, LR_REF_WIDTH, LR_SHORT_RUN_STEPS, LR_REF_BATCH, LR_SHORT_RUN_MAX = 2e-4, 2**14, 1200, 1024, 4.0
+# factor sqrt((1200 / steps) * r), r = max(1, batch / 1024), clamped to [1, min(4, 2 sqrt(r))]: on SmolLM2 layer 15,
+# 300 steps of 1024 (factor 2), doubling the lr took TopK's held-out FVU from 0.212 to 0.173 and JumpReLU's from 0.276
+# to 0.220; at 256 steps of 4096 (factor 4; 2 under the earlier rule, which ignored the batch) TopK's went from 0.163
+# to 0.142 (docs/training.md, "Defaults for short runs"). Batches of <= 1024 tokens keep the earlier rule exactly;
+# runs of >= 1200 steps of 1024 tokens (>= 4800 of 4096) get the plain heuristic. Gemma Scope's 7e-5 for JumpReLU is
+# tuned for runs of billions of tokens. Adam's betas are a fact of the variant (`SAE.adam_betas`).
+LR_BASE, LR_REF_WIDTH, LR_SHORT_RUN_STEPS, LR_REF_BATCH = 2e-4, 2**14, 1200, 1024
+LR_SHORT_RUN_MAX, LR_SHORT_RUN_CAP = 2.0, 4.0
+"""The short-run factor's ceiling at the reference batch (2) and above it (4 at most, reached at 4096 tokens)."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,12 @@ def default_lr(variant: str, d_sae: int, steps: int | None = None, batch_size: i
     """Peak lr from the width, raised for short runs when `steps` is given, the more so the larger the batch
     (`batch_size` tokens per step; None: 1024) (see LR_BASE); the same rule for every variant today (`variant` is
     where a variant-specific rule would go)."""
+    base = LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH)
     if not steps:
-        return LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH)
-    batch = batch_size or LR_REF_BATCH
-    short = math.sqrt(LR_SHORT_RUN_STEPS / steps * batch / LR_REF_BATCH)
-    return LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH) * min(LR_SHORT_RUN_MAX, max(1.0, short))
+        return base
+    r = max(1.0, (batch_size or LR_REF_BATCH) / LR_REF_BATCH)
+    ceiling = min(LR_SHORT_RUN_CAP, LR_SHORT_RUN_MAX * math.sqrt(r))
+    return base * min(ceiling, max(1.0, math.sqrt(LR_SHORT_RUN_STEPS / steps * r)))
 
 
 def plan_member(
