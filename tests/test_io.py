@@ -47,6 +47,8 @@ def test_damaged_or_foreign_folders_give_one_line_errors(tmp_path: Path) -> None
     with pytest.raises(SAEFileError, match="is not a trained SAE"):
         load_sae(tmp_path)
     sae = get_variant("topk")(SAEConfig("topk", 4, 8, 2))
+    torch.manual_seed(0)
+    sae.init_from_data(torch.randn(16, 4))  # the weights start as torch.empty: memory that may hold NaN
     save_sae(tmp_path / "a", sae)
     cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
     cfg["sae"]["d_sae"] = 16
