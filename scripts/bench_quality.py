@@ -77,6 +77,8 @@ def parse_jumprelu(spec: str) -> list[dict[str, Any]]:
 def build_contenders(
     args: argparse.Namespace, sample_BD: Tensor, scale: float, n_steps: int
 ) -> dict[str, peers.Peer]:
+    from sae_cli.config import parse_options
+
     d_in = sample_BD.shape[1]
     key = (args.layer, args.site)
     unit_scale = float(1.0 / sample_BD.double().pow(2).sum(-1).mean().sqrt())
@@ -120,7 +122,7 @@ def build_contenders(
         if args.ours:
             for entry in args.ours_variants:
                 entry, *extras = entry.split("+")  # VARIANT...+key=value: a variant option (beta1: Adam's)
-                options = {k: _toml_value(v) for k, _, v in (e.partition("=") for e in extras)}
+                options = parse_options(extras)
                 beta1 = options.pop("beta1", None)
                 variant, _, optimizer = entry.partition(":")
                 lr = None
@@ -135,21 +137,9 @@ def build_contenders(
                 label += "".join(f" +{e}" for e in extras)
                 out[label] = peers.OursAdapter(
                     variant, args.width, k, key, sample_BD, n_steps, args.batch, loop_overrides=overrides,
-                    optimizer=optimizer, lr=lr, options=options,
+                    optimizer=optimizer, lr=lr, options=options, beta1=beta1,
                 )  # fmt: skip
-                if beta1 is not None:
-                    for group in out[label].trainer.members[0].opt.param_groups:
-                        group["betas"] = (float(beta1), group["betas"][1])
     return out
-
-
-def _toml_value(text: str) -> Any:
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def lm_metrics(

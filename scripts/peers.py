@@ -335,6 +335,7 @@ class OursAdapter:
         loop_overrides: dict[str, Any] | None = None,
         optimizer: str = "",
         lr: float | None = None,
+        beta1: float | None = None,
     ) -> None:
         from sae_cli.config import LoopConfig, MemberConfig
         from sae_cli.trainer import Trainer, plan_member
@@ -358,6 +359,9 @@ class OursAdapter:
         self.trainer = Trainer([plan], loop, _NoReader(), Path(self._tmp.name) / "run", tokens, device="cpu")
         self.trainer.start({key: sample_BD})
         self.swapped = None
+        if beta1 is not None:  # experiment: Adam's beta1 in place of the variant's
+            for group in self.trainer.members[0].opt.param_groups:
+                group["betas"] = (float(beta1), group["betas"][1])
         if optimizer:  # experiment: another optimiser in place of our Adam (the lr schedule stays ours)
             self.swapped = _swap_optimizer(self.trainer.members[0], optimizer, d_sae)
             self.label += f" ({optimizer})"
