@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -204,6 +204,7 @@ def prepare_run(
     loop = e2e_setup.window_loop(loop, store.spec.context, folder.objectives)  # e2e: whole windows
     identity = data.run_identity(store, ranges, saved, f"the {folder.noun} in {folder.out}")
     plans = folder.plan(store.d_model, math.ceil(loop.tokens / loop.batch_size), loop.batch_size)
+    plans = keep_recorded_lr(plans, saved)
     e2e_setup.check(store, plans, loop)
     check_l0_targets(plans)
     # The memory check comes before any SAE is built; the variants then check their options on the meta device.
@@ -238,6 +239,18 @@ def prepare_run(
         folder=folder, loop=loop, store=store, plans=plans, trainer=trainer, reader=reader, keys=folder.keys,
         ranges=ranges, device=dev, memory_bytes=need, memory_free=free, resume=resume, identity=identity,
     )  # fmt: skip
+
+
+def keep_recorded_lr(plans: list[MemberPlan], saved: dict[str, Any] | None) -> list[MemberPlan]:
+    """A resume trains on at the lr its record resolved, not at what today's default-lr rule would give (the
+    rule may have changed since the run started). A solo record has one `lr`; a sweep's, one per member."""
+    if saved is None:
+        return plans
+    if "members" in saved:
+        recorded = {m["name"]: m.get("lr") for m in saved["members"]}
+    else:
+        recorded = {plans[0].name: saved.get("lr")} if len(plans) == 1 else {}
+    return [replace(p, lr=float(recorded[p.name])) if recorded.get(p.name) else p for p in plans]
 
 
 def start_run(prep: PreparedRun) -> None:

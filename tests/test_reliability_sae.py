@@ -141,6 +141,37 @@ def test_resume_on_another_store_is_refused_before_anything_is_written(
     assert json.loads((run / "cfg.json").read_text())["training"]["tokens"] == 3072
 
 
+def test_a_resume_keeps_the_lr_its_record_resolved(trained: Path, stores, tmp_path: Path) -> None:
+    """The default-lr rule may change between a run's start and its resume: the resume reads the resolved lr
+    from train_config.json instead of deriving it again (here the record says 3e-3, the rule gives another)."""
+    run = copy_run(trained, tmp_path)
+    record = json.loads((run / "train_config.json").read_text())
+    derived = record["resolved"]["lr"]
+    assert record["config"].get("lr") is None and derived != 3e-3  # the run took the rule's lr
+    record["resolved"]["lr"] = 3e-3
+    (run / "train_config.json").write_text(json.dumps(record))
+    res = invoke("train", "--out", run, "--resume", "--store", stores["s0"], "--tokens", 3072)
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "cfg.json").read_text())["training"]["lr"] == 3e-3
+
+
+def test_a_sweep_resume_keeps_each_member_s_recorded_lr(tmp_path: Path) -> None:
+    from sae_cli.config import MemberConfig
+    from sae_cli.run import keep_recorded_lr
+    from sae_cli.training.plan import plan_member
+
+    plans = [
+        plan_member(
+            MemberConfig(variant=v, layer=0, site="resid_post", width="4x", l0_target=4), 16, tmp_path
+        )
+        for v in ("topk", "relu")
+    ]
+    saved = {"members": [{"name": plans[0].name, "lr": 1e-2}, {"name": plans[1].name}]}  # relu: no record
+    kept = keep_recorded_lr(plans, saved)
+    assert [p.lr for p in kept] == [1e-2, plans[1].lr]
+    assert keep_recorded_lr(plans, None) == plans
+
+
 def test_eval_refuses_another_store_and_runs_made_before_identities_keep_working(
     trained: Path, stores, tmp_path: Path
 ) -> None:
