@@ -322,3 +322,22 @@ def test_jumprelu_target_threshold_init_starts_at_the_l0_target():
     assert 0.4 * D_SAE < l0_fixed < 0.6 * D_SAE
     with pytest.raises(ValueError, match="theta_init_rule"):
         make_sae("jumprelu", D_IN, D_SAE, K, theta_init_rule="auto")
+
+
+def test_jumprelu_target_threshold_init_in_chunks_equals_the_whole_sample(monkeypatch) -> None:
+    """The quantile is taken over row chunks (memory (r + chunk) x d_sae): chunks of 7 rows, smaller than r = 32,
+    give the thresholds that one top-r over the whole sample gives."""
+    from sae_cli.variants import jumprelu
+
+    torch.manual_seed(0)
+    x_ND = torch.randn(512, D_IN) / math.sqrt(D_IN)
+    torch.manual_seed(1)
+    whole = make_sae("jumprelu", D_IN, D_SAE, K, theta_init_rule="target")
+    whole.init_from_data(x_ND)
+    monkeypatch.setattr(jumprelu, "THETA_INIT_CHUNK", 7)
+    torch.manual_seed(1)
+    chunked = make_sae("jumprelu", D_IN, D_SAE, K, theta_init_rule="target")
+    chunked.init_from_data(x_ND)
+    torch.testing.assert_close(chunked.theta_F, whole.theta_F, rtol=0, atol=0)
+    want = whole.pre_acts(x_ND).topk(32, dim=0).values[-1].clamp(min=whole.opts.theta_init)
+    torch.testing.assert_close(whole.theta_F, want, rtol=0, atol=0)

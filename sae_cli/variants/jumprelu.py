@@ -20,6 +20,8 @@ from ..registry import register
 from . import _common as C
 from .base import SAE, LossOutput, SAEConfig, StepState
 
+THETA_INIT_CHUNK = 4096  # rows of the normalisation sample per pre-activation block (theta_init_rule=target)
+
 
 @register
 class JumpReLUSAE(SAE):
@@ -106,9 +108,14 @@ class JumpReLUSAE(SAE):
         C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)
         if self.opts.theta_init_rule == "target" and self.cfg.l0_target > 0:
             # the r-th largest pre-activation of each latent, r = N * l0_target / d_sae (the top quantile)
+            # over row chunks, so that memory is (r + chunk) x d_sae, never the whole sample's N x d_sae
             r = max(1, min(len(x_BD), round(len(x_BD) * self.cfg.l0_target / self.cfg.d_sae)))
-            theta_F = self.pre_acts(x_BD.float()).topk(r, dim=0).values[-1]
-            self.theta_F.copy_(theta_F.clamp(min=self.opts.theta_init))
+            top_RF = None
+            for x_CD in x_BD.split(THETA_INIT_CHUNK):
+                pre_CF = self.pre_acts(x_CD.float())
+                both = pre_CF if top_RF is None else torch.cat([top_RF, pre_CF])
+                top_RF = both.topk(min(r, len(both)), dim=0).values
+            self.theta_F.copy_(top_RF[-1].clamp(min=self.opts.theta_init))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
