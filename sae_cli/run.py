@@ -246,11 +246,9 @@ def keep_recorded_lr(plans: list[MemberPlan], saved: dict[str, Any] | None) -> l
     rule may have changed since the run started). A solo record has one `lr`; a sweep's, one per member."""
     if saved is None:
         return plans
-    if "members" in saved:
-        recorded = {m["name"]: m.get("lr") for m in saved["members"]}
-    else:
-        recorded = {plans[0].name: saved.get("lr")} if len(plans) == 1 else {}
-    return [replace(p, lr=float(recorded[p.name])) if recorded.get(p.name) else p for p in plans]
+    members = saved["members"] if "members" in saved else [{"name": plans[0].name, "lr": saved.get("lr")}]
+    recorded = {m["name"]: m.get("lr") for m in members}
+    return [p if recorded.get(p.name) is None else replace(p, lr=float(recorded[p.name])) for p in plans]
 
 
 def start_run(prep: PreparedRun) -> None:
