@@ -12,8 +12,6 @@ are also written to OUT/<store>-r<ratio>.json (--out, default bench-quality-mult
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import time
@@ -30,10 +28,7 @@ def run_one(store: str, ratio: float, args: argparse.Namespace, extra: list[str]
         "--ours", "--jumprelu", args.jumprelu, "--json", str(out), *extra,
     ]  # fmt: skip
     t0 = time.perf_counter()
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        bench_quality.main(argv)
-    print(buf.getvalue().splitlines()[0], flush=True)  # the header: machine, commit, argv
+    bench_quality.main(argv)  # prints its header (machine, commit, argv), progress and its own table
     print(f"  {store} ratio {ratio:g}: {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads(out.read_text())["rows"]
 
