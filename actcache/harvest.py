@@ -49,6 +49,7 @@ from .harvest_plan import (
 )
 from .models import input_device, load_model, parse_dtype
 from .pipeline import Pipeline, ShardJob
+from .signals import sigterm_as_interrupt
 from .sites import find_blocks
 from .staging import Staging, fold_leftovers, resume_staged
 from .store import StoreError, StoreWriter
@@ -306,11 +307,11 @@ class _Run:
             )  # fmt: skip
 
     def forward_all(self, dist: Dist) -> None:
-        """Every shard to do through the model and the pipeline; commits what completed on Ctrl-C. Several
-        processes: when every rank is through, rank 0 commits the rest of what they staged."""
+        """Every shard to do through the model and the pipeline; commits what completed on Ctrl-C or SIGTERM.
+        Several processes: when every rank is through, rank 0 commits the rest of what they staged."""
         pipeline = self.pipeline
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), sigterm_as_interrupt():
                 for shard, batch_windows in _shard_windows(self.plan, self.todo):
                     self.forward_shard(shard, batch_windows)
             pipeline.close()
