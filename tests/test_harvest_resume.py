@@ -71,46 +71,26 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_uninterrupted_store(tmp_path, tiny_llama_dir, tiny_corpus):
-    outs = {name: tmp_path / name for name in ("reference", "killed")}
-    cmds = {name: _command(tiny_llama_dir, tiny_corpus, out) for name, out in outs.items()}
-    reference = _start(cmds["reference"])
-    killed = _start(cmds["killed"], slow=0.3)
-
-    _wait_for_first_commit(killed, outs["killed"])
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL
-    assert reference.wait(timeout=120) == 0, reference.communicate()
-    target = Store.open(outs["reference"]).committed_tokens
-    partial = Store.open(outs["killed"]).committed_tokens
-    assert 0 < partial < target and partial % SHARD == 0, (partial, target)
-
-    resumed = _start(cmds["killed"])
-    _, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
-    assert f"resuming {outs['killed']} at {partial:,} committed tokens" in err
-    expected = _snapshot(outs["reference"])
-    assert expected["commit"]["complete"] and expected["n"] == target
-    _assert_identical(_snapshot(outs["killed"]), expected)
-
-
-@pytest.mark.slow
-def test_sigterm_commits_complete_shards_then_rerun_gives_the_uninterrupted_store(
-    tmp_path, tiny_llama_dir, tiny_corpus
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_stopped_by_a_signal_then_rerun_gives_the_uninterrupted_store(
+    sig, tmp_path, tiny_llama_dir, tiny_corpus
 ):
-    """SIGTERM (kill, a scheduler) stops a harvest as Ctrl-C does: the complete shards are committed, exit 130
-    with the resume hint; the rerun ends with the uninterrupted store, bit for bit."""
+    """SIGKILL after the first commit: the committed shards survive. SIGTERM (kill, a scheduler) stops it as Ctrl-C
+    does: the complete shards are committed, exit 130 with the resume hint. Either way the rerun of the same
+    command ends with the uninterrupted store, bit for bit."""
     outs = {name: tmp_path / name for name in ("reference", "stopped")}
     cmds = {name: _command(tiny_llama_dir, tiny_corpus, out) for name, out in outs.items()}
     reference = _start(cmds["reference"])
     stopped = _start(cmds["stopped"], slow=0.3)
 
     _wait_for_first_commit(stopped, outs["stopped"])
-    stopped.send_signal(signal.SIGTERM)
+    stopped.send_signal(sig)
     out, err = stopped.communicate(timeout=120)
-    assert stopped.returncode == 130, err
-    text = out + err
-    assert "interrupted" in text and "rerun the same command to resume" in text, text
+    if sig == signal.SIGKILL:
+        assert stopped.returncode == -signal.SIGKILL
+    else:
+        assert stopped.returncode == 130, err
+        assert "interrupted" in out + err and "rerun the same command to resume" in out + err, out + err
     assert reference.wait(timeout=120) == 0, reference.communicate()
     target = Store.open(outs["reference"]).committed_tokens
     partial = Store.open(outs["stopped"]).committed_tokens
@@ -119,4 +99,7 @@ def test_sigterm_commits_complete_shards_then_rerun_gives_the_uninterrupted_stor
     resumed = _start(cmds["stopped"])
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
-    _assert_identical(_snapshot(outs["stopped"]), _snapshot(outs["reference"]))
+    assert f"resuming {outs['stopped']} at {partial:,} committed tokens" in err
+    expected = _snapshot(outs["reference"])
+    assert expected["commit"]["complete"] and expected["n"] == target
+    _assert_identical(_snapshot(outs["stopped"]), expected)
