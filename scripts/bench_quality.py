@@ -157,11 +157,16 @@ def lm_metrics(
 def evaluate(contender: peers.Peer, batches: list[Tensor], d_sae: int) -> dict[str, float]:
     """FVU, L0, dead % ... of the inference rule on the held-out batches: sae_cli.metrics, the code `sae eval` uses."""
     from sae_cli.metrics import ReconstructionMetrics
+    from sae_cli.variants.base import SAE
 
+    ours = getattr(contender, "sae", None)
+    passed = (
+        ours.passed_through if isinstance(ours, SAE) else lambda x: None
+    )  # ours: the out-of-range rule's count
     metrics = ReconstructionMetrics(batches[0].shape[1], d_sae)
     for x_BD in batches:
         x_hat_BD, acts_BF = contender.reconstruct(x_BD)
-        metrics.update(x_BD, x_hat_BD, acts_BF)
+        metrics.update(x_BD, x_hat_BD, acts_BF, passed(x_BD))
     return metrics.result()
 
 
