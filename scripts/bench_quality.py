@@ -159,10 +159,10 @@ def evaluate(contender: peers.Peer, batches: list[Tensor], d_sae: int) -> dict[s
     from sae_cli.metrics import ReconstructionMetrics
     from sae_cli.variants.base import SAE
 
+    # Our SAEs say which tokens their out-of-range rule passes through (counted as `sae eval` counts them); the
+    # peers have no such rule.
     ours = getattr(contender, "sae", None)
-    passed = (
-        ours.passed_through if isinstance(ours, SAE) else lambda x: None
-    )  # ours: the out-of-range rule's count
+    passed = ours.passed_through if isinstance(ours, SAE) else lambda x_BD: None
     metrics = ReconstructionMetrics(batches[0].shape[1], d_sae)
     for x_BD in batches:
         x_hat_BD, acts_BF = contender.reconstruct(x_BD)
