@@ -421,22 +421,24 @@ def test_a_nan_in_a_lane_behind_the_others_writes_no_checkpoint(
 
 
 def test_default_lr_by_width_steps_and_batch() -> None:
-    """2e-4 / sqrt(d_sae / 2^14) times sqrt((1200 / steps) * r), r = max(1, batch / 1024), clamped to
-    [1, min(4, 2 sqrt(r))], by hand: batches of <= 1024 tokens keep the earlier min(2, sqrt(1200 / steps))."""
+    """2e-4 / sqrt(d_sae / 2^14) times sqrt((1200 / steps) * r), r = clamp(batch / 256, 1, 4), clamped to
+    [1, 2 sqrt(r)], by hand: from 1024 tokens a step on sqrt(4800 / steps) in [1, 4]; batches of <= 256 tokens keep
+    the first rule, min(2, sqrt(1200 / steps)) and at least 1."""
     assert default_lr("topk", 2**14) == pytest.approx(2e-4)
-    assert default_lr("topk", 2**14, 300) == pytest.approx(4e-4)  # the demo: 300 steps of 1024 -> 2x
-    assert default_lr("topk", 2**14, 300, 4096) == pytest.approx(8e-4)  # sqrt(4 * 4) = 4
-    assert default_lr("topk", 2**14, 256, 4096) == pytest.approx(8e-4)  # sqrt(4.69 * 4) = 4.33 -> capped at 4
-    assert default_lr("topk", 2**14, 1200, 4096) == pytest.approx(4e-4)  # sqrt(1 * 4) = 2
+    assert default_lr("topk", 2**14, 300) == pytest.approx(8e-4)  # the demo: 300 steps of 1024 -> sqrt(16) = 4
+    assert default_lr("topk", 2**14, 300, 4096) == pytest.approx(8e-4)  # the batch no longer matters above 1024
+    assert default_lr("topk", 2**14, 256, 4096) == pytest.approx(8e-4)  # sqrt(18.75) = 4.33 -> capped at 4
+    assert default_lr("topk", 2**14, 1200, 4096) == pytest.approx(4e-4)  # sqrt(4) = 2
+    assert default_lr("topk", 2**14, 1200, 1024) == pytest.approx(4e-4)  # the same at 1024 (1 until 2026-12-04)
     assert default_lr("jumprelu", 2**14, 4800, 4096) == pytest.approx(2e-4)  # a long run: the plain heuristic
-    assert default_lr("topk", 2**14, 2400, 1024) == pytest.approx(2e-4)  # sqrt(0.5) -> at least 1
-    assert default_lr("topk", 2**14, 32, 1024) == pytest.approx(
-        4e-4
-    )  # sqrt(37.5) -> 2 at batch 1024, as before
-    assert default_lr("topk", 2**14, 32, 256) == pytest.approx(4e-4)  # smaller batches: the earlier rule too
-    assert default_lr("topk", 2**14, 32, 2048) == pytest.approx(2e-4 * 2 * math.sqrt(2))  # ceiling 2 sqrt(2)
+    assert default_lr("topk", 2**14, 9600, 1024) == pytest.approx(2e-4)  # sqrt(0.5) -> at least 1
+    assert default_lr("topk", 2**14, 2400, 1024) == pytest.approx(2e-4 * math.sqrt(2))
+    assert default_lr("topk", 2**14, 32, 256) == pytest.approx(4e-4)  # sqrt(37.5) -> 2: the first rule
+    assert default_lr("topk", 2**14, 32, 64) == pytest.approx(4e-4)  # smaller batches: r stays 1
+    assert default_lr("topk", 2**14, 600, 512) == pytest.approx(2e-4 * 2)  # r = 2: sqrt(4) = 2 < 2 sqrt(2)
+    assert default_lr("topk", 2**14, 32, 512) == pytest.approx(2e-4 * 2 * math.sqrt(2))  # ceiling 2 sqrt(2)
     assert default_lr("topk", 2**14, 100, 65536) == pytest.approx(8e-4)  # ceiling at most 4
-    assert default_lr("topk", 4608, 300, 1024) == pytest.approx(2e-4 / math.sqrt(4608 / 2**14) * 2)
+    assert default_lr("topk", 4608, 300, 1024) == pytest.approx(2e-4 / math.sqrt(4608 / 2**14) * 4)
     plan = plan_member(
         MemberConfig(variant="topk", width="4x"), 576, "/nonexistent", steps=300, batch_size=4096
     )
