@@ -21,7 +21,7 @@ Key = tuple[int, str]
 # factor sqrt((1200 / steps) * r), r = clamp(batch / 256, 1, 4), clamped to [1, 2 sqrt(r)]: from 1024 tokens a step on,
 # sqrt(4800 / steps) in [1, 4] (4 for <= 300 steps, 2 at 1200, the plain heuristic from 4800). On SmolLM2 layer 15 at
 # 8x, 300 steps of 1024 (factor 4; 2 until 2026-12-04): TopK's held-out FVU 0.181 -> 0.153 on the demo store and
-# 0.178 -> 0.150 on Python source at L0 32, dead latents 36-44 % -> 5-8 %; at 256 steps of 4096 0.163 -> 0.142
+# 0.178 -> 0.150 on Python source at L0 32, dead latents 36-44 % -> 4-8 %; at 256 steps of 4096 0.163 -> 0.142
 # (docs/training.md, "Defaults for short runs"). Batches of <= 256 tokens keep the first rule (min(2, sqrt(1200 /
 # steps))). Gemma Scope's 7e-5 for JumpReLU is tuned for runs of billions of tokens. Adam's betas are a fact of the
 # variant (`SAE.adam_betas`).
