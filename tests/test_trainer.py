@@ -425,17 +425,11 @@ def test_default_lr_by_width_steps_and_batch() -> None:
     [1, 2 sqrt(r)], by hand: from 1024 tokens a step on sqrt(4800 / steps) in [1, 4]; batches of <= 256 tokens keep
     the first rule, min(2, sqrt(1200 / steps)) and at least 1."""
     assert default_lr("topk", 2**14) == pytest.approx(2e-4)
-    assert default_lr("topk", 2**14, 300) == pytest.approx(
-        8e-4
-    )  # the demo: 300 steps of 1024 -> sqrt(16) = 4
-    assert default_lr("topk", 2**14, 300, 4096) == pytest.approx(
-        8e-4
-    )  # the batch no longer matters above 1024
+    assert default_lr("topk", 2**14, 300) == pytest.approx(8e-4)  # the demo, 300 x 1024: sqrt(16) = 4
+    assert default_lr("topk", 2**14, 300, 4096) == pytest.approx(8e-4)  # above 1024 the batch does not matter
     assert default_lr("topk", 2**14, 256, 4096) == pytest.approx(8e-4)  # sqrt(18.75) = 4.33 -> capped at 4
     assert default_lr("topk", 2**14, 1200, 4096) == pytest.approx(4e-4)  # sqrt(4) = 2
-    assert default_lr("topk", 2**14, 1200, 1024) == pytest.approx(
-        4e-4
-    )  # the same at 1024 (1 until 2026-12-04)
+    assert default_lr("topk", 2**14, 1200, 1024) == pytest.approx(4e-4)  # the same (1 until 2026-12-04)
     assert default_lr("jumprelu", 2**14, 4800, 4096) == pytest.approx(2e-4)  # a long run: the plain heuristic
     assert default_lr("topk", 2**14, 9600, 1024) == pytest.approx(2e-4)  # sqrt(0.5) -> at least 1
     assert default_lr("topk", 2**14, 2400, 1024) == pytest.approx(2e-4 * math.sqrt(2))

@@ -51,15 +51,14 @@ class MemberPlan:
 
 
 def default_lr(variant: str, d_sae: int, steps: int | None = None, batch_size: int | None = None) -> float:
-    """Peak lr from the width, raised for short runs when `steps` is given, the more so the larger the batch
-    (`batch_size` tokens per step; None: 1024) (see LR_BASE); the same rule for every variant today (`variant` is
-    where a variant-specific rule would go)."""
+    """Peak lr from the width, raised for short runs when `steps` is given, the more so the larger the batch up to
+    1024 tokens (`batch_size` tokens per step; None: a batch of 1024 or more) (see LR_BASE); the same rule for every
+    variant today (`variant` is where a variant-specific rule would go)."""
     base = LR_BASE / math.sqrt(d_sae / LR_REF_WIDTH)
     if not steps:
         return base
-    r = min(LR_BATCH_RATIO_MAX, max(1.0, (batch_size or 1024) / LR_REF_BATCH))
-    ceiling = LR_SHORT_RUN_MAX * math.sqrt(r)
-    return base * min(ceiling, max(1.0, math.sqrt(LR_SHORT_RUN_STEPS / steps * r)))
+    r = min(LR_BATCH_RATIO_MAX, max(1.0, batch_size / LR_REF_BATCH)) if batch_size else LR_BATCH_RATIO_MAX
+    return base * min(LR_SHORT_RUN_MAX * math.sqrt(r), max(1.0, math.sqrt(LR_SHORT_RUN_STEPS / steps * r)))
 
 
 def plan_member(
