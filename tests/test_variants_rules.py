@@ -188,43 +188,46 @@ def test_batchtopk_threshold_tracks_the_cutoff_after_a_step(data):
     assert int((sae.encode(x) != 0).sum()) == K * 64 - 1  # inference is strict: pre > theta
 
 
-def test_calibrate_sets_the_mean_batch_cutoff_under_the_current_weights(data):
-    """BatchTopK: theta = mean over the whole batches of the midpoint between the (k*B)-th and (k*B+1)-th largest
-    pre-activation (a short tail is left out); one batch: inference keeps exactly its k*B training picks."""
+def test_calibrate_sets_the_pooled_cutoff_under_the_current_weights(data):
+    """BatchTopK: theta = the midpoint between the (k*N)-th and (k*N+1)-th largest pre-activation of all N tokens
+    (read in blocks of the batch size, which does not change it), so inference fires exactly k*N latents on them;
+    one batch: inference keeps exactly its k*B training picks."""
     sae = make_sae("batchtopk", D_IN, D_SAE, K)
     x = data.sample(130)
     sae.init_from_data(x)
     pre = sae.pre_acts(x - sae.b_dec_D).detach()
-    top = [pre[i : i + 50].flatten().topk(K * 50 + 1).values for i in (0, 50)]
+    top = pre.flatten().topk(K * 130 + 1).values
     sae.calibrate(x, 50)
-    assert float(sae.threshold) == pytest.approx(float(sum(v[-2] + v[-1] for v in top) / 4))
+    assert float(sae.threshold) == pytest.approx(float(top[-2] + top[-1]) / 2)
+    assert int((sae.encode(x) != 0).sum()) == K * 130
+    pooled = sae.threshold.clone()
+    sae.calibrate(x, 130)
+    assert torch.equal(sae.threshold, pooled)
     sae.calibrate(x[:50], 50)
     torch.testing.assert_close(sae.encode(x[:50]), sae.select(pre[:50])[0])
 
 
 @pytest.mark.parametrize("name", ["relu", "gated", "jumprelu"])
-def test_steered_calibrate_shifts_the_margins_by_the_mean_exact_shift(name, data):
-    """Steered variants: the margins move by the mean over whole batches of the shift that puts each batch's L0 on
-    the target exactly; with one batch the inference L0 on it is the target."""
+def test_steered_calibrate_shifts_the_margins_to_the_target_over_all_tokens(name, data):
+    """Steered variants: the margins move by minus the midpoint of the n-th and (n+1)-th largest margin of all N
+    tokens, n = round(target * N): the inference L0 over them is the target (n latents fire), whatever the block
+    size they are read in."""
     target = 5.0
     sae = make_sae(name, D_IN, D_SAE, target)
     x = data.sample(130)
     sae.init_from_data(x)
     before = sae.firing_margin(x).detach()
-    shifts = []
-    for part in (before[:50], before[50:100]):
-        top = part.flatten().topk(round(target * 50) + 1).values
-        shifts.append(-0.5 * float(top[-2] + top[-1]))
+    top = before.flatten().topk(round(target * 130) + 1).values
     sae.calibrate(x, 50)
-    torch.testing.assert_close(sae.firing_margin(x), before + sum(shifts) / 2, rtol=0, atol=1e-5)
-    sae.calibrate(x[:50], 50)
-    assert int((sae.encode(x[:50]) != 0).sum()) == round(target * 50)
+    shift = -0.5 * float(top[-2] + top[-1])
+    torch.testing.assert_close(sae.firing_margin(x), before + shift, rtol=0, atol=1e-5)
+    assert int((sae.encode(x) != 0).sum()) == round(target * 130)
 
 
 def test_feature_choice_calibrates_one_threshold_per_latent(data):
-    """Per latent: the value at rank p + 1/2 of its column, p = k*B/d_sae. B = 192: p = m = 12, midway between the
-    12th and 13th largest, so inference keeps exactly the training rule's 12 tokens per latent of that batch.
-    B = 200: p = 12.5 (m = 13), the 13th largest itself, which the strict rule drops: 12 tokens per latent."""
+    """Per latent: the value at rank p + 1/2 of its column over all N tokens, p = k*N/d_sae. N = 192: p = m = 12,
+    midway between the 12th and 13th largest, so inference keeps exactly the training rule's 12 tokens per latent
+    of that batch. N = 200: p = 12.5 (m = 13), the 13th largest itself, which the strict rule drops: 12 tokens per latent."""
     sae = make_sae("feature-choice", D_IN, D_SAE, K)
     x = data.sample(200)
     sae.init_from_data(x)
@@ -236,6 +239,9 @@ def test_feature_choice_calibrates_one_threshold_per_latent(data):
     torch.testing.assert_close(sae.threshold, (top[11] + top[12]) / 2)
     sae.calibrate(x, 200)
     torch.testing.assert_close(sae.threshold, pre.topk(13, dim=0).values[12])
+    one_block = sae.threshold.clone()
+    sae.calibrate(x, 64)  # pooled over blocks: the block size does not change the threshold
+    assert torch.equal(sae.threshold, one_block)
     full = (pre > 0).sum(0) >= 13
     assert ((sae.encode(x) != 0).sum(0)[full] == 12).all()
 

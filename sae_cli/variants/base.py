@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..l0_control import exact_shift
+from ..calibration import pooled_top, value_at_rank
 
 if TYPE_CHECKING:
     from ..objective import Objective, ObjectiveContext
@@ -187,21 +187,20 @@ class SAE(nn.Module):
     @torch.no_grad()
     def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
         """End of training (the trainer calls it once, after the last step, before saving; LoopConfig.calibrate):
-        set the inference rule's threshold from the final weights on the calibration tokens `x_ND`, split into
-        whole batches of the training `batch_size`. Default, for variants with a firing margin (the steered
-        ones): shift every margin by the mean over those batches of the exact shift that puts the batch's L0 on
-        the target (l0_control.exact_shift, the final trim's rule at rate 1). Without a margin (TopK): nothing.
-        The batch-level rules override it."""
-        shifts = []
-        for x_BD in whole_batches(x_ND, batch_size):
-            margin_BF = self.firing_margin(x_BD)
-            if margin_BF is None:
-                return  # no firing margin (TopK): nothing to calibrate
-            shift = exact_shift(margin_BF, self.cfg.l0_target)
-            if shift is not None:
-                shifts.append(shift)
-        if shifts:
-            self.shift_threshold(sum(shifts) / len(shifts))
+        set the inference rule's threshold from the final weights on the calibration tokens `x_ND`, read in blocks
+        of the training `batch_size`. Default, for variants with a firing margin (the steered ones): shift every
+        margin so that exactly n = round(target * N) of the N tokens' margins are positive, minus the midpoint of
+        the n-th and (n+1)-th largest margin over all of them (sae_cli/calibration.py; the final trim's rule at
+        rate 1, pooled over the tokens). Without a margin (TopK): nothing. The batch-level rules override it."""
+        if not len(x_ND) or self.firing_margin(x_ND[:1]) is None:
+            return  # no firing margin (TopK): nothing to calibrate
+        n = round(self.cfg.l0_target * len(x_ND))
+        if n <= 0 or n >= len(x_ND) * self.cfg.d_sae:
+            return
+        blocks = (self.firing_margin(x_BD) for x_BD in x_ND.split(max(1, batch_size)))
+        top = pooled_top(blocks, n + 1)
+        if top is not None:
+            self.shift_threshold(-float(value_at_rank(top, n + 0.5)))
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -222,9 +221,3 @@ class SAE(nn.Module):
         self.W_enc_FD *= c
         self.W_dec_FD /= c
         self.b_dec_D /= c
-
-
-def whole_batches(x_ND: Tensor, batch_size: int) -> list[Tensor]:
-    """`x_ND` cut into whole batches of `batch_size` (the tail left out); one short batch if none is whole."""
-    B = max(1, min(batch_size, len(x_ND)))
-    return [x_ND[i : i + B] for i in range(0, len(x_ND) - B + 1, B)] if len(x_ND) else []

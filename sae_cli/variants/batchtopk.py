@@ -14,6 +14,7 @@ gradient projection; b_dec from the data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,11 +22,11 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..l0_control import nth_and_next_largest
+from ..calibration import pooled_top, value_at_rank
 from ..objective import reconstruction
 from ..registry import register
 from . import _common as C
-from .base import SAE, LossOutput, SAEConfig, StepState, whole_batches
+from .base import SAE, LossOutput, SAEConfig, StepState
 
 if TYPE_CHECKING:
     from ..reducer import Reducer
@@ -141,28 +142,25 @@ class BatchTopKSAE(SAE):
         super().init_from_data(x_BD)
         C.init_b_dec(self.b_dec_D, x_BD, self.opts.b_dec_init)
 
-    def gap_cutoff(self, pre_BF: Tensor) -> Tensor:
-        """The threshold that keeps exactly the training rule's picks of this batch: midway between the smallest
-        kept entry (the k*B-th largest) and the largest dropped one (0 when none is dropped)."""
-        flat = pre_BF.flatten()
-        n_keep = min(self.k * pre_BF.shape[0], flat.numel())
-        if n_keep == flat.numel():
-            return flat.min() / 2
-        # the steered rules' exact shift uses the same pair
-        return sum(nth_and_next_largest(flat, n_keep, pre_BF.shape[-1])) / 2
+    def cutoff_rank(self, n_tokens: int) -> float:
+        """1-based rank of the inference threshold among the calibration tokens' pre-activations: midway between
+        the (k*N)-th and (k*N + 1)-th largest of all of them, so that the N tokens fire k latents each on average
+        (entries past the N*d_sae count as 0)."""
+        return min(self.k * n_tokens, n_tokens * self.cfg.d_sae) + 0.5
 
     @torch.no_grad()
     def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
-        """theta = mean over the whole batches of `x_ND` (one short batch if there is no whole one) of
-        `gap_cutoff` under the current weights. The gap's midpoint, not the smallest kept entry that the running
-        EMA tracks: with the strict `pre > theta` that entry itself is dropped, one pick in m for a per-latent
-        rule (Feature Choice keeps m = 8 tokens per latent on the demo store: 12 %)."""
-        cutoffs = [
-            self.gap_cutoff(self.pre_acts(x_BD - self.b_dec_D)).float()
-            for x_BD in whole_batches(x_ND, batch_size)
-        ]
-        if cutoffs:
-            self.threshold.copy_(torch.stack(cutoffs).mean(0))
+        """theta = the value at `cutoff_rank` of the pre-activations of all of `x_ND` under the current weights,
+        pooled over blocks of `batch_size` tokens (sae_cli/calibration.py): per latent when the threshold is
+        (Feature Choice). The gap's midpoint, not the smallest kept entry that the running EMA tracks: with the
+        strict `pre > theta` that entry itself would be dropped."""
+        if not len(x_ND):
+            return
+        rank = self.cutoff_rank(len(x_ND))
+        blocks = (self.pre_acts(x_BD - self.b_dec_D) for x_BD in x_ND.split(max(1, batch_size)))
+        top = pooled_top(blocks, math.floor(rank) + 1, per_column=self.threshold.dim() > 0)
+        if top is not None:
+            self.threshold.copy_(value_at_rank(top, rank))
 
     @torch.no_grad()
     def reduce_batch_stats(self, reducer: Reducer) -> None:

@@ -10,14 +10,13 @@ Inference: per-latent threshold theta_i = bias-corrected EMA of latent i's cut-o
 (its smallest positive kept activation, 0 if none); f_i = pre_i * 1[pre_i > theta_i]. A latent then fires on
 about m/|B| of the tokens, so the inference L0 is about d_sae * m / |B|, as in training. At the end of training
 theta_i is recomputed under the final weights (BatchTopK's `calibrate`) so that a
-latent passes k/d_sae of the tokens: the inference L0 is then the target k (`gap_cutoff`).
+latent passes k/d_sae of the calibration tokens: the inference L0 is then the target k (`cutoff_rank`).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from ..registry import register
@@ -37,18 +36,11 @@ class FeatureChoiceSAE(MutualChoiceSAE):
         """m: tokens each latent keeps from a batch of B."""
         return min(B, math.ceil(self.k * B / self.cfg.d_sae))
 
-    def gap_cutoff(self, pre_BF: Tensor) -> Tensor:
-        """Per latent: its column's value at rank p + 1/2 (1-based, linear between neighbouring ranks; entries past
-        the batch count as 0), p = k*B/d_sae, so that about p tokens per latent and k per token pass. The target
-        k, not the training L0 d_sae*m/B: m = ceil(p) overshoots (demo store, L0 32: m = 8 against p = 7.1)."""
-        B, F = pre_BF.shape
-        r = min(self.k * B / F, B) + 0.5
-        i = math.floor(r)  # 1-based rank of the upper neighbour; the lower one is i + 1
-        vals_RF = pre_BF.topk(min(i + 1, B), dim=0, sorted=True).values
-        zero_F = torch.zeros_like(vals_RF[0])
-        upper_F = vals_RF[i - 1]
-        lower_F = vals_RF[i] if i < B else zero_F
-        return upper_F + (r - i) * (lower_F - upper_F)
+    def cutoff_rank(self, n_tokens: int) -> float:
+        """Per latent: the rank p + 1/2 in its column of the N calibration tokens (entries past N count as 0),
+        p = k*N/d_sae, so that about p tokens per latent and k per token pass. The target k, not the training L0
+        d_sae*m/B: m = ceil(k*B/d_sae) overshoots (demo store, L0 32: m = 8 against 7.1)."""
+        return min(self.k * n_tokens / self.cfg.d_sae, n_tokens) + 0.5
 
     def select(self, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
         B, F = pre_BF.shape
