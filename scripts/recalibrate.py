@@ -34,7 +34,10 @@ def recalibrate(run: Path, store_path: str | None) -> tuple[float, float]:
     store = data.open_store(store_path or tr["store"])
     key = (int(tr["layer"]), str(tr["site"]))
     loop = dataclasses.replace(
-        LoopConfig(), seed=int(tr.get("seed", 0)), drop_bos=bool(tr.get("drop_bos", True))
+        LoopConfig(),
+        seed=int(tr.get("seed", 0)),
+        drop_bos=bool(tr.get("drop_bos", True)),
+        max_norm_ratio=float(tr.get("max_norm_ratio") or 0.0),  # the tokens the run trained and calibrated on
     )
     train = tuple(tr["train_range"])
     calib = tuple(tr.get("calibration_range", (train[1], train[1])))

@@ -224,11 +224,12 @@ def test_steered_calibrate_shifts_the_margins_to_the_target_over_all_tokens(name
     assert int((sae.encode(x) != 0).sum()) == round(target * 130)
 
 
-def test_feature_choice_calibrates_one_threshold_per_latent(data):
-    """Per latent: the value at rank p + 1/2 of its column over all N tokens, p = k*N/d_sae. N = 192: p = m = 12,
-    midway between the 12th and 13th largest, so inference keeps exactly the training rule's 12 tokens per latent
-    of that batch. N = 200: p = 12.5 (m = 13), the 13th largest itself, which the strict rule drops: 12 tokens per latent."""
-    sae = make_sae("feature-choice", D_IN, D_SAE, K)
+def test_feature_choice_calibrates_one_threshold_per_latent_when_told(data):
+    """calibrated_threshold=per-latent: the value at rank p + 1/2 of each column over all N tokens, p = k*N/d_sae.
+    N = 192: p = m = 12, midway between the 12th and 13th largest, so inference keeps exactly the training rule's 12
+    tokens per latent of that batch. N = 200: p = 12.5 (m = 13), the 13th largest itself, which the strict rule
+    drops: 12 tokens per latent."""
+    sae = make_sae("feature-choice", D_IN, D_SAE, K, calibrated_threshold="per-latent")
     x = data.sample(200)
     sae.init_from_data(x)
     pre = sae.pre_acts(x - sae.b_dec_D).detach()
@@ -244,6 +245,20 @@ def test_feature_choice_calibrates_one_threshold_per_latent(data):
     assert torch.equal(sae.threshold, one_block)
     full = (pre > 0).sum(0) >= 13
     assert ((sae.encode(x) != 0).sum(0)[full] == 12).all()
+
+
+def test_feature_choice_calibrates_one_global_threshold_by_default(data):
+    """Default: BatchTopK's pooled cut-off in every entry, so the N tokens fire k*N latents in all."""
+    sae = make_sae("feature-choice", D_IN, D_SAE, K)
+    x = data.sample(200)
+    sae.init_from_data(x)
+    pre = sae.pre_acts(x - sae.b_dec_D).detach()
+    sae.calibrate(x, 64)
+    top = pre.flatten().topk(K * 200 + 1).values
+    torch.testing.assert_close(sae.threshold, ((top[-2] + top[-1]) / 2).expand(D_SAE))
+    assert int((sae.encode(x) != 0).sum()) == K * 200
+    with pytest.raises(ValueError, match="calibrated_threshold"):
+        make_sae("feature-choice", D_IN, D_SAE, K, calibrated_threshold="per-token")
 
 
 def test_zipf_targets_sum_to_the_budget_and_rank_by_frequency():
