@@ -14,7 +14,9 @@ def test_pooled_top_equals_the_top_of_all_blocks_together():
     blocks = x.split(16)
     assert torch.equal(pooled_top(blocks, 40), x.flatten().topk(40).values)
     assert torch.equal(pooled_top(x.split(16), 5, per_column=True), x.topk(5, dim=0).values)
-    assert torch.equal(pooled_top(x.split(16), 1000), x.flatten().sort(descending=True).values)  # fewer than n
+    assert torch.equal(
+        pooled_top(x.split(16), 1000), x.flatten().sort(descending=True).values
+    )  # fewer than n
     assert pooled_top([], 3) is None
 
 
