@@ -224,12 +224,12 @@ def test_steered_calibrate_shifts_the_margins_to_the_target_over_all_tokens(name
     assert int((sae.encode(x) != 0).sum()) == round(target * 130)
 
 
-def test_feature_choice_calibrates_one_threshold_per_latent_when_told(data):
-    """calibrated_threshold=per-latent: the value at rank p + 1/2 of each column over all N tokens, p = k*N/d_sae.
-    N = 192: p = m = 12, midway between the 12th and 13th largest, so inference keeps exactly the training rule's 12
+def test_feature_choice_calibrates_one_threshold_per_latent(data):
+    """Default (calibrated_threshold=per-latent): the value at rank p + 1/2 of each column over all N tokens,
+    p = k*N/d_sae. N = 192: p = m = 12, midway between the 12th and 13th largest, so inference keeps exactly the training rule's 12
     tokens per latent of that batch. N = 200: p = 12.5 (m = 13), the 13th largest itself, which the strict rule
     drops: 12 tokens per latent."""
-    sae = make_sae("feature-choice", D_IN, D_SAE, K, calibrated_threshold="per-latent")
+    sae = make_sae("feature-choice", D_IN, D_SAE, K)
     x = data.sample(200)
     sae.init_from_data(x)
     pre = sae.pre_acts(x - sae.b_dec_D).detach()
@@ -247,9 +247,9 @@ def test_feature_choice_calibrates_one_threshold_per_latent_when_told(data):
     assert ((sae.encode(x) != 0).sum(0)[full] == 12).all()
 
 
-def test_feature_choice_calibrates_one_global_threshold_by_default(data):
-    """Default: BatchTopK's pooled cut-off in every entry, so the N tokens fire k*N latents in all."""
-    sae = make_sae("feature-choice", D_IN, D_SAE, K)
+def test_feature_choice_calibrates_one_global_threshold_when_told(data):
+    """calibrated_threshold=global: BatchTopK's pooled cut-off in every entry, so the N tokens fire k*N latents."""
+    sae = make_sae("feature-choice", D_IN, D_SAE, K, calibrated_threshold="global")
     x = data.sample(200)
     sae.init_from_data(x)
     pre = sae.pre_acts(x - sae.b_dec_D).detach()
