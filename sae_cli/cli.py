@@ -279,6 +279,19 @@ def _passed(r: dict[str, Any]) -> str:
     return f"{r['passed_through']:,} (cut-off {r['passthrough_norm']:.4g})"
 
 
+DEAD_SAMPLE_TOKENS = 100_000
+"""Below this many held-out tokens `sae eval` flags its dead share as a small-sample count: a latent that fires
+once in 10,000 tokens is missed with probability exp(-n / 10,000) (docs/benchmarks.md: 10 % "dead" on 6,630
+pystdlib tokens, 0-2 % on the whole store)."""
+
+
+def _dead(r: dict[str, Any]) -> str:
+    text = f"{r['dead_pct']:.2f}"
+    if r["tokens"] < DEAD_SAMPLE_TOKENS:
+        text += f" (only {r['tokens']:,} tokens: rare latents count as dead)"
+    return text
+
+
 def _eval_table(r: dict[str, Any]) -> Table:
     table = Table(
         title=f"sae eval: {r['variant']} L{r['layer']} {r['site']} d_sae {r['d_sae']}", show_header=False
@@ -294,7 +307,7 @@ def _eval_table(r: dict[str, Any]) -> Table:
         ("worst token FVU (vs. the mean)", _worst(r)),
         ("tokens worse than the mean", f"{r['tokens_fvu_over_1']:,}"),
         ("passed through (norm > cut-off)", _passed(r)),
-        ("dead %", f"{r['dead_pct']:.2f}"),
+        ("dead % (no firing on these tokens)", _dead(r)),
         ("dense % (> 10 % of tokens)", f"{r['dense_pct']:.2f}"),
         ("shrinkage (rel. reconstruction bias)", f"{r['shrinkage']:.4f}"),
     ]

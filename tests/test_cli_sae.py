@@ -156,3 +156,14 @@ def test_variants_lists_the_registry() -> None:
     assert res.exit_code == 0 and res.output.split() == variant_names()
     res = invoke("variants")
     assert res.exit_code == 0 and all(name in res.output for name in variant_names())
+
+
+def test_eval_flags_a_dead_share_counted_on_few_tokens() -> None:
+    """Under 100k held-out tokens the dead share is a small-sample count, and `sae eval` says so."""
+    from sae_cli.cli import _dead
+
+    assert _dead({"dead_pct": 9.7, "tokens": 6630}) == "9.70 (only 6,630 tokens: rare latents count as dead)"
+    assert (
+        _dead({"dead_pct": 2.148, "tokens": 97920}) == "2.15 (only 97,920 tokens: rare latents count as dead)"
+    )
+    assert _dead({"dead_pct": 0.5, "tokens": 100_000}) == "0.50"
