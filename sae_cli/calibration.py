@@ -14,19 +14,34 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from . import kernels
+
 
 @torch.no_grad()
 def pooled_top(blocks: Iterable[Tensor], n: int, per_column: bool = False) -> Tensor | None:
     """The n largest entries over every block, in descending order: of all entries (`per_column` False: a 1-D
     result) or of each column (`per_column`: [n, F], the blocks [B_i, F]). Streams: memory is n entries (per
-    column) plus one block. Fewer than n when the blocks hold fewer; None when there is no block."""
+    column) plus one block. Fewer than n when the blocks hold fewer; None when there is no block.
+
+    All entries: once n are held, a block's entries below the n-th largest so far cannot enter and are dropped
+    before the selection, which runs over `kernels.flat_topk`'s sampled candidates (width 4608, 4 blocks of 4096
+    tokens, n = 524,288: 5.4 s as plain topk over each block plus the held n, on one loaded core)."""
     top: Tensor | None = None
     for block in blocks:
         block = block.detach().float()
-        block = block if per_column else block.flatten()
-        both = block if top is None else torch.cat([top, block])
-        top = both.topk(min(n, both.shape[0]), dim=0).values
-    return top
+        if per_column:
+            both = block if top is None else torch.cat([top, block])
+            top = both.topk(min(n, both.shape[0]), dim=0).values
+            continue
+        v = block.flatten()
+        if top is not None and top.numel() >= n:
+            v = v[v >= top.min()]
+        both = v if top is None else torch.cat([top, v])
+        row_len = block.shape[-1] if top is None and block.dim() > 1 else 1
+        top = kernels.flat_topk(both, n, row_len)[0] if both.numel() > n else both
+    if top is None or per_column:
+        return top
+    return top.sort(descending=True).values
 
 
 def value_at_rank(top: Tensor, rank: float, past_end: float | None = 0.0) -> Tensor | None:
