@@ -20,6 +20,15 @@ def test_pooled_top_equals_the_top_of_all_blocks_together():
     assert pooled_top([], 3) is None
 
 
+def test_pooled_top_is_exact_through_the_sampled_candidates():
+    """n >= 4,000 and blocks >= 4n entries: the selection runs over kernels.flat_topk's candidates and later blocks
+    are cut at the n-th largest so far; the result is still the exact sorted top n."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(2000, 64, generator=g))
+    got = pooled_top(x.split(500), 5000)
+    assert torch.equal(got, x.flatten().topk(5000).values)
+
+
 def test_value_at_rank_interpolates_between_neighbours_and_reads_past_the_end():
     top = torch.tensor([9.0, 7.0, 4.0, 1.0])
     assert float(value_at_rank(top, 2)) == 7.0
