@@ -2,7 +2,7 @@
 
 - dense steps at init (about half the latents active): JumpReLU, ReLU, Gated, forward + backward of
   `training_loss` (kernels/threshold_dense.py);
-- the exact L0 shift over a [B, F] margin (`l0_control.exact_shift`, the trim and the calibration; the selection
+- the exact L0 shift over a [B, F] margin (`l0_control.exact_shift`, the final trim; the selection
   over `kernels.top_candidates`);
 - AuxK over 48 % dead latents, forward + backward (`_common.aux_residual_loss` through the TopK encoder kernel).
 
