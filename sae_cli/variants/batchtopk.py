@@ -152,17 +152,16 @@ class BatchTopKSAE(SAE):
     def calibrate(self, x_ND: Tensor, batch_size: int) -> None:
         """theta = the value at `cutoff_rank` of the pre-activations of all of `x_ND` under the current weights,
         pooled over blocks of `batch_size` tokens (sae_cli/calibration.py), per latent where
-        `per_latent_calibration` says so. The gap's midpoint, not the smallest kept entry that the running EMA tracks: with the
-        strict `pre > theta` that entry itself would be dropped."""
+        `per_latent_calibration` says so. The gap's midpoint, not the smallest kept entry that the running EMA
+        tracks: with the strict `pre > theta` that entry itself would be dropped."""
         if not len(x_ND):
             return
         rank = self.cutoff_rank(len(x_ND))
         blocks = (self.pre_acts(x_BD - self.b_dec_D) for x_BD in x_ND.split(max(1, batch_size)))
         top = pooled_top(blocks, math.floor(rank) + 1, per_column=self.per_latent_calibration())
         if top is not None:
-            self.threshold.copy_(
-                value_at_rank(top, rank)
-            )  # a scalar fills every entry of a per-latent buffer
+            # one value fills every entry of a per-latent buffer (Feature Choice's global option)
+            self.threshold.copy_(value_at_rank(top, rank))
 
     def per_latent_calibration(self) -> bool:
         """True: `calibrate` sets one threshold per latent (`cutoff_rank` is then a rank in each latent's column);
