@@ -241,6 +241,9 @@ def eval_cmd(
         help="Send every token through the SAE, also those its out-of-range rule passes through (cfg.json "
         "passthrough_norm).",
     ),
+    by_doc: bool = typer.Option(
+        False, "--by-doc", help="Also print L0 and FVU per document of the store (always in eval.json)."
+    ),
 ) -> None:
     """Evaluate an SAE on its store's held-out tokens (and, with the model, splice it into the LM)."""
     from .evaluate import DENSITY_PNG, EVAL_FILE, check_eval_options, evaluate
@@ -263,6 +266,8 @@ def eval_cmd(
                 passthrough=not no_passthrough,
             )
     out_console.print(_eval_table(result))
+    if by_doc:
+        out_console.print(document_table(result))
     console.print(f"wrote {run / EVAL_FILE} and {run / DENSITY_PNG}")
 
 
@@ -293,6 +298,8 @@ def _dead(r: dict[str, Any]) -> str:
 
 
 def _eval_table(r: dict[str, Any]) -> Table:
+    from .by_document import describe
+
     table = Table(
         title=f"sae eval: {r['variant']} L{r['layer']} {r['site']} d_sae {r['d_sae']}", show_header=False
     )
@@ -307,6 +314,7 @@ def _eval_table(r: dict[str, Any]) -> Table:
         ("worst token FVU (vs. the mean)", _worst(r)),
         ("tokens worse than the mean", f"{r['tokens_fvu_over_1']:,}"),
         ("passed through (norm > cut-off)", _passed(r)),
+        ("L0 by document (min / median / max)", describe(r["l0_by_document"], r["l0_target"])),
         ("dead % (no firing on these tokens)", _dead(r)),
         ("dense % (> 10 % of tokens)", f"{r['dense_pct']:.2f}"),
         ("shrinkage (rel. reconstruction bias)", f"{r['shrinkage']:.4f}"),
@@ -325,6 +333,18 @@ def _eval_table(r: dict[str, Any]) -> Table:
         ]
     for name, value in rows:
         table.add_row(name, value)
+    return table
+
+
+def document_table(r: dict[str, Any]) -> Table:
+    """`sae eval --by-doc`: L0 and FVU per document of the evaluated tokens."""
+    table = Table(title="by document (store doc_ids)")
+    for name in ("document", "tokens", "L0", "L0 vs target", "FVU"):
+        table.add_column(name, justify="right")
+    target = r["l0_target"]
+    for row in r["by_document"]:
+        error = f"{100.0 * (row['l0'] - target) / target:+.1f} %" if target > 0 else "-"
+        table.add_row(str(row["doc"]), f"{row['tokens']:,}", f"{row['l0']:.2f}", error, f"{row['fvu']:.4f}")
     return table
 
 

@@ -288,17 +288,25 @@ def eval_batches(
     store: Store, key: Key, token_range: tuple[int, int], batch_size: int, drop_bos: bool, max_tokens: int = 0
 ) -> Iterator[Tensor]:
     """Held-out activations in store order (no shuffle, one pass), BOS/padding dropped as in training."""
+    for x_BD, _ in indexed_eval_batches(store, key, token_range, batch_size, drop_bos, max_tokens):
+        yield x_BD
+
+
+def indexed_eval_batches(
+    store: Store, key: Key, token_range: tuple[int, int], batch_size: int, drop_bos: bool, max_tokens: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """`eval_batches` with each token's index in the store ([B] int64) beside its activations."""
     reader = ActivationReader(
         store, [key], batch_size, shuffle=False, token_range=token_range, drop_bos=drop_bos, loop=False
     )
     seen = 0
     for batch in reader:
-        x_BD = batch.acts[key]
+        x_BD, index_B = batch.acts[key], batch.index
         check_finite(x_BD, batch.index, store, key)
         if max_tokens:
-            x_BD = x_BD[: max_tokens - seen]
+            x_BD, index_B = x_BD[: max_tokens - seen], index_B[: max_tokens - seen]
         seen += len(x_BD)
-        yield x_BD
+        yield x_BD, index_B
         if max_tokens and seen >= max_tokens:
             return
 

@@ -14,8 +14,9 @@ import torch
 from actcache.store import Store
 
 from . import io
+from .by_document import DocumentMetrics
 from .config import ConfigError
-from .data import DataError, check_keys, eval_batches, lm_windows, open_store, run_identity, split
+from .data import DataError, check_keys, indexed_eval_batches, lm_windows, open_store, run_identity, split
 from .metrics import ReconstructionMetrics, density_histogram, save_density_png
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,15 @@ def evaluate(
     report = progress or (lambda stage, done, total: None)
 
     metrics = ReconstructionMetrics(sae.cfg.d_in, sae.cfg.d_sae, device=device)
+    documents = DocumentMetrics(sae.cfg.d_in, device=device)
+    doc_ids = torch.from_numpy(store.read("doc_ids", lo, hi))
     done = 0
     with torch.no_grad():
-        for x_BD in eval_batches(store, key, (lo, hi), batch_size, drop_bos):
+        for x_BD, index_B in indexed_eval_batches(store, key, (lo, hi), batch_size, drop_bos):
             x_BD = x_BD.to(device).float()
             acts_BF, x_hat_BD = sae.reconstruct(x_BD, passthrough)
             metrics.update(x_BD, x_hat_BD, acts_BF, sae.passed_through(x_BD) if passthrough else None)
+            documents.update(doc_ids[index_B - lo], x_BD, x_hat_BD, acts_BF)
             done += len(x_BD)
             report("reconstruction", done, hi - lo)
     result: dict[str, Any] = {
@@ -130,6 +134,7 @@ def evaluate(
     }
     target = sae.cfg.l0_target  # 0: unknown (an imported SAE whose source records none)
     result["l0_error_pct"] = 100.0 * (result["l0"] - target) / target if target > 0 else math.nan
+    result.update(documents.result(target))
     freq_F = metrics.freq_F()
     result["density_histogram"] = density_histogram(freq_F)
     save_density_png(freq_F, run / DENSITY_PNG, f"{sae.cfg.variant} L{key[0]} {key[1]} d_sae={sae.cfg.d_sae}")

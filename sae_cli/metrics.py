@@ -40,7 +40,7 @@ def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
 
 
 @dataclass
-class _Moments:
+class Moments:
     """Running sums for FVU / MSE / shrinkage over one subset of tokens (float64)."""
 
     n: float
@@ -51,7 +51,7 @@ class _Moments:
     sum_hat_dot: float
 
     @classmethod
-    def zeros(cls, d: int, device: torch.device) -> _Moments:
+    def zeros(cls, d: int, device: torch.device) -> Moments:
         return cls(0.0, torch.zeros(d, dtype=torch.float64, device=device), 0.0, 0.0, 0.0, 0.0)
 
     def add(self, x_BD: Tensor, x_hat_BD: Tensor) -> None:
@@ -85,8 +85,8 @@ class ReconstructionMetrics:
         self.device = torch.device(device)
         self.massive_ratio = massive_ratio
         self.threshold: float | None = None
-        self.all = _Moments.zeros(d_in, self.device)
-        self.typical = _Moments.zeros(d_in, self.device)
+        self.all = Moments.zeros(d_in, self.device)
+        self.typical = Moments.zeros(d_in, self.device)
         self.fires_F = torch.zeros(d_sae, dtype=torch.float64, device=self.device)
         self.active = 0.0
         self.mean_D: Tensor | None = None

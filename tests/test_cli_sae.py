@@ -79,6 +79,9 @@ def test_train_then_eval_with_splicing(harvested: Path, tmp_path: Path, site: st
     assert held == cfg["training"]["eval_range"][1] - cfg["training"]["eval_range"][0] and held % 32 == 0
     assert ev["lm_tokens"] > 0.9 * held * 31 / 32  # next-token targets: not the BOS, not padding
     assert (run / "density.png").is_file() and "CE recovered" in res.output
+    docs = ev["by_document"]  # TopK fires at most k on every token of every document
+    assert sum(d["tokens"] for d in docs) == ev["tokens"] and all(d["l0"] <= 8 for d in docs)
+    assert sum(d["l0"] * d["tokens"] for d in docs) / ev["tokens"] == pytest.approx(ev["l0"])
     if (
         site == "resid_post"
     ):  # --lm-tokens cuts the LM metrics to whole windows; reconstruction keeps them all
@@ -87,6 +90,9 @@ def test_train_then_eval_with_splicing(harvested: Path, tmp_path: Path, site: st
         short = json.loads((run / "eval.json").read_text())
         assert short["tokens"] == ev["tokens"] and short["fvu"] == pytest.approx(ev["fvu"])
         assert short["lm_tokens"] <= 2 * 31 < ev["lm_tokens"]  # 2 windows of 32 tokens at most
+        res = invoke("eval", run, "--store", harvested, "--device", "cpu", "--no-model", "--by-doc")
+        assert res.exit_code == 0 and "by document" in res.output, res.output
+        assert len(docs) > 1 and all(f"{d['tokens']:,}" in res.output for d in docs)
 
 
 def test_toml_config_resume_and_overwrite(harvested: Path, tmp_path: Path) -> None:
