@@ -11,6 +11,7 @@ summary counts only documents with at least `MIN_TOKENS` evaluated tokens: fewer
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -45,7 +46,13 @@ class DocumentMetrics:
 
     def rows(self) -> list[dict[str, Any]]:
         return [
-            {"doc": doc, "tokens": int(m.n), "l0": self.active[doc] / m.n, "fvu": m.fvu()}
+            {
+                "doc": doc,
+                "tokens": int(m.n),
+                "l0": self.active[doc] / m.n,
+                "fvu": m.fvu(),
+                "rms_norm": math.sqrt(m.sum_sq / m.n),
+            }
             for doc, m in sorted(self.moments.items())
         ]
 

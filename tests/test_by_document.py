@@ -22,6 +22,7 @@ def test_hand_computed_l0_and_fvu_per_document() -> None:
     assert rows[0]["l0"] == 2.0 and rows[1]["l0"] == 0.0
     # document 3: error 1, variance about its mean (2, 0): 1 + 1 = 2 -> FVU 0.5; document 7: one token, no variance
     assert rows[0]["fvu"] == pytest.approx(0.5)
+    assert rows[0]["rms_norm"] == pytest.approx(5**0.5) and rows[1]["rms_norm"] == pytest.approx(50**0.5)
     assert rows[1]["fvu"] != rows[1]["fvu"]  # NaN: undefined, never a made-up number
 
 
