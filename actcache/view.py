@@ -216,15 +216,20 @@ class Store:
                 )
         return "; ".join(diffs) or None
 
-    def check_identity(self, recorded: Mapping[str, Any] | None, what: str = "the run") -> None:
-        """StoreError naming both stores when this is not the store `recorded` describes (None: nothing to check)."""
+    def check_identity(
+        self,
+        recorded: Mapping[str, Any] | None,
+        what: str = "the run",
+        fix: str = "pass that store with --store, or start a new run",
+    ) -> None:
+        """StoreError naming both stores and `fix` when this is not the store `recorded` describes (None: nothing
+        to check)."""
         if not recorded:
             return
         diff = self.identity_mismatch(recorded)
         if diff is not None:
             raise StoreError(
-                f"{self.path} is not the store {what} used ({recorded.get('path', '?')}: {diff}); pass that store "
-                "with --store, or start a new run"
+                f"{self.path} is not the store {what} used ({recorded.get('path', '?')}: {diff}); {fix}"
             )
 
     @property

@@ -241,6 +241,12 @@ def eval_cmd(
         help="Send every token through the SAE, also those its out-of-range rule passes through (cfg.json "
         "passthrough_norm).",
     ),
+    other_store: bool = typer.Option(
+        False,
+        "--other-store",
+        help="--store holds another text of the SAE's model, none of it trained on: evaluate on all its tokens "
+        "(or --tokens of them).",
+    ),
     by_doc: bool = typer.Option(
         False, "--by-doc", help="Also print L0 and FVU per document of the store (always in eval.json)."
     ),
@@ -251,6 +257,8 @@ def eval_cmd(
 
     with cli_errors():
         check_eval_options(tokens, lm_tokens, batch_size)
+        if other_store and not store:
+            raise ConfigError("--other-store evaluates on another store: name it with --store")
         dev = resolve_device(device)
         progress, report = eval_progress()
         with progress:
@@ -264,6 +272,7 @@ def eval_cmd(
                 batch_size=batch_size,
                 progress=report,
                 passthrough=not no_passthrough,
+                other_store=other_store,
             )
     out_console.print(_eval_table(result))
     if by_doc:

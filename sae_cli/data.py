@@ -43,7 +43,11 @@ def check_keys(store: Store, keys: list[Key]) -> None:
 
 
 def run_identity(
-    store: Store, ranges: tuple[tuple[int, int], ...], resumed: dict | None = None, what: str = "the run"
+    store: Store,
+    ranges: tuple[tuple[int, int], ...],
+    resumed: dict | None = None,
+    what: str = "the run",
+    fix: str = "pass that store with --store, or start a new run",
 ) -> dict | None:
     """The store identity a run records: at a fresh start (`resumed` None), `Store.identity` up to the end of the
     last range the run reads. Resumed (`resumed`: what the run recorded, train_config.json's "resolved" or
@@ -53,7 +57,7 @@ def run_identity(
         if resumed is None:  # the absolute path: the error on a mismatch names it wherever the run is resumed
             return {**store.identity(max(hi for _, hi in ranges)), "path": str(store.path.resolve())}
         recorded = resumed.get("store_identity")
-        store.check_identity(recorded, what)
+        store.check_identity(recorded, what, fix)
         return recorded
     except StoreError as e:
         raise DataError(str(e)) from None

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 DENSITY_PNG = "density.png"
+OTHER_STORE_FIX = (
+    "pass that store with --store, or add --other-store to evaluate on all of this one (another text)"
+)
 
 
 def first_windows(token_range: tuple[int, int], tokens: int, context: int) -> tuple[int, int]:
@@ -31,9 +34,15 @@ def first_windows(token_range: tuple[int, int], tokens: int, context: int) -> tu
     return (lo, min(hi, lo + context * max(1, math.ceil(tokens / context)))) if tokens else (lo, hi)
 
 
-def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[int, int]:
+def held_out_range(
+    training: dict[str, Any], store: Any, tokens: int, other_store: bool = False
+) -> tuple[int, int]:
     """The run's held-out range (recorded at training time), cut to `tokens` whole windows when given. An
-    imported SAE (sae_cli/formats) has no training range: the store's default held-out windows (its last 10 %)."""
+    imported SAE (sae_cli/formats) has no training range: the store's default held-out windows (its last 10 %).
+    `other_store`: `store` holds another text of the SAE's model, none of it trained on: all its tokens (cut to
+    `tokens`); DataError when it is the training store itself or another model's."""
+    if other_store:
+        return other_text_range(training, store, tokens)
     if "imported" in training and "eval_range" not in training:
         source = str(training.get("source_model") or "")
         if source and source.rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
@@ -42,13 +51,30 @@ def held_out_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[i
     if "eval_range" not in training:
         raise DataError("the run records no held-out range (trained by another tool?); cannot evaluate it")
     lo, hi = (int(v) for v in training["eval_range"])
-    run_identity(store, (), training, "this SAE")
+    run_identity(store, (), training, "this SAE", OTHER_STORE_FIX)
     if training.get("store_model") not in (None, store.spec.model) or hi > store.committed_tokens:
         raise DataError(
             f"{store.path} is not the store this SAE was trained on (model {training.get('store_model')!r}, "
-            f"{training.get('store_tokens')} tokens); pass that store with --store"
+            f"{training.get('store_tokens')} tokens); {OTHER_STORE_FIX}"
         )
     return first_windows((lo, hi), tokens, store.spec.context)
+
+
+def other_text_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[int, int]:
+    """`held_out_range` for another store of the same model: every window from its start (cut to `tokens`)."""
+    model = training.get("store_model") or training.get("source_model")
+    if model and str(model).rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
+        raise DataError(
+            f"{store.path} holds activations of {store.spec.model!r}; the SAE was trained on {model!r}: pass a "
+            "store harvested from that model"
+        )
+    recorded = training.get("store_identity")
+    if recorded and store.identity_mismatch(recorded) is None:
+        raise DataError(
+            f"{store.path} is the store this SAE was trained on; drop --other-store to evaluate on its held-out "
+            "tokens"
+        )
+    return first_windows((0, store.committed_tokens), tokens, store.spec.context)
 
 
 def check_site(store: Any, key: tuple[int, str], d_in: int) -> None:
@@ -85,6 +111,7 @@ def evaluate(
     model: Any = None,
     lm: dict[str, Any] | None = None,
     passthrough: bool = True,
+    other_store: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the SAE in `run` (a folder with cfg.json); returns the eval dict (also written to eval.json).
     `tokens`: at most this many held-out tokens for everything (0: all); `lm_tokens`: at most this many of them
@@ -92,7 +119,8 @@ def evaluate(
     already loaded on `device` (a sweep evaluates many SAEs with one load). `lm`: the LM metrics, already
     computed on `lm_range(...)` of this run (a sweep computes them for all its members at once). `store_path`: the
     store (an open `Store`, or its path; default: the one the run recorded). `passthrough` False: evaluate the SAE
-    without its out-of-range rule (cfg.json's passthrough_norm), every token through the SAE."""
+    without its out-of-range rule (cfg.json's passthrough_norm), every token through the SAE. `other_store`: the
+    store is another text of the same model (`held_out_range`): evaluate on all of it."""
     check_eval_options(tokens, lm_tokens, batch_size)
     run = Path(run)
     cfg = io.read_cfg(run)
@@ -102,7 +130,7 @@ def evaluate(
         store_path if isinstance(store_path, Store) else open_store(store_path or training.get("store", ""))
     )
     key = (int(training["layer"]), str(training["site"]))
-    lo, hi = held_out_range(training, store, tokens)
+    lo, hi = held_out_range(training, store, tokens, other_store)
     sae = io.load_sae(run, device)
     check_site(store, key, sae.cfg.d_in)
     drop_bos = bool(training.get("drop_bos", True))
@@ -129,6 +157,7 @@ def evaluate(
         "d_sae": sae.cfg.d_sae,
         "l0_target": sae.cfg.l0_target,
         "eval_range": [lo, hi],
+        "other_store": other_store,
         "passthrough_norm": sae.cfg.passthrough_norm if passthrough else None,
         **metrics.result(),
     }

@@ -27,7 +27,7 @@ PARTS = ("train_range", "calibration_range", "eval_range")
 def runs_in(paths: list[Path]) -> list[Path]:
     found = []
     for p in paths:
-        found += [p] if (p / "cfg.json").is_file() else sorted(c.parent for c in p.glob("*/cfg.json"))
+        found += [p] if (p / "cfg.json").is_file() else sorted(c.parent for c in p.glob("**/cfg.json"))
     return found
 
 

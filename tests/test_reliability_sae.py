@@ -176,7 +176,11 @@ def test_eval_refuses_another_store_and_runs_made_before_identities_keep_working
     trained: Path, stores, tmp_path: Path
 ) -> None:
     run = copy_run(trained, tmp_path)
-    one_line_error(invoke("eval", run, "--store", stores["s1"], "--no-model", "--device", "cpu"), "differs")
+    one_line_error(
+        invoke("eval", run, "--store", stores["s1"], "--no-model", "--device", "cpu"),
+        "differs",
+        "--other-store",
+    )
     assert not (run / "eval.json").exists()
     # A run saved before this change has no store_identity: the old (weaker) check only, as before.
     for name in ("cfg.json", "train_config.json"):
@@ -682,3 +686,20 @@ def test_damaged_run_records_are_one_line(stores, tmp_path: Path) -> None:
 def test_eval_of_a_folder_that_is_no_sae_prints_only_its_error(tmp_path: Path) -> None:
     """No empty progress line before the error (rich prints one when a progress view stops off a terminal)."""
     before_training(invoke("eval", tmp_path / "nothing", "--no-model"), "is not a trained SAE")
+
+
+def test_eval_on_another_text_reads_all_of_that_store(trained: Path, stores, tmp_path: Path) -> None:
+    run = copy_run(trained, tmp_path)
+    base = ("eval", run, "--no-model", "--device", "cpu", "--other-store")
+    one_line_error(invoke(*base), "--other-store", "--store")
+    one_line_error(invoke(*base, "--store", stores["s0"]), "is the store this SAE was trained on")
+    one_line_error(invoke(*base, "--store", stores["wide"]), "d_model=24")
+    assert not (run / "eval.json").exists()
+    res = invoke(*base, "--store", stores["s1"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["other_store"] is True and ev["eval_range"] == [0, 4096]
+    assert ev["store"] == str(stores["s1"]) and sum(d["tokens"] for d in ev["by_document"]) == ev["tokens"]
+    res = invoke(*base, "--store", stores["s1"], "--tokens", 100)  # whole windows of 64 tokens
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "eval.json").read_text())["eval_range"] == [0, 128]
