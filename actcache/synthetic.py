@@ -29,11 +29,12 @@ def make_synthetic_store(
     codec: str = "",
     seed: int = 0,
     commit_tokens: int | None = None,
+    scale: float = 1.0,
 ) -> Store:
     """A store of random activations, for tests and benchmarks (no model needed).
 
     Window w occupies rows [w*context, (w+1)*context); its first token is BOS (flag bit 0), doc_ids = w,
-    positions = 0..context-1, token_ids random. Rows are N(0, 1) + a per-layer offset.
+    positions = 0..context-1, token_ids random. Rows are `scale` * N(0, 1) + a per-layer offset.
     """
     import torch
 
@@ -62,7 +63,7 @@ def make_synthetic_store(
         stats = {}
         for key in spec.acts_keys:
             layer, _ = parse_acts_key(key)
-            x_ND = torch.randn(n, d_model, generator=gen) + 0.1 * layer
+            x_ND = scale * torch.randn(n, d_model, generator=gen) + 0.1 * layer
             arrays[key] = x_ND
             # Statistics of the values as stored (after rounding to dtype), excluding BOS like the reader.
             stored_ND = from_stored(to_stored(x_ND, dtype), dtype, torch.float32)

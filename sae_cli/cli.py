@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from .cli_calibrate import register as register_calibrate_command
 from .cli_common import cli_errors, console, eval_progress, out_console, resume_hint, stop_if_interrupted
 from .cli_formats import register as register_format_commands
 from .cli_inspect import register as register_inspect_command
@@ -360,6 +361,7 @@ def document_table(r: dict[str, Any]) -> Table:
 register_sweep_commands(app)  # `sae sweep` and `sae pareto` (sae_cli/cli_sweep.py)
 register_format_commands(app)  # `sae export` and `sae import` (sae_cli/cli_formats.py)
 register_inspect_command(app)  # `sae inspect` (sae_cli/cli_inspect.py)
+register_calibrate_command(app)  # `sae calibrate` (sae_cli/cli_calibrate.py)
 
 
 if __name__ == "__main__":  # `torchrun --nproc-per-node N -m sae_cli.cli train ...`

@@ -61,7 +61,8 @@ def held_out_range(
 
 
 def other_text_range(training: dict[str, Any], store: Any, tokens: int) -> tuple[int, int]:
-    """`held_out_range` for another store of the same model: every window from its start (cut to `tokens`)."""
+    """`held_out_range` for another store of the same model: every window from its start (cut to `tokens`), or
+    from the end of the tokens `sae calibrate --other-store` calibrated the SAE on, when it was this store."""
     model = training.get("store_model") or training.get("source_model")
     if model and str(model).rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
         raise DataError(
@@ -74,7 +75,17 @@ def other_text_range(training: dict[str, Any], store: Any, tokens: int) -> tuple
             f"{store.path} is the store this SAE was trained on; drop --other-store to evaluate on its held-out "
             "tokens"
         )
-    return first_windows((0, store.committed_tokens), tokens, store.spec.context)
+    start = 0
+    recal = training.get("recalibrated") or {}
+    identity = recal.get("store_identity")
+    if recal.get("other_store") and identity and store.identity_mismatch(identity) is None:
+        start = int(recal["range"][1])  # the tokens `sae calibrate` set the thresholds on are not evaluated
+        if start >= store.committed_tokens:
+            raise DataError(
+                f"every token of {store.path} went into the SAE's calibration (`sae calibrate`); evaluate it on "
+                "another store, or calibrate it on fewer --tokens"
+            )
+    return first_windows((start, store.committed_tokens), tokens, store.spec.context)
 
 
 def check_site(store: Any, key: tuple[int, str], d_in: int) -> None:

@@ -1,0 +1,148 @@
+"""`sae calibrate` (sae_cli/recalibrate.py): the L0 lands on its target on the calibration tokens, only the
+thresholds change, `sae eval --other-store` then skips those tokens, and every bad input is a one-line error that
+writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from actcache.store import make_synthetic_store
+from sae_cli import data, io
+from sae_cli.cli import app
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+TRAIN = (
+    "--layer",
+    0,
+    "--width",
+    "4x",
+    "--l0-target",
+    4,
+    "--tokens",
+    2048,
+    "--batch-size",
+    256,
+    "--device",
+    "cpu",
+)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """Store s0 (training), s1 (another 'text': other content, its activations scaled by 1.5 so that the training
+    threshold fires more there), a BatchTopK, a JumpReLU and a TopK run on s0."""
+    root = tmp_path_factory.mktemp("recal")
+    make_synthetic_store(root / "s0", tokens=4096, d_model=16, context=64, seed=0)
+    make_synthetic_store(root / "s1", tokens=4096, d_model=16, context=64, seed=1, scale=1.5)
+    out = {"s0": root / "s0", "s1": root / "s1"}
+    for variant in ("batchtopk", "jumprelu", "topk"):
+        res = invoke("train", variant, "--store", out["s0"], *TRAIN, "--out", root / variant)
+        assert res.exit_code == 0, res.output
+        out[variant] = root / variant
+    return out
+
+
+def l0_on(run: Path, store: Path, lo: int, hi: int) -> float:
+    sae = io.load_sae(run)
+    x = torch.cat(list(data.eval_batches(data.open_store(store), (0, "resid_post"), (lo, hi), 512, True)))
+    with torch.no_grad():
+        return float((sae.encode(x) != 0).sum(-1).double().mean())
+
+
+@pytest.mark.parametrize("variant", ["batchtopk", "jumprelu"])
+def test_calibrating_on_another_store_lands_the_l0_there(setup, tmp_path: Path, variant: str) -> None:
+    out = tmp_path / "out"
+    run = setup[variant]
+    res = invoke("calibrate", run, "--store", setup["s1"], "--other-store", "--tokens", 1000, "--out", out)
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "cfg.json").read_text())["training"]["recalibrated"]
+    assert rec["range"] == [0, 1024] and rec["other_store"] is True  # whole windows of 64
+    # The pooled rule: exactly round(4 * N) latents fire over the N calibration tokens (BOS dropped).
+    assert rec["l0_after"] == pytest.approx(round(4 * rec["tokens"]) / rec["tokens"], abs=1e-9)
+    assert l0_on(out, setup["s1"], 0, 1024) == pytest.approx(rec["l0_after"], abs=1e-9)
+    assert abs(rec["l0_before"] - 4) > abs(rec["l0_after"] - 4)
+    # Only the thresholds changed.
+    old, new = io.load_sae(run).state_dict(), io.load_sae(out).state_dict()
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert len(changed) == 1, changed
+    # The evaluation on that store starts after the calibration tokens; the source run is untouched.
+    res = invoke("eval", out, "--store", setup["s1"], "--other-store", "--no-model", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["eval_range"] == [1024, 4096] and abs(ev["l0"] - 4) < abs(
+        l0_on(run, setup["s1"], 1024, 4096) - 4
+    )
+    assert "recalibrated" not in json.loads((run / "cfg.json").read_text())["training"]
+
+
+def test_calibrating_in_place_on_the_run_s_own_tokens(setup, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["jumprelu"], run)
+    (run / "eval.json").write_text("{}")
+    res = invoke("calibrate", run, "--store", setup["s0"])
+    assert res.exit_code == 0, res.output
+    training = json.loads((run / "cfg.json").read_text())["training"]
+    rec = training["recalibrated"]
+    assert rec["range"] == training["calibration_range"] and rec["other_store"] is False
+    assert rec["l0_after"] == pytest.approx(round(4 * rec["tokens"]) / rec["tokens"], abs=1e-9)
+    assert not (run / "eval.json").exists()  # it described the old thresholds
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(setup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    one_line_error(
+        invoke("calibrate", setup["topk"], "--store", setup["s1"], "--other-store"), "no threshold"
+    )
+    one_line_error(
+        invoke("calibrate", setup["jumprelu"], "--store", setup["s0"], "--other-store", "--out", out),
+        "is the store this SAE was trained on",
+    )
+    one_line_error(
+        invoke("calibrate", setup["jumprelu"], "--store", setup["s1"], "--out", out), "--other-store"
+    )
+    one_line_error(
+        invoke("calibrate", setup["jumprelu"], "--store", setup["s1"], "--other-store", "--tokens", 0),
+        "--tokens",
+    )
+    assert not out.exists()
+    out.mkdir()
+    one_line_error(
+        invoke("calibrate", setup["jumprelu"], "--store", setup["s1"], "--other-store", "--out", out),
+        "--overwrite",
+    )
+    assert list(out.iterdir()) == []
+    # All of a store calibrated on: nothing left to evaluate there.
+    res = invoke(
+        "calibrate",
+        setup["jumprelu"],
+        "--store",
+        setup["s1"],
+        "--other-store",
+        "--tokens",
+        4096,
+        "--out",
+        out,
+        "--overwrite",
+    )
+    assert res.exit_code == 0, res.output
+    one_line_error(invoke("eval", out, "--store", setup["s1"], "--other-store", "--no-model"), "every token")
