@@ -147,18 +147,9 @@ def evaluate(
     drop_bos = bool(training.get("drop_bos", True))
     report = progress or (lambda stage, done, total: None)
 
-    metrics = ReconstructionMetrics(sae.cfg.d_in, sae.cfg.d_sae, device=device)
-    documents = DocumentMetrics(sae.cfg.d_in, device=device)
-    doc_ids = torch.from_numpy(store.read("doc_ids", lo, hi))
-    done = 0
-    with torch.no_grad():
-        for x_BD, index_B in indexed_eval_batches(store, key, (lo, hi), batch_size, drop_bos):
-            x_BD = x_BD.to(device).float()
-            acts_BF, x_hat_BD = sae.reconstruct(x_BD, passthrough)
-            metrics.update(x_BD, x_hat_BD, acts_BF, sae.passed_through(x_BD) if passthrough else None)
-            documents.update(doc_ids[index_B - lo], x_BD, x_hat_BD, acts_BF)
-            done += len(x_BD)
-            report("reconstruction", done, hi - lo)
+    metrics, documents = reconstruction_metrics(
+        sae, store, key, (lo, hi), batch_size, drop_bos, passthrough, report
+    )
     result: dict[str, Any] = {
         "run": str(run),
         "store": str(store.path),
@@ -191,6 +182,34 @@ def evaluate(
         result.update(lm)
     io.write_json_atomic(run / EVAL_FILE, io.json_safe(result))  # an undefined metric is null, never NaN
     return result
+
+
+def reconstruction_metrics(
+    sae: Any,
+    store: Any,
+    key: tuple[int, str],
+    token_range: tuple[int, int],
+    batch_size: int,
+    drop_bos: bool,
+    passthrough: bool,
+    report: Callable[[str, int, int], None],
+) -> tuple[ReconstructionMetrics, DocumentMetrics]:
+    """Every reconstruction metric of `sae` over `token_range` of `store`, in all and per document."""
+    lo, hi = token_range
+    device = sae.W_dec_FD.device
+    metrics = ReconstructionMetrics(sae.cfg.d_in, sae.cfg.d_sae, device=device)
+    documents = DocumentMetrics(sae.cfg.d_in, device=device)
+    doc_ids = torch.from_numpy(store.read("doc_ids", lo, hi))
+    done = 0
+    with torch.no_grad():
+        for x_BD, index_B in indexed_eval_batches(store, key, (lo, hi), batch_size, drop_bos):
+            x_BD = x_BD.to(device).float()
+            acts_BF, x_hat_BD = sae.reconstruct(x_BD, passthrough)
+            metrics.update(x_BD, x_hat_BD, acts_BF, sae.passed_through(x_BD) if passthrough else None)
+            documents.update(doc_ids[index_B - lo], x_BD, x_hat_BD, acts_BF)
+            done += len(x_BD)
+            report("reconstruction", done, hi - lo)
+    return metrics, documents
 
 
 def lm_range(run: str | Path, store: Any, tokens: int = 0, lm_tokens: int = 0) -> tuple[int, int]:
