@@ -9,40 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from test_reliability_sae import TRAIN, invoke, one_line_error
 
 from actcache.store import make_synthetic_store
 from sae_cli import data, io
-from sae_cli.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-runner = CliRunner()
-TRAIN = (
-    "--layer",
-    0,
-    "--width",
-    "4x",
-    "--l0-target",
-    4,
-    "--tokens",
-    2048,
-    "--batch-size",
-    256,
-    "--device",
-    "cpu",
-)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
