@@ -279,6 +279,12 @@ def eval_cmd(
     if by_doc:
         out_console.print(document_table(result))
     console.print(f"wrote {run / EVAL_FILE} and {run / DENSITY_PNG}")
+    if other_store and result["variant"] != "topk" and abs(result["l0_error_pct"]) > 5:
+        console.print(
+            f"the L0 is {result['l0_error_pct']:+.1f} % off its target on this text (a threshold's L0 follows the "
+            f"text): `sae calibrate {run} --store {store} --other-store --out NEW` sets it on this text's first "
+            "tokens"
+        )
 
 
 def _worst(r: dict[str, Any]) -> str:

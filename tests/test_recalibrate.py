@@ -43,6 +43,8 @@ def l0_on(run: Path, store: Path, lo: int, hi: int) -> float:
 def test_calibrating_on_another_store_lands_the_l0_there(setup, tmp_path: Path, variant: str) -> None:
     out = tmp_path / "out"
     run = setup[variant]
+    res = invoke("eval", run, "--store", setup["s1"], "--other-store", "--no-model", "--device", "cpu")
+    assert res.exit_code == 0 and "off its target on this text" in res.output, res.output  # the hint
     res = invoke("calibrate", run, "--store", setup["s1"], "--other-store", "--tokens", 1000, "--out", out)
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "cfg.json").read_text())["training"]["recalibrated"]
