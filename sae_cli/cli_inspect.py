@@ -36,6 +36,9 @@ def inspect_cmd(
     all_tokens: bool = typer.Option(
         False, "--all", help="Every token of the store instead of the run's held-out range."
     ),
+    other_store: bool = typer.Option(
+        False, "--other-store", help="--store holds another text of the SAE's model: inspect on all of it."
+    ),
     top: int = typer.Option(20, help="Top-activating contexts kept per latent."),
     samples: int = typer.Option(24, help="Sampled firings kept per latent (the lower-quantile contexts)."),
     before: int = typer.Option(12, help="Tokens shown before the firing token."),
@@ -65,7 +68,11 @@ def inspect_cmd(
         dev = resolve_device(device)
         st = open_store(store or targets(run)[0].training.get("store", ""))
         progress, report = _progress()
-        kwargs: dict[str, Any] = dict(all_tokens=all_tokens, cfg=cfg, device=dev, with_model=not no_model)
+        if other_store and not store:
+            raise ConfigError("--other-store inspects another store: name it with --store")
+        kwargs: dict[str, Any] = dict(
+            all_tokens=all_tokens, other_store=other_store, cfg=cfg, device=dev, with_model=not no_model
+        )
         with progress:
             if latent is None:
                 pages = inspect(run, st, out, progress=report, **kwargs)

@@ -201,6 +201,21 @@ def test_logit_lens_and_neighbours_equal_brute_force(tiny_llama_dir: Path) -> No
     torch.testing.assert_close(cos, sim.topk(2).values)
 
 
+def test_other_store_reads_all_of_it(site, store: Path) -> None:
+    """`--other-store`: every token of the store (here the same harvest, taken as another text: the random SAE
+    records no store identity), as `sae eval --other-store`."""
+    run, _ = site
+    acts, _ = brute(run, store, 0, TOKENS)
+    f = int((acts != 0).sum(0).argmax())
+    res = invoke(
+        "inspect", run, "--store", store, "--other-store", "--latent", f, "--device", "cpu", "--no-model"
+    )
+    assert res.exit_code == 0, res.output
+    assert f"{int((acts[:, f] != 0).sum()):,} tokens" in res.output
+    res = invoke("inspect", run, "--other-store", "--latent", f, "--no-model")
+    assert res.exit_code == 2 and "name it with --store" in res.output, res.output
+
+
 def test_bad_inputs_are_one_line_errors(site, store: Path, tmp_path: Path) -> None:
     run, out = site
     for args, needle in (

@@ -58,13 +58,16 @@ def targets(run: Path) -> list[Target]:
     return [Target(run, "", io.read_cfg(run).get("training", {}))]
 
 
-def token_range(t: Target, store: Store, all_tokens: bool) -> tuple[int, int]:
+def token_range(t: Target, store: Store, all_tokens: bool, other_store: bool = False) -> tuple[int, int]:
     """The run's held-out range, or (all_tokens) every committed token; DataError when the store is not the one
-    the SAE was trained on (as `sae eval`)."""
+    the SAE was trained on (as `sae eval`). `other_store`: another store of the SAE's model, all of it (as `sae
+    eval --other-store`)."""
     if "layer" not in t.training or "site" not in t.training:
         raise DataError(
             f"{t.folder / io.CFG_FILE} records no layer and site; cannot tell which activations to read"
         )
+    if other_store:
+        return held_out_range(t.training, store, 0, other_store=True)
     if all_tokens:
         run_identity(store, (), t.training, "this SAE")
         return 0, store.committed_tokens
@@ -111,6 +114,7 @@ def inspect(
     out: Path,
     *,
     all_tokens: bool = False,
+    other_store: bool = False,
     cfg: ScanConfig = ScanConfig(),
     device: str = "cpu",
     with_model: bool = True,
@@ -125,7 +129,7 @@ def inspect(
     groups: dict[tuple, list[Target]] = {}
     loaded: dict[Path, Any] = {}
     for t in todo:  # every check before the first pass: a bad member writes nothing
-        rng = token_range(t, store, all_tokens)
+        rng = token_range(t, store, all_tokens, other_store)
         groups.setdefault((t.key, rng, bool(t.training.get("drop_bos", True))), []).append(t)
         loaded[t.folder] = io.load_sae(t.folder, device)
         if loaded[t.folder].cfg.d_in != store.d_model:
@@ -221,6 +225,7 @@ def inspect_latent(
     out: Path | None = None,
     *,
     all_tokens: bool = False,
+    other_store: bool = False,
     cfg: ScanConfig = ScanConfig(),
     device: str = "cpu",
     with_model: bool = True,
@@ -229,13 +234,14 @@ def inspect_latent(
     """The record of one latent of the SAE in `run` (a run folder, not a sweep): from the pass saved in `out` when
     it is of this SAE and range, else from a new pass (written to `out` with the site when `out` is given)."""
     (t,) = _single(Path(run))
-    rng = token_range(t, store, all_tokens)
+    rng = token_range(t, store, all_tokens, other_store)
     weights = Weights(store, with_model, device)
     x = load_inspected(out, Path(run), rng, weights.tokenizer) if out is not None else None
     if x is None and out is not None:
         inspect(
-            run, store, out, all_tokens=all_tokens, cfg=cfg, device=device, progress=progress, weights=weights
-        )
+            run, store, out, all_tokens=all_tokens, other_store=other_store, cfg=cfg, device=device,
+            progress=progress, weights=weights,
+        )  # fmt: skip
         x = load_inspected(out, Path(run), rng, weights.tokenizer)
     if x is None:  # no --out: the pass in memory
         sae = io.load_sae(t.folder, device)
