@@ -120,3 +120,9 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(setup, tmp_path: Path)
     )
     assert res.exit_code == 0, res.output
     one_line_error(invoke("eval", out, "--store", setup["s1"], "--other-store", "--no-model"), "every token")
+
+
+def test_the_cli_default_is_the_library_s() -> None:
+    from sae_cli import cli_calibrate, recalibrate
+
+    assert cli_calibrate.DEFAULT_TOKENS == recalibrate.DEFAULT_TOKENS == 16384
