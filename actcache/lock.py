@@ -44,16 +44,18 @@ class StoreLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(_read_holder(fd))
+            info = _read_holder(fd)
             os.close(fd)
             raise LockHeld(
-                f"{self.store_path} is being written by {holder} (lock {self.path}); wait for that {self.what} to "
+                f"{self.store_path} is being written by {_describe(info)} (lock {self.path}); wait for that "
+                f"{info.get('what') or self.what} to "
                 "finish or stop it, then rerun"
             ) from None
         except BaseException:
             os.close(fd)
             raise
         info = {
+            "what": self.what,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -106,7 +106,8 @@ def recalibrate(
         "l0_after": after,
     }
     log.info("%s: L0 on %d calibration tokens of %s %.2f -> %.2f", run, len(x_ND), store.path, before, after)
-    write(run, target, sae, {**training, "recalibrated": record})
+    with io.run_lock(target, "calibration"):  # not into a folder that `sae train` writes at the same time
+        write(run, target, sae, {**training, "recalibrated": record})
     return record
 
 

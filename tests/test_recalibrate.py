@@ -80,6 +80,11 @@ def test_calibrating_in_place_on_the_run_s_own_tokens(setup, tmp_path: Path) -> 
     assert rec["range"] == training["calibration_range"] and rec["other_store"] is False
     assert rec["l0_after"] == pytest.approx(round(4 * rec["tokens"]) / rec["tokens"], abs=1e-9)
     assert not (run / "eval.json").exists()  # it described the old thresholds
+    # Another process holding the folder's write lock (a training run): refused, the SAE unchanged.
+    before = (run / "sae.safetensors").read_bytes()
+    with io.run_lock(run):
+        one_line_error(invoke("calibrate", run, "--store", setup["s0"]), "lock", "wait for that training run")
+    assert (run / "sae.safetensors").read_bytes() == before
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(setup, tmp_path: Path) -> None:
