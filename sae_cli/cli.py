@@ -13,7 +13,15 @@ import typer
 from rich.table import Table
 
 from .cli_calibrate import register as register_calibrate_command
-from .cli_common import cli_errors, console, eval_progress, out_console, resume_hint, stop_if_interrupted
+from .cli_common import (
+    cli_errors,
+    console,
+    eval_progress,
+    other_store_option,
+    out_console,
+    resume_hint,
+    stop_if_interrupted,
+)
 from .cli_formats import register as register_format_commands
 from .cli_inspect import register as register_inspect_command
 from .cli_sweep import register as register_sweep_commands
@@ -242,12 +250,7 @@ def eval_cmd(
         help="Send every token through the SAE, also those its out-of-range rule passes through (cfg.json "
         "passthrough_norm).",
     ),
-    other_store: bool = typer.Option(
-        False,
-        "--other-store",
-        help="--store holds another text of the SAE's model, none of it trained on: evaluate on all its tokens "
-        "(or --tokens of them).",
-    ),
+    other_store: bool = other_store_option("evaluate on all its tokens (or --tokens of them)."),
     by_doc: bool = typer.Option(
         False, "--by-doc", help="Also print L0 and FVU per document of the store (always in eval.json)."
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import cli_errors, console
+from .cli_common import cli_errors, console, other_store_option
 
 DEFAULT_TOKENS = 16384  # sae_cli/recalibrate.py's, without importing torch for `sae --help`
 
@@ -22,11 +22,8 @@ def calibrate(
     store: str = typer.Option(
         ..., help="The store to calibrate on: the run's own, or another with --other-store."
     ),
-    other_store: bool = typer.Option(
-        False,
-        "--other-store",
-        help="--store holds another text of the SAE's model: calibrate on its first --tokens tokens (`sae eval "
-        "OUT --store S --other-store` then evaluates on the rest).",
+    other_store: bool = other_store_option(
+        "calibrate on its first --tokens tokens (`sae eval OUT --store S --other-store` then evaluates on the rest)."
     ),
     tokens: int = typer.Option(
         DEFAULT_TOKENS, help="With --other-store: calibration tokens (whole windows)."

@@ -81,6 +81,16 @@ def cli_errors(*extra: type[BaseException], hint: Callable[[], str] = lambda: ""
         raise fail(environment_message(e) + hint()) from None
 
 
+def other_store_option(then: str) -> Any:
+    """The `--other-store` flag of `sae eval`, `sae calibrate` and `sae inspect` (`then`: what the command does
+    with that store)."""
+    return typer.Option(
+        False,
+        "--other-store",
+        help=f"--store holds another text of the SAE's model, none of it trained on: {then}",
+    )
+
+
 def resume_hint(out: Path | None, command: str) -> str:
     """'; continue with: sae train --out RUN --resume' when `out` holds a checkpoint, else ''."""
     from .trainer import CHECKPOINT_DIR

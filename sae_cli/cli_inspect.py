@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 from rich.text import Text
 
-from .cli_common import _LazyProgress, cli_errors, console, out_console
+from .cli_common import _LazyProgress, cli_errors, console, other_store_option, out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -36,9 +36,7 @@ def inspect_cmd(
     all_tokens: bool = typer.Option(
         False, "--all", help="Every token of the store instead of the run's held-out range."
     ),
-    other_store: bool = typer.Option(
-        False, "--other-store", help="--store holds another text of the SAE's model: inspect on all of it."
-    ),
+    other_store: bool = other_store_option("inspect on all of it."),
     top: int = typer.Option(20, help="Top-activating contexts kept per latent."),
     samples: int = typer.Option(24, help="Sampled firings kept per latent (the lower-quantile contexts)."),
     before: int = typer.Option(12, help="Tokens shown before the firing token."),
