@@ -17,10 +17,12 @@ SUMMARY_PARQUET = "summary.parquet"
 SUMMARY_MD = "summary.md"
 # Columns of the summary table, in order (eval.json keys; LM columns only when the model was run).
 SUMMARY_COLUMNS = (
-    "name", "layer", "site", "variant", "objective", "d_sae", "l0_target", "l0", "l0_error_pct", "fvu", "fvu_typical", "mse",
+    "name", "layer", "site", "variant", "objective", "d_sae", "l0_target", "l0", "l0_error_pct", "l0_doc_min",
+    "l0_doc_max", "fvu", "fvu_typical", "mse",
     "dead_pct", "dense_pct", "shrinkage", "delta_lm_loss", "ce_recovered", "kl_clean_spliced", "ce_clean",
     "ce_zero_ablation", "train_tokens", "eval_tokens", "lm_tokens",
 )  # fmt: skip
+# l0_doc_min / l0_doc_max: the L0 range over the evaluated documents of >= 1,024 tokens (sae_cli/by_document.py).
 # fvu_typical: FVU without the massive-norm tokens (BOS-like positions; sae_cli/metrics.py), which can carry most
 # of the variance of a handful of tokens.
 
@@ -120,6 +122,8 @@ def summary_rows(out: str | Path) -> list[dict[str, Any]]:
             "train_tokens": int(training.get("tokens", 0)),
             "eval_tokens": int(ev.get("tokens", 0)),
         }
+        docs = ev.get("l0_by_document") or {}
+        row["l0_doc_min"], row["l0_doc_max"] = (float(docs.get(k, math.nan)) for k in ("min", "max"))
         for col in SUMMARY_COLUMNS:
             if col not in row:
                 row[col] = float(ev[col]) if isinstance(ev.get(col), int | float) else math.nan

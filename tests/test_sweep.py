@@ -4,6 +4,7 @@ refusal, the member plan and the Pareto frontier."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -102,6 +103,11 @@ def test_members_equal_solo_runs_bit_exact_and_the_folder_is_complete(
     for r in rows:
         ev = json.loads((out / "members" / r["name"] / "eval.json").read_text())
         assert r["fvu"] == ev["fvu"] and r["l0"] == ev["l0"] and r["train_tokens"] == 1024 * 6
+        docs = ev["l0_by_document"]  # the L0 range over documents (NaN when none has 1,024 evaluated tokens)
+        assert (r["l0_doc_min"], r["l0_doc_max"]) == (
+            docs.get("min", math.nan),
+            docs.get("max", math.nan),
+        ) or (docs["documents"] == 0 and math.isnan(r["l0_doc_min"]) and math.isnan(r["l0_doc_max"]))
     assert all(r["l0"] <= 4 for r in rows if r["variant"] == "topk" and r["l0_target"] == 4)
     md = (out / "summary.md").read_text().splitlines()
     assert len(md) == 2 + 8 and "delta_lm_loss" not in md[0] and "fvu" in md[0]
