@@ -59,3 +59,13 @@ def test_describe_without_a_large_document() -> None:
     m.update(torch.tensor([0, 1]), torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 3))
     summary = m.result(3.0)["l0_by_document"]
     assert summary["documents"] == 0 and "no document" in describe(summary, 3.0)
+
+
+def test_the_by_doc_table_shows_the_largest_documents() -> None:
+    from sae_cli.cli_eval import DOC_ROWS, document_table
+
+    docs = [{"doc": i, "tokens": 10 + i, "l0": 4.0, "fvu": 0.1} for i in range(DOC_ROWS + 5)]
+    table = document_table({"by_document": docs, "l0_target": 4.0})
+    shown = [int(c) for c in table.columns[0]._cells]
+    assert shown == list(range(5, DOC_ROWS + 5))  # the 5 smallest left out, store order kept
+    assert "the 5 smallest of 45" in str(table.title)

@@ -166,7 +166,7 @@ def test_variants_lists_the_registry() -> None:
 
 def test_eval_flags_a_dead_share_counted_on_few_tokens() -> None:
     """Under 100k held-out tokens the dead share is a small-sample count, and `sae eval` says so."""
-    from sae_cli.cli import _dead
+    from sae_cli.cli_eval import _dead
 
     assert _dead({"dead_pct": 9.7, "tokens": 6630}) == "9.70 (only 6,630 tokens: rare latents count as dead)"
     assert (
