@@ -72,8 +72,8 @@ def other_text_range(training: dict[str, Any], store: Any, tokens: int) -> tuple
     recorded = training.get("store_identity")
     if recorded and store.identity_mismatch(recorded) is None:
         raise DataError(
-            f"{store.path} is the store this SAE was trained on; drop --other-store to evaluate on its held-out "
-            "tokens"
+            f"{store.path} is the store this SAE was trained on; drop --other-store to use the ranges the run "
+            "recorded in it"
         )
     start = 0
     recal = training.get("recalibrated") or {}

@@ -221,6 +221,7 @@ def test_bad_inputs_are_one_line_errors(site, store: Path, tmp_path: Path) -> No
     for args, needle in (
         ((run, "--store", store), "nothing to do"),
         ((run, "--store", store, "--latent", 999, "--out", out, "--no-model"), "--latent 999 is outside"),
+        ((run, "--store", store, "--latent", -1, "--no-model"), "--latent -1 is outside"),  # before any pass
         ((run, "--store", store, "--out", tmp_path / "x", "--top", 0), "--top must be"),
         ((tmp_path, "--store", store, "--out", tmp_path / "y"), "not a trained SAE"),
     ):

@@ -235,6 +235,9 @@ def inspect_latent(
     it is of this SAE and range, else from a new pass (written to `out` with the site when `out` is given)."""
     (t,) = _single(Path(run))
     rng = token_range(t, store, all_tokens, other_store)
+    d_sae = int(io.read_cfg(t.folder)["sae"]["d_sae"])
+    if not 0 <= latent < d_sae:  # before any pass over the store
+        raise DataError(f"--latent {latent} is outside the SAE's {d_sae} latents (0-{d_sae - 1})")
     weights = Weights(store, with_model, device)
     x = load_inspected(out, Path(run), rng, weights.tokenizer) if out is not None else None
     if x is None and out is not None:
@@ -254,10 +257,6 @@ def inspect_latent(
         meta = {"run": str(run), "store": str(store.path), "layer": t.key[0], "site": t.key[1], "variant":
                 sae.cfg.variant, "d_sae": sae.cfg.d_sae, "token_range": list(rng)}  # fmt: skip
         x = inspected(meta, s.to("cpu"), weights.lens(W), decoder_neighbours(W), weights.tokenizer)
-    if not 0 <= latent < x.scan.d_sae:
-        raise DataError(
-            f"--latent {latent} is outside the SAE's {x.scan.d_sae} latents (0-{x.scan.d_sae - 1})"
-        )
     return {**latent_record(x, latent), "title": x.title}
 
 
