@@ -28,6 +28,9 @@ def calibrate(
     tokens: int = typer.Option(
         DEFAULT_TOKENS, help="With --other-store: calibration tokens (whole windows)."
     ),
+    l0_target: float = typer.Option(
+        None, "--l0-target", help="A new L0 target (TopK: a new k); default: the SAE's own."
+    ),
     out: Path = typer.Option(None, help="Write the recalibrated SAE here (default: in place)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ) -> None:
@@ -36,11 +39,19 @@ def calibrate(
     from .recalibrate import recalibrate
 
     with cli_errors():
-        rec = recalibrate(run, store, other_store=other_store, tokens=tokens, out=out, overwrite=overwrite)
+        rec = recalibrate(
+            run,
+            store,
+            other_store=other_store,
+            tokens=tokens,
+            out=out,
+            overwrite=overwrite,
+            l0_target=l0_target,
+        )
     where = out or run
     console.print(
         f"L0 on {rec['tokens']:,} calibration tokens of {rec['store']} [{rec['range'][0]}, {rec['range'][1]}): "
-        f"{rec['l0_before']:.2f} -> {rec['l0_after']:.2f}; wrote {where}"
+        f"{rec['l0_before']:.2f} -> {rec['l0_after']:.2f} (target {rec['l0_target']:g}); wrote {where}"
     )
     if other_store:
         console.print(

@@ -9,7 +9,9 @@ only activations of the new text: `sae calibrate RUN --store S --other-store` ta
 (whole windows), and `sae eval OUT --store S --other-store` then evaluates on the rest of S, never on them.
 
 What changes: the thresholds only (BatchTopK-like `threshold`; the steered variants' margin: ReLU's b_enc,
-Gated's b_gate, JumpReLU's theta), by `SAE.calibrate`, the rule `sae train` applies after its last step.
+Gated's b_gate, JumpReLU's theta), by `SAE.calibrate`, the rule `sae train` applies after its last step; with
+`l0_target` also the target (and TopK's k, which needs no calibration): an SAE at another sparsity without
+training (docs/benchmarks.md compares it with SAEs trained at that L0).
 cfg.json's "training" keeps its record and gains "recalibrated" (the store, its identity, the token range, the
 L0 on those tokens before and after). Tokens are filtered as in training (BOS, `max_norm_ratio`)."""
 
@@ -44,20 +46,27 @@ def recalibrate(
     tokens: int = DEFAULT_TOKENS,
     out: str | Path | None = None,
     overwrite: bool = False,
+    l0_target: float | None = None,
 ) -> dict[str, Any]:
     """Calibrate the SAE in `run` on `store_path` and write it to `out` (default: in place; eval.json removed, as
     it described the old thresholds). `other_store` False: the store must be the run's own and the tokens are
     those the trainer calibrated on (its held-back range, or its normalisation sample); True: the first `tokens`
-    tokens of another store of the same model. Returns the "recalibrated" record."""
+    tokens of another store of the same model. `l0_target`: a new target (TopK: a new k, nothing to calibrate;
+    the others: calibrated to it); default the SAE's own. Returns the "recalibrated" record."""
     run = Path(run)
     target = Path(out) if out is not None else run
     cfg = io.read_cfg(run)
     training = dict(cfg.get("training", {}))
     sae = io.load_sae(run)
-    if not get_variant(sae.cfg.variant).calibrates:
+    calibrates = get_variant(sae.cfg.variant).calibrates
+    if not calibrates and l0_target is None:
         raise ConfigError(
-            f"{sae.cfg.variant} fires exactly its k latents on every token: it has no threshold to calibrate"
+            f"{sae.cfg.variant} fires exactly its k latents on every token: it has no threshold to calibrate "
+            "(--l0-target sets another k)"
         )
+    target_before = sae.cfg.l0_target
+    if l0_target is not None:
+        sae = retarget(sae, l0_target)
     if tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
     if target != run and target.exists() and not overwrite:
@@ -94,7 +103,8 @@ def recalibrate(
     batch = int(training.get("batch_size") or 4096)
     with torch.no_grad():
         before = float((sae.encode(x_ND) != 0).sum(-1).float().mean())
-        sae.calibrate(x_ND, batch)  # a saved SAE takes raw activations: no scale to apply
+        if calibrates:
+            sae.calibrate(x_ND, batch)  # a saved SAE takes raw activations: no scale to apply
         after = float((sae.encode(x_ND) != 0).sum(-1).float().mean())
     record = {
         "store": str(store.path),
@@ -104,11 +114,22 @@ def recalibrate(
         "tokens": len(x_ND),
         "l0_before": before,
         "l0_after": after,
+        "l0_target_before": target_before,
+        "l0_target": sae.cfg.l0_target,
     }
     log.info("%s: L0 on %d calibration tokens of %s %.2f -> %.2f", run, len(x_ND), store.path, before, after)
     with io.run_lock(target, "calibration"):  # not into a folder that `sae train` writes at the same time
         write(run, target, sae, {**training, "recalibrated": record})
     return record
+
+
+def retarget(sae: Any, l0_target: float) -> Any:
+    """The same weights under another L0 target (TopK-like rules take k from it; `calibrate` aims at it)."""
+    if not 0 < l0_target < sae.cfg.d_sae:
+        raise ConfigError(f"--l0-target must be in (0, {sae.cfg.d_sae}) (d_sae), got {l0_target:g}")
+    new = get_variant(sae.cfg.variant)(dataclasses.replace(sae.cfg, l0_target=float(l0_target)))
+    new.load_state_dict(sae.state_dict(), strict=True)
+    return new.eval()
 
 
 def write(run: Path, target: Path, sae: Any, training: dict[str, Any]) -> None:

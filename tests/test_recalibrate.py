@@ -87,6 +87,26 @@ def test_calibrating_in_place_on_the_run_s_own_tokens(setup, tmp_path: Path) -> 
     assert (run / "sae.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("variant", ["batchtopk", "jumprelu", "topk"])
+def test_another_l0_target(setup, tmp_path: Path, variant: str) -> None:
+    """--l0-target 2: TopK takes k = 2 (every token fires 2), the others calibrate to 2 on the tokens."""
+    out = tmp_path / "out"
+    args = ("calibrate", setup[variant], "--store", setup["s1"], "--other-store", "--tokens", 1000)
+    res = invoke(*args, "--l0-target", 2, "--out", out)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "cfg.json").read_text())
+    rec = cfg["training"]["recalibrated"]
+    assert cfg["sae"]["l0_target"] == 2 and rec["l0_target_before"] == 4 and rec["l0_target"] == 2
+    assert rec["l0_after"] == pytest.approx(round(2 * rec["tokens"]) / rec["tokens"], abs=1e-9)
+    if variant == "topk":  # exactly k on every token, also after the calibration tokens
+        assert l0_on(out, setup["s1"], 1024, 4096) == 2.0
+        old, new = io.load_sae(setup[variant]).state_dict(), io.load_sae(out).state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old)  # the weights as they were
+    for bad in (0, 16 * 4):  # d_sae = 4x16
+        one_line_error(invoke(*args, "--l0-target", bad, "--out", tmp_path / "bad"), "--l0-target must be in")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_inputs_are_one_line_errors_and_write_nothing(setup, tmp_path: Path) -> None:
     out = tmp_path / "out"
     one_line_error(
