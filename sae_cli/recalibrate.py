@@ -74,27 +74,7 @@ def recalibrate(
     store = data.open_store(store_path)
     key = (int(training.get("layer", -1)), str(training.get("site", "")))
     check_site(store, key, sae.cfg.d_in)
-    loop = dataclasses.replace(
-        LoopConfig(),
-        seed=int(training.get("seed", 0)),
-        drop_bos=bool(training.get("drop_bos", True)),
-        max_norm_ratio=float(training.get("max_norm_ratio") or 0.0),  # the tokens the run trained on
-    )
-    if other_store:
-        lo, _ = other_text_range(training, store, 0)
-        lo, hi = first_windows((lo, store.committed_tokens), tokens, store.spec.context)
-        x_ND = data.calibration_sample(store, [key], loop, (lo, lo), (lo, hi), finite=True)[key]
-    else:
-        if "train_range" not in training:
-            raise ConfigError(
-                f"{run} records no training range (an imported SAE?): calibrate it on a store with --other-store"
-            )
-        data.run_identity(
-            store, (), training, "this SAE", "pass that store with --store, or add --other-store"
-        )
-        train = (int(training["train_range"][0]), int(training["train_range"][1]))
-        lo, hi = (int(v) for v in training.get("calibration_range") or (train[1], train[1]))
-        x_ND = data.calibration_sample(store, [key], loop, train, (lo, hi), finite=True)[key]
+    x_ND, (lo, hi) = calibration_tokens(run, training, store, key, other_store, tokens)
     if not len(x_ND):
         raise ConfigError(
             f"no calibration token left in {store.path} [{lo}, {hi}) after the BOS / norm filters"
@@ -121,6 +101,35 @@ def recalibrate(
     with io.run_lock(target, "calibration"):  # not into a folder that `sae train` writes at the same time
         write(run, target, sae, {**training, "recalibrated": record})
     return record
+
+
+def calibration_tokens(
+    run: Path, training: dict[str, Any], store: Any, key: tuple[int, str], other_store: bool, tokens: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(the calibration tokens, the store range they come from): the first `tokens` of another store, or the
+    tokens the trainer calibrated on; filtered as in training (BOS, `max_norm_ratio`)."""
+    loop = dataclasses.replace(
+        LoopConfig(),
+        seed=int(training.get("seed", 0)),
+        drop_bos=bool(training.get("drop_bos", True)),
+        max_norm_ratio=float(training.get("max_norm_ratio") or 0.0),  # the tokens the run trained on
+    )
+    if other_store:
+        lo, _ = other_text_range(training, store, 0)
+        lo, hi = first_windows((lo, store.committed_tokens), tokens, store.spec.context)
+        x_ND = data.calibration_sample(store, [key], loop, (lo, lo), (lo, hi), finite=True)[key]
+    else:
+        if "train_range" not in training:
+            raise ConfigError(
+                f"{run} records no training range (an imported SAE?): calibrate it on a store with --other-store"
+            )
+        data.run_identity(
+            store, (), training, "this SAE", "pass that store with --store, or add --other-store"
+        )
+        train = (int(training["train_range"][0]), int(training["train_range"][1]))
+        lo, hi = (int(v) for v in training.get("calibration_range") or (train[1], train[1]))
+        x_ND = data.calibration_sample(store, [key], loop, train, (lo, hi), finite=True)[key]
+    return x_ND, (lo, hi)
 
 
 def retarget(sae: Any, l0_target: float) -> Any:
