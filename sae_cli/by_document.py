@@ -18,14 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .metrics import Moments
+from .metrics import Moments, token_sums
 
 MIN_TOKENS = 1024
 """Documents with fewer evaluated tokens are listed but left out of the min / median / max summary."""
 
 
 class DocumentMetrics:
-    """`update(doc_B, x, x_hat, acts)` per batch, then `result()`: one row per document, in document order."""
+    """`update(doc_B, x, x_hat, fired_B)` per batch (ReconstructionMetrics does it when given `doc_B`, from the
+    tensors it already has), then `result()`: one row per document, in document order."""
 
     def __init__(self, d_in: int, device: str | torch.device = "cpu"):
         self.d_in = d_in
@@ -34,15 +35,20 @@ class DocumentMetrics:
         self.active: dict[int, float] = {}
 
     @torch.no_grad()
-    def update(self, doc_B: Tensor, x_BD: Tensor, x_hat_BD: Tensor, acts_BF: Tensor) -> None:
-        x, x_hat = x_BD.double(), x_hat_BD.double()
-        doc_B = doc_B.to(x.device)
-        fired_B = (acts_BF != 0).sum(1).double().to(x.device)
-        for doc in doc_B.unique().tolist():
-            sel = doc_B == doc
+    def update(self, doc_B: Tensor, x_BD: Tensor, x_hat_BD: Tensor, fired_B: Tensor) -> None:
+        """One batch: each token's document, its activation and reconstruction (float64), how many latents fired."""
+        docs, inv_B = doc_B.to(x_BD.device).unique(return_inverse=True)
+        k = len(docs)
+        sum_x_KD = torch.zeros(k, x_BD.shape[1], dtype=x_BD.dtype, device=x_BD.device).index_add_(
+            0, inv_B, x_BD
+        )
+        per_token_B5 = torch.cat([token_sums(x_BD, x_hat_BD), fired_B.to(x_BD).unsqueeze(1)], 1)
+        sums_K5 = torch.zeros(k, 5, dtype=x_BD.dtype, device=x_BD.device).index_add_(0, inv_B, per_token_B5)
+        n_K = torch.bincount(inv_B, minlength=k).tolist()
+        for i, (doc, row) in enumerate(zip(docs.tolist(), sums_K5.tolist(), strict=True)):
             m = self.moments.setdefault(doc, Moments.zeros(self.d_in, self.device))
-            m.add(x[sel], x_hat[sel])
-            self.active[doc] = self.active.get(doc, 0.0) + float(fired_B[sel].sum())
+            m.add_sums(n_K[i], sum_x_KD[i].to(self.device), *row[:4])
+            self.active[doc] = self.active.get(doc, 0.0) + row[4]
 
     def rows(self) -> list[dict[str, Any]]:
         return [

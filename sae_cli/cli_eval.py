@@ -47,6 +47,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate an SAE on its store's held-out tokens (and, with the model, splice it into the LM)."""
     from .evaluate import DENSITY_PNG, EVAL_FILE, check_eval_options, evaluate
+    from .registry import get_variant
     from .run import resolve_device
 
     with cli_errors():
@@ -72,7 +73,7 @@ def eval_cmd(
     if by_doc:
         out_console.print(document_table(result))
     console.print(f"wrote {run / EVAL_FILE} and {run / DENSITY_PNG}")
-    if other_store and result["variant"] != "topk" and abs(result["l0_error_pct"]) > 5:
+    if other_store and get_variant(result["variant"]).calibrates and abs(result["l0_error_pct"]) > 5:
         console.print(
             f"the L0 is {result['l0_error_pct']:+.1f} % off its target on this text (a threshold's L0 follows the "
             f"text): `sae calibrate {run} --store {store} --other-store --out NEW` sets it on this text's first "

@@ -34,6 +34,12 @@ def first_windows(token_range: tuple[int, int], tokens: int, context: int) -> tu
     return (lo, min(hi, lo + context * max(1, math.ceil(tokens / context)))) if tokens else (lo, hi)
 
 
+def same_model(a: Any, b: Any) -> bool:
+    """Two model names for the same model: their last path parts, case aside ("HuggingFaceTB/SmolLM2-135M" and
+    "smollm2-135m")."""
+    return str(a).rsplit("/", 1)[-1].lower() == str(b).rsplit("/", 1)[-1].lower()
+
+
 def held_out_range(
     training: dict[str, Any], store: Any, tokens: int, other_store: bool = False
 ) -> tuple[int, int]:
@@ -45,7 +51,7 @@ def held_out_range(
         return other_text_range(training, store, tokens)
     if "imported" in training and "eval_range" not in training:
         source = str(training.get("source_model") or "")
-        if source and source.rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
+        if source and not same_model(source, store.spec.model):
             log.warning("the SAE was imported for model %r; the store holds %r", source, store.spec.model)
         return first_windows(split(store, 0)[1], tokens, store.spec.context)
     if "eval_range" not in training:
@@ -64,7 +70,7 @@ def other_text_range(training: dict[str, Any], store: Any, tokens: int) -> tuple
     """`held_out_range` for another store of the same model: every window from its start (cut to `tokens`), or
     from the end of the tokens `sae calibrate --other-store` calibrated the SAE on, when it was this store."""
     model = training.get("store_model") or training.get("source_model")
-    if model and str(model).rsplit("/", 1)[-1].lower() != str(store.spec.model).rsplit("/", 1)[-1].lower():
+    if model and not same_model(model, store.spec.model):
         raise DataError(
             f"{store.path} holds activations of {store.spec.model!r}; the SAE was trained on {model!r}: pass a "
             "store harvested from that model"
@@ -197,16 +203,16 @@ def reconstruction_metrics(
     """Every reconstruction metric of `sae` over `token_range` of `store`, in all and per document."""
     lo, hi = token_range
     device = sae.W_dec_FD.device
-    metrics = ReconstructionMetrics(sae.cfg.d_in, sae.cfg.d_sae, device=device)
     documents = DocumentMetrics(sae.cfg.d_in, device=device)
+    metrics = ReconstructionMetrics(sae.cfg.d_in, sae.cfg.d_sae, device=device, documents=documents)
     doc_ids = torch.from_numpy(store.read("doc_ids", lo, hi))
     done = 0
     with torch.no_grad():
         for x_BD, index_B in indexed_eval_batches(store, key, (lo, hi), batch_size, drop_bos):
             x_BD = x_BD.to(device).float()
             acts_BF, x_hat_BD = sae.reconstruct(x_BD, passthrough)
-            metrics.update(x_BD, x_hat_BD, acts_BF, sae.passed_through(x_BD) if passthrough else None)
-            documents.update(doc_ids[index_B - lo], x_BD, x_hat_BD, acts_BF)
+            passed_B = sae.passed_through(x_BD) if passthrough else None
+            metrics.update(x_BD, x_hat_BD, acts_BF, passed_B, doc_B=doc_ids[index_B - lo])
             done += len(x_BD)
             report("reconstruction", done, hi - lo)
     return metrics, documents

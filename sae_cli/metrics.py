@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,19 @@ def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> float:
     return float((x - x_hat).pow(2).sum() / total.clamp_min(1e-30))
 
 
+def token_sums(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+    """[B, 4] per token: ||x||^2, ||x - x_hat||^2, ||x_hat||^2, <x_hat, x> (the sums `Moments` keeps)."""
+    return torch.stack(
+        [
+            x_BD.pow(2).sum(1),
+            (x_BD - x_hat_BD).pow(2).sum(1),
+            x_hat_BD.pow(2).sum(1),
+            (x_hat_BD * x_BD).sum(1),
+        ],
+        1,
+    )
+
+
 @dataclass
 class Moments:
     """Running sums for FVU / MSE / shrinkage over one subset of tokens (float64)."""
@@ -55,12 +69,18 @@ class Moments:
         return cls(0.0, torch.zeros(d, dtype=torch.float64, device=device), 0.0, 0.0, 0.0, 0.0)
 
     def add(self, x_BD: Tensor, x_hat_BD: Tensor) -> None:
-        self.n += x_BD.shape[0]
-        self.sum_x_D += x_BD.sum(0)
-        self.sum_sq += float(x_BD.pow(2).sum())
-        self.sum_err += float((x_BD - x_hat_BD).pow(2).sum())
-        self.sum_hat_sq += float(x_hat_BD.pow(2).sum())
-        self.sum_hat_dot += float((x_hat_BD * x_BD).sum())
+        self.add_sums(x_BD.shape[0], x_BD.sum(0), *token_sums(x_BD, x_hat_BD).sum(0).tolist())
+
+    def add_sums(
+        self, n: float, sum_x_D: Tensor, sum_sq: float, sum_err: float, sum_hat_sq: float, sum_hat_dot: float
+    ) -> None:
+        """Sums already taken over some tokens (`token_sums` summed over them)."""
+        self.n += n
+        self.sum_x_D += sum_x_D
+        self.sum_sq += sum_sq
+        self.sum_err += sum_err
+        self.sum_hat_sq += sum_hat_sq
+        self.sum_hat_dot += sum_hat_dot
 
     def fvu(self) -> float:
         if self.n == 0:
@@ -80,7 +100,12 @@ class ReconstructionMetrics:
     """Accumulates every metric over batches: `update(x, x_hat, acts)` per batch, then `result()`."""
 
     def __init__(
-        self, d_in: int, d_sae: int, massive_ratio: float = 10.0, device: str | torch.device = "cpu"
+        self,
+        d_in: int,
+        d_sae: int,
+        massive_ratio: float = 10.0,
+        device: str | torch.device = "cpu",
+        documents: Any = None,
     ):
         self.device = torch.device(device)
         self.massive_ratio = massive_ratio
@@ -94,10 +119,20 @@ class ReconstructionMetrics:
         self.passed = 0
         self.worst: list[tuple[float, float, bool]] = []
         """(per-token FVU, norm, passed through) of the worst tokens so far, worst first."""
+        self.documents = documents
+        """Per-document sums (sae_cli/by_document.py's DocumentMetrics), fed by `update` when given `doc_B`."""
 
     @torch.no_grad()
-    def update(self, x_BD: Tensor, x_hat_BD: Tensor, acts_BF: Tensor, passed_B: Tensor | None = None) -> None:
-        """One batch: tokens, reconstructions, latents; `passed_B` (bool [B]): the tokens passed through."""
+    def update(
+        self,
+        x_BD: Tensor,
+        x_hat_BD: Tensor,
+        acts_BF: Tensor,
+        passed_B: Tensor | None = None,
+        doc_B: Tensor | None = None,
+    ) -> None:
+        """One batch: tokens, reconstructions, latents; `passed_B` (bool [B]): the tokens passed through;
+        `doc_B` (int [B]): each token's document, for `documents`."""
         x, x_hat = x_BD.double(), x_hat_BD.double()
         norm_B = x.norm(dim=1)
         if self.threshold is None:
@@ -109,7 +144,10 @@ class ReconstructionMetrics:
         self.typical.add(x[typical_B], x_hat[typical_B])
         fired_BF = acts_BF != 0
         self.fires_F += fired_BF.sum(0).double()
-        self.active += float(fired_BF.sum())
+        fired_B = fired_BF.sum(1).double()
+        self.active += float(fired_B.sum())
+        if self.documents is not None and doc_B is not None:
+            self.documents.update(doc_B, x, x_hat, fired_B)
 
     def _worst_tokens(self, x: Tensor, x_hat: Tensor, norm_B: Tensor, passed_B: Tensor | None) -> None:
         assert self.mean_D is not None

@@ -27,7 +27,7 @@ import torch
 
 from . import data, io
 from .config import ConfigError, LoopConfig
-from .evaluate import EVAL_FILE, check_site, first_windows, other_text_range
+from .evaluate import EVAL_FILE, check_site, other_text_range
 from .registry import get_variant
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ def recalibrate(
     those the trainer calibrated on (its held-back range, or its normalisation sample); True: the first `tokens`
     tokens of another store of the same model. `l0_target`: a new target (TopK: a new k, nothing to calibrate;
     the others: calibrated to it); default the SAE's own. Returns the "recalibrated" record."""
+    if tokens < 1:
+        raise ConfigError(f"--tokens must be at least 1, got {tokens}")
     run = Path(run)
     target = Path(out) if out is not None else run
     cfg = io.read_cfg(run)
@@ -67,8 +69,6 @@ def recalibrate(
     target_before = sae.cfg.l0_target
     if l0_target is not None:
         sae = retarget(sae, l0_target)
-    if tokens < 1:
-        raise ConfigError(f"--tokens must be at least 1, got {tokens}")
     if target != run and target.exists() and not overwrite:
         raise ConfigError(f"{target} exists; pass --overwrite to replace it, or another --out")
     store = data.open_store(store_path)
@@ -115,8 +115,7 @@ def calibration_tokens(
         max_norm_ratio=float(training.get("max_norm_ratio") or 0.0),  # the tokens the run trained on
     )
     if other_store:
-        lo, _ = other_text_range(training, store, 0)
-        lo, hi = first_windows((lo, store.committed_tokens), tokens, store.spec.context)
+        lo, hi = other_text_range(training, store, tokens)
         x_ND = data.calibration_sample(store, [key], loop, (lo, lo), (lo, hi), finite=True)[key]
     else:
         if "train_range" not in training:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from sae_cli import io
-from sae_cli.by_document import MIN_TOKENS, DocumentMetrics
-from sae_cli.data import indexed_eval_batches, open_store
+from sae_cli.by_document import MIN_TOKENS
+from sae_cli.data import open_store
+from sae_cli.evaluate import reconstruction_metrics
 
 PARTS = ("train_range", "calibration_range", "eval_range")
 
@@ -37,18 +38,15 @@ def per_part(run: Path, store_arg: str | None, batch: int) -> dict[str, list[dic
     store = open_store(store_arg or training["store"])
     key = (int(training["layer"]), str(training["site"]))
     sae = io.load_sae(run, "cpu")
+    drop_bos = bool(training.get("drop_bos", True))
     out = {}
     for part in PARTS:
         lo, hi = (int(v) for v in training.get(part) or (0, 0))
-        if hi <= lo:
-            continue
-        doc_ids = torch.from_numpy(store.read("doc_ids", lo, hi))
-        m = DocumentMetrics(sae.cfg.d_in)
-        with torch.no_grad():
-            for x_BD, index_B in indexed_eval_batches(store, key, (lo, hi), batch, drop_bos=True):
-                acts_BF, x_hat_BD = sae.reconstruct(x_BD.float(), True)
-                m.update(doc_ids[index_B - lo], x_BD.float(), x_hat_BD, acts_BF)
-        out[part] = m.rows()
+        if hi > lo:  # `sae eval`'s own pass over that range
+            _, docs = reconstruction_metrics(
+                sae, store, key, (lo, hi), batch, drop_bos, True, lambda *a: None
+            )
+            out[part] = docs.rows()
     return {"variant": sae.cfg.variant, "l0_target": sae.cfg.l0_target, "parts": out}
 
 

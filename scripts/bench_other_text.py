@@ -17,7 +17,7 @@ import torch
 
 from sae_cli import io
 from sae_cli.data import open_store
-from sae_cli.evaluate import reconstruction_metrics
+from sae_cli.evaluate import first_windows, reconstruction_metrics
 from sae_cli.recalibrate import recalibrate
 
 
@@ -68,11 +68,10 @@ def main() -> None:
             calibrated = io.read_cfg(run)["sae"]["variant"] != "topk"
             if calibrated:
                 recalibrate(run, args.store, other_store=True, tokens=args.calib, out=out)
-            context = store.spec.context
-            lo = context * -(-args.calib // context)  # TopK too: every row on the same tokens
+            _, lo = first_windows((0, store.committed_tokens), args.calib, store.spec.context)  # TopK too
             if calibrated:
                 assert io.read_cfg(out)["training"]["recalibrated"]["range"] == [0, lo]
-            rng = (lo, min(store.committed_tokens, lo + context * -(-args.tokens // context)))
+            rng = first_windows((lo, store.committed_tokens), args.tokens, store.spec.context)
             before = measure(run, store, rng)
             after = row(measure(out, store, rng)) if calibrated else "- | - | - | - | -"
             print(f"| {before['variant']} | {rng[0]}-{rng[1]} | {row(before)} | {after} |", flush=True)

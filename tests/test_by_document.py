@@ -16,7 +16,7 @@ def test_hand_computed_l0_and_fvu_per_document() -> None:
     x_hat = torch.tensor([[1.0, 1.0], [3.0, 0.0], [5.0, 5.0]])
     acts = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     m = DocumentMetrics(2)
-    m.update(torch.tensor([3, 3, 7]), x, x_hat, acts)
+    ReconstructionMetrics(2, 3, documents=m).update(x, x_hat, acts, doc_B=torch.tensor([3, 3, 7]))
     rows = m.rows()
     assert [r["doc"] for r in rows] == [3, 7] and [r["tokens"] for r in rows] == [2, 1]
     assert rows[0]["l0"] == 2.0 and rows[1]["l0"] == 0.0
@@ -34,9 +34,10 @@ def test_documents_split_across_batches_match_the_whole_range_metrics() -> None:
     doc = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([1500, 1100, 400]))
     whole = ReconstructionMetrics(8, 16)
     per_doc = DocumentMetrics(8)
+    both = ReconstructionMetrics(8, 16, documents=per_doc)
     for sl in torch.arange(3000).split(700):  # batches straddle document boundaries
         whole.update(x[sl], x_hat[sl], acts[sl])
-        per_doc.update(doc[sl], x[sl], x_hat[sl], acts[sl])
+        both.update(x[sl], x_hat[sl], acts[sl], doc_B=doc[sl])
     out = per_doc.result(l0_target=4.0)
     rows = out["by_document"]
     assert sum(r["tokens"] for r in rows) == 3000
@@ -56,7 +57,9 @@ def test_documents_split_across_batches_match_the_whole_range_metrics() -> None:
 
 def test_describe_without_a_large_document() -> None:
     m = DocumentMetrics(2)
-    m.update(torch.tensor([0, 1]), torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 3))
+    ReconstructionMetrics(2, 3, documents=m).update(
+        torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 3), doc_B=torch.tensor([0, 1])
+    )
     summary = m.result(3.0)["l0_by_document"]
     assert summary["documents"] == 0 and "no document" in describe(summary, 3.0)
 
